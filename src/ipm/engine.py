@@ -1,0 +1,411 @@
+"""The public API: one object over a home directory, mirrored one-to-one by the CLI and server.
+
+    import ipm
+    mem = ipm.open("./.ipm")
+    mem.add("My dog's name is Max.")          # -> Memory(id="personal_pet_max", ...)
+    mem.train()
+    mem.ask("what's my dog called?")           # -> Answer(hits=[Hit(id, text, score)], ...)
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+from . import index as index_dir
+from .config import Config, Paths
+from .errors import IndexMissing, InvalidInput, ModelError, NotFound, TrainingError
+from .model import BaseModel, id_token_ids, load_base, quiet_transformers
+from .questions import OFF_TOPIC, builtin_questions, content_words, llm_questions
+from .search import GenerateDecoder, RunnerDecoder
+from .store import Memory, NewMemory, Store, check_namespace, check_question
+from .train import Example, calibrate, train_adapter
+from .trie import Trie
+
+DEFAULT_USER = "default"
+
+
+@dataclass
+class Hit:
+    id: str
+    text: str
+    score: float
+    pending: bool = False
+
+    def to_dict(self) -> dict:
+        d = {"id": self.id, "text": self.text, "score": round(self.score, 6)}
+        if self.pending:
+            d["pending"] = True
+        return d
+
+
+@dataclass
+class Answer:
+    question: str
+    abstained: bool
+    hits: list[Hit] = field(default_factory=list)
+    # Best guess even when abstaining (for evaluation); not shown to users as an answer.
+    candidates: list[Hit] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return {"question": self.question, "abstained": self.abstained, "hits": [h.to_dict() for h in self.hits]}
+
+
+@dataclass
+class ImportResult:
+    memories: int = 0
+    questions: int = 0
+    ids: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"memories": self.memories, "questions": self.questions, "ids": self.ids}
+
+
+@dataclass
+class _Serving:
+    """What answers one namespace: its adapter version, trie and threshold."""
+
+    version: str | None = None
+    adapter: str | None = None
+    trie: Trie = field(default_factory=Trie)
+    indexed: dict[str, str] = field(default_factory=dict)  # id -> text sha256 at training
+    threshold: float = 0.0
+    generation: int = -1  # store event seq the trie reflects
+
+
+def parse_import(path: str | Path) -> tuple[list[NewMemory], list[tuple[str, str]]]:
+    """Read an import file. Accepted shapes:
+    - `{"id": "text", ...}` (memories keyed by ID);
+    - a JSON list or JSONL of `{"id"?, "text", "questions"?}` (memories);
+    - a JSON list or JSONL of `{"question", "memory_id"}` (training questions for existing memories).
+    Returns (memories, questions); raises InvalidInput naming the bad record."""
+    path = Path(path)
+    try:
+        raw = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise NotFound(f"import file {path} does not exist") from None
+    except UnicodeDecodeError as e:
+        raise InvalidInput(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    records: list
+    where = "index"
+    try:
+        data = json.loads(raw)
+        records = list(data.items()) if isinstance(data, dict) else data
+        if isinstance(data, dict):
+            where = "key"
+    except json.JSONDecodeError:
+        records, where = [], "line"
+        for n, line in enumerate(raw.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                records.append((n, json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise InvalidInput(f"{path}: line {n} is not valid JSON ({e.msg})") from None
+    if not isinstance(records, list):
+        raise InvalidInput(f"{path}: expected a JSON object, a JSON list or JSON lines")
+    if not records:
+        raise InvalidInput(f"{path} holds no records")
+    memories: list[NewMemory] = []
+    questions: list[tuple[str, str]] = []
+    for i, rec in enumerate(records):
+        if where == "line":
+            label, rec = f"line {rec[0]}", rec[1]
+        elif where == "key":
+            label = f"key {rec[0]!r}"
+            rec = {"id": rec[0], "text": rec[1]}
+        else:
+            label = f"index {i}"
+        try:
+            if not isinstance(rec, dict):
+                raise InvalidInput("expected an object")
+            if "question" in rec and "memory_id" in rec and "text" not in rec:
+                if not isinstance(rec["memory_id"], str):
+                    raise InvalidInput("memory_id must be a string")
+                questions.append((rec["memory_id"], check_question(rec["question"])))
+            elif "text" in rec:
+                unknown = set(rec) - {"id", "text", "questions"}
+                if unknown:
+                    raise InvalidInput(f"unknown field(s) {sorted(unknown)}")
+                qs = rec.get("questions") or []
+                if not isinstance(qs, list) or not all(isinstance(q, str) for q in qs):
+                    raise InvalidInput("questions must be a list of strings")
+                memories.append(NewMemory(rec["text"], rec.get("id"), qs))
+            else:
+                raise InvalidInput("a record needs 'text' (a memory) or 'question' and 'memory_id'")
+        except InvalidInput as e:
+            raise InvalidInput(f"{path}: {label}: {e}") from None
+    return memories, questions
+
+
+class IPM:
+    """Memories, their index and recall, over one home directory. Thread-safe."""
+
+    def __init__(self, home: str | Path | None = None, config: Config | None = None, cache: str | Path | None = None):
+        self.paths = Paths.at(home, cache)
+        if config is None:
+            config = Config.from_file(self.paths.config_file) if self.paths.config_file.is_file() else Config()
+        self.config = config
+        self.store = Store(self.paths.db, config.max_text_bytes)
+        self._serving: dict[str, _Serving] = {}
+        self._lock = threading.RLock()
+        self._base: BaseModel | None = None
+        self._model = None  # PEFT model holding every namespace's adapter (serving only)
+        self._decoder = None
+
+    # -- memories ----------------------------------------------------------------------
+    def add(self, text: str, id: str | None = None, questions: Iterable[str] = (), user: str = DEFAULT_USER) -> Memory:
+        return self.store.add(user, text, id, questions)
+
+    def import_(self, path: str | Path, user: str = DEFAULT_USER) -> ImportResult:
+        """Import memories and/or training questions from a file: all or nothing."""
+        memories, questions = parse_import(path)
+        check_namespace(user)
+        result = ImportResult()
+        if memories and questions:
+            raise InvalidInput(f"{path}: mixes memories and questions; import them from separate files")
+        if memories:
+            added = self.store.add_many(user, memories, source="import")
+            result.memories, result.ids = len(added), [m.id for m in added]
+        if questions:
+            result.questions = self.store.add_questions(user, questions)
+        return result
+
+    def update(self, id: str, text: str, user: str = DEFAULT_USER) -> Memory:
+        return self.store.update(user, id, text)
+
+    def get(self, id: str, user: str = DEFAULT_USER) -> Memory:
+        return self.store.get(user, id)
+
+    def list(self, user: str = DEFAULT_USER) -> list[Memory]:
+        return self.store.list(user)
+
+    def history(self, id: str, user: str = DEFAULT_USER) -> list[dict]:
+        return self.store.history(user, id)
+
+    def forget(self, id: str, user: str = DEFAULT_USER) -> None:
+        """Erase a memory. Its ID leaves the decoder's trie before this returns."""
+        with self._lock:
+            self.store.forget(user, id)
+            s = self._serving.get(user)
+            if s is not None:
+                s.trie.remove(id)
+
+    def log(self, user: str = DEFAULT_USER, limit: int | None = None):
+        return self.store.events(user, limit)
+
+    def status(self, user: str = DEFAULT_USER) -> dict:
+        ids = set(self.store.ids(user))
+        root = self.paths.index_root(check_namespace(user))
+        try:
+            manifest = index_dir.read_manifest(root)
+        except IndexMissing:
+            manifest = None
+        indexed = set(manifest["ids"]) if manifest else set()
+        return {"user": user, "memories": len(ids), "indexed": len(ids & indexed), "pending": len(ids - indexed),
+                "index_version": manifest["version"] if manifest else None,
+                "base_model": manifest["base_model"]["name"] if manifest else None}
+
+    # -- model -------------------------------------------------------------------------
+    def base(self, base_model: str | None = "config") -> BaseModel:
+        cfg = self.config if base_model == "config" else self.config.updated(base_model=base_model)
+        b = load_base(cfg, self.paths)
+        return b
+
+    # -- training ----------------------------------------------------------------------
+    def training_examples(self, user: str, base: BaseModel | None = None,
+                          progress: Callable[[int, int], None] | None = None) -> tuple[list[Example], list[Example]]:
+        """(train, calibration) examples for every memory of `user`. Made from the memories
+        and user-given questions only; the calibration share is generated questions held back."""
+        cfg = self.config
+        memories = self.store.list(user)
+        extra: dict[str, list[str]] = {}
+        if cfg.question_source in ("llm", "both"):
+            if base is None:
+                raise TrainingError("LLM question generation needs the base model")
+            done = [0]
+
+            def tick(n):
+                done[0] += n
+                if progress:
+                    progress(done[0], len(memories))
+            extra = llm_questions(base, [(m.id, m.text) for m in memories], cfg.llm_questions_per_memory,
+                                  cfg.seed, progress=tick)
+        rng = random.Random(cfg.seed)
+        train, calib = [], []
+        for m in memories:
+            generated = [] if cfg.question_source == "llm" else builtin_questions(m.id, m.text, cfg.questions_per_memory, cfg.seed)[1:]
+            generated += extra.get(m.id, [])
+            rng.shuffle(generated)
+            n_cal = int(len(generated) * cfg.calibration_fraction)
+            calib += [Example(q, m.id) for q in generated[:n_cal]]
+            fixed = [m.text] + m.questions
+            train += [Example(q, m.id) for q in dict.fromkeys(fixed + generated[n_cal:])]
+        return train, calib
+
+    def train(self, user: str = DEFAULT_USER, progress: Callable[[str, int, int, float | None], None] | None = None) -> dict:
+        """Train a new index version for `user` and make it current; returns its manifest.
+
+        `progress(phase, done, total, loss)` is called with phase "questions", "train" and
+        "calibrate". The previous version keeps serving until the new one is complete."""
+        check_namespace(user)
+        memories = self.store.list(user)
+        if not memories:
+            raise TrainingError(f"namespace {user!r} has no memories to train on: add or import some first")
+        t0 = time.perf_counter()
+        base = self.base()
+        train, calib = self.training_examples(user, base, lambda d, t: progress and progress("questions", d, t, None))
+        result = train_adapter(base, train, self.config, lambda s, t, l: progress and progress("train", s, t, l))
+        trie = Trie((m.id, id_token_ids(base.tokenizer, m.id)) for m in memories)
+        decoder = self._make_decoder(base, result.model)
+        top1, off = [], []
+        cal = calib[:300]
+        for i, ex in enumerate(cal + [Example(q, "") for q in OFF_TOPIC]):
+            hits = decoder.search(ex.question, trie, k=1, beam_size=self.config.beam_size)
+            p = hits[0][1] if hits else 0.0
+            if ex.memory_id:
+                top1.append((p, bool(hits) and hits[0][0] == ex.memory_id))
+            else:
+                off.append(p)
+            if progress:
+                progress("calibrate", i + 1, len(cal) + len(OFF_TOPIC), None)
+        calibration = calibrate(top1, off)
+        root = self.paths.index_root(user)
+        name, tmp = index_dir.new_version(root)
+        try:
+            result.model.save_pretrained(tmp)
+            with (tmp / "questions.jsonl").open("w", encoding="utf-8") as f:
+                for ex in train:
+                    f.write(json.dumps({"question": ex.question, "memory_id": ex.memory_id}, ensure_ascii=False) + "\n")
+            manifest = {
+                "format": 1, "namespace": user, "version": name,
+                "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "base_model": {"name": base.name, "source": self.config.base_model, "sha256": base.sha256},
+                "ids": {m.id: m.sha256 for m in memories},
+                "threshold": calibration["threshold"],
+                "config": self.config.to_dict(),
+                "metrics": {**result.metrics, "calibration": calibration, "total_seconds": round(time.perf_counter() - t0, 2),
+                            "memories": len(memories), "calibration_examples": len(calib)},
+            }
+            final = index_dir.commit_version(root, name, tmp, manifest)
+        except BaseException:
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        self.store.log(user, "train", [m.id for m in memories], version=name, examples=len(train),
+                       seconds=manifest["metrics"]["total_seconds"], path=str(final))
+        return manifest
+
+    # -- recall ------------------------------------------------------------------------
+    def _make_decoder(self, base: BaseModel, model):
+        runner = base.runner(model)
+        if runner is not None:
+            return RunnerDecoder(runner, base.tokenizer, base.device)
+        return GenerateDecoder(model, base.tokenizer, base.device)
+
+    def _generation(self, user: str) -> int:
+        row = self.store._conn().execute("SELECT MAX(seq) FROM events WHERE namespace = ?", (user,)).fetchone()
+        return row[0] or 0
+
+    def _serve(self, user: str) -> _Serving:
+        """The serving state of `user`, refreshed if a new version was trained or memories changed."""
+        import copy
+
+        from peft import PeftModel
+
+        root = self.paths.index_root(user)
+        version_dir = index_dir.current_dir(root)
+        s = self._serving.setdefault(user, _Serving())
+        if version_dir is not None and version_dir.name != s.version:
+            manifest = json.loads((version_dir / index_dir.MANIFEST).read_text())
+            base = self.base(manifest["base_model"]["source"])
+            if base.sha256 != manifest["base_model"]["sha256"]:
+                raise ModelError(f"index {version_dir} was trained on a different base model "
+                                 f"({manifest['base_model']['name']}); retrain with `ipm train`")
+            adapter = f"{user}__{version_dir.name}".replace(".", "_").replace("-", "_")
+            if self._model is None:
+                self._base = base
+                self._model = PeftModel.from_pretrained(copy.deepcopy(base.model), version_dir, adapter_name=adapter)
+                self._decoder = self._make_decoder(base, self._model)
+            else:
+                if base is not self._base:
+                    raise ModelError("all namespaces served by one process must use the same base model")
+                self._model.load_adapter(version_dir, adapter_name=adapter)
+            if s.adapter:
+                self._model.delete_adapter(s.adapter)
+            self._model.eval()
+            s.version, s.adapter = version_dir.name, adapter
+            s.indexed = manifest["ids"]
+            s.threshold = manifest["threshold"] if self.config.abstain_threshold is None else self.config.abstain_threshold
+            s.generation = -1
+        gen = self._generation(user)
+        if s.generation != gen and self._base is not None:
+            live = set(self.store.ids(user))
+            want = live & set(s.indexed)
+            for mid in list(s.trie.sequences):
+                if mid not in want:
+                    s.trie.remove(mid)
+            for mid in want - set(s.trie.sequences):
+                s.trie.add(mid, id_token_ids(self._base.tokenizer, mid))
+            s.generation = gen
+        return s
+
+    def ask(self, question: str, k: int = 1, user: str = DEFAULT_USER, log: bool = True) -> Answer:
+        """Recall up to `k` memories for a question, or abstain ("no memory")."""
+        check_question(question)
+        if not 1 <= k <= 100:
+            raise InvalidInput("k must be between 1 and 100")
+        t0 = time.perf_counter()
+        with self._lock:
+            s = self._serve(check_namespace(user))
+            hits: list[Hit] = []
+            found = []
+            if s.adapter is not None and len(s.trie):
+                self._model.set_adapter(s.adapter)
+                found = self._decoder.search(question, s.trie, k=k, beam_size=max(k, self.config.beam_size))
+            texts = self.store.get_many(user, [mid for mid, _ in found])
+            # The trie only holds live IDs, and the store is checked again here: a memory
+            # forgotten by another process since the trie was synced is never returned.
+            hits = [Hit(mid, texts[mid].text, p) for mid, p in found if mid in texts]
+            pending = self._pending_hits(question, user, s, k)
+        abstained = not hits or hits[0].score < s.threshold
+        candidates = hits
+        answer_hits = [] if abstained else hits
+        if pending and (abstained or pending[0].score > answer_hits[0].score):
+            answer_hits = (pending + answer_hits)[:k]
+            abstained = False
+        elif pending:
+            answer_hits = (answer_hits + pending)[:k]
+        answer = Answer(question, abstained, answer_hits, candidates, time.perf_counter() - t0)
+        if log:
+            self.store.log(user, "ask", [h.id for h in answer_hits], abstained=abstained)
+        return answer
+
+    def _pending_hits(self, question: str, user: str, s: _Serving, k: int) -> list[Hit]:
+        """Memories added (or changed) since the last training are not in the adapter yet:
+        match them lexically so they can be recalled at once."""
+        pending_ids = [mid for mid in self.store.ids(user) if mid not in s.indexed]
+        q = set(content_words(question))
+        if not pending_ids or not q:
+            return []
+        pending = self.store.get_many(user, pending_ids).values()
+        scored = []
+        for m in pending:
+            overlap = len(q & set(content_words(m.text))) / len(q)
+            if overlap >= 0.5:
+                scored.append(Hit(m.id, m.text, overlap, pending=True))
+        scored.sort(key=lambda h: -h.score)
+        return scored[:k]
+
+
+def open(home: str | Path | None = None, config: Config | None = None, cache: str | Path | None = None) -> IPM:  # noqa: A001
+    """Open (creating if needed) the IPM home directory `home` (default: $IPM_HOME or ./.ipm)."""
+    quiet_transformers()
+    return IPM(home, config, cache)

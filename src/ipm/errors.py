@@ -1,0 +1,34 @@
+"""Typed errors. Every failure a user can cause or fix is one of these, with a message that
+says what went wrong and what to do; the CLI prints the message on one line and exits 1."""
+
+
+class IPMError(Exception):
+    """Base class of all errors ipm raises on purpose."""
+
+
+class InvalidInput(IPMError):
+    """The caller gave something malformed (text, ID, file record, option)."""
+
+
+class InvalidID(InvalidInput):
+    """A memory ID does not follow the `domain_topic_entity` rules."""
+
+
+class DuplicateID(InvalidInput):
+    """A memory ID is already taken in this namespace."""
+
+
+class NotFound(IPMError):
+    """The memory (or index, or file) asked for does not exist."""
+
+
+class ModelError(IPMError):
+    """The base model is missing, cannot be loaded, or does not match the index."""
+
+
+class IndexMissing(IPMError):
+    """No trained index exists yet for this namespace."""
+
+
+class TrainingError(IPMError):
+    """Training could not run (nothing to train on, interrupted, ...)."""

@@ -1,0 +1,147 @@
+"""Semantic memory IDs: `domain_topic_entity`, readable by people and decodable by the model.
+
+An ID is lowercase `[a-z0-9]` words joined by `_`, at least three parts. The engine mints one
+from the memory text when the user gives none: a domain and topic from a small lexicon of
+everyday life, and the most specific entity the text names (a proper noun, else a number,
+else its most informative word). Minting is deterministic: same text and same taken IDs give
+the same ID.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+
+from .errors import InvalidID
+
+ID_PATTERN = re.compile(r"^[a-z0-9]+(?:_[a-z0-9]+){2,}$")
+MAX_ID_LENGTH = 80
+
+# word -> (domain, topic). The first word of the text found here decides both.
+LEXICON: dict[str, tuple[str, str]] = {}
+
+
+def _lex(domain: str, topic: str, words: str) -> None:
+    for w in words.split():
+        LEXICON.setdefault(w, (domain, topic))
+
+
+_lex("personal", "pet", "dog dogs puppy pup cat cats kitten pet pets parrot hamster rabbit fish beagle labrador terrier")
+_lex("personal", "name", "name nickname called")
+_lex("personal", "birthday", "birthday born birth age")
+_lex("family", "partner", "wife husband partner spouse girlfriend boyfriend fiance fiancee married wedding anniversary")
+_lex("family", "child", "son daughter kid kids children child baby")
+_lex("family", "parent", "mom mother dad father parents mum")
+_lex("family", "sibling", "sister brother siblings sibling")
+_lex("family", "relative", "grandma grandmother grandpa grandfather aunt uncle cousin niece nephew")
+_lex("health", "allergy", "allergic allergy allergies")
+_lex("health", "medication", "medication medicine pill pills prescription dose mg inhaler insulin")
+_lex("health", "doctor", "doctor physician gp dentist dermatologist therapist clinic hospital appointment checkup")
+_lex("health", "condition", "asthma diabetes migraine migraines blood pressure cholesterol injury surgery knee back")
+_lex("health", "fitness", "run running gym workout yoga marathon swim swimming cycling weight steps")
+_lex("health", "diet", "vegetarian vegan gluten lactose diet calories keto")
+_lex("work", "job", "job work employer company boss manager colleague coworker office team role position salary promotion")
+_lex("work", "project", "project deadline client meeting presentation launch release sprint")
+_lex("work", "schedule", "standup shift hours commute")
+_lex("finance", "bank", "bank account checking savings mortgage loan credit card debit iban")
+_lex("finance", "budget", "budget rent bills subscription spending savings")
+_lex("finance", "invest", "stocks shares invest investment portfolio pension retirement 401k crypto bitcoin")
+_lex("finance", "tax", "tax taxes accountant")
+_lex("home", "address", "address live apartment flat house street moved neighborhood")
+_lex("home", "utility", "wifi router internet electricity heating boiler plumber landlord")
+_lex("home", "garden", "garden plants plant tomatoes lawn")
+_lex("travel", "trip", "trip travel vacation holiday flight flights visit visited visiting hotel airbnb")
+_lex("travel", "document", "passport visa license licence")
+_lex("transport", "car", "car cars vehicle drive drives bike bicycle motorcycle scooter tesla toyota honda")
+_lex("food", "favorite", "favorite favourite love loves")
+_lex("food", "cuisine", "food eat eating restaurant pizza sushi coffee tea cook cooking recipe dish cuisine breakfast lunch dinner")
+_lex("hobby", "music", "guitar piano music band song songs concert sing violin drums")
+_lex("hobby", "reading", "book books read reading novel author")
+_lex("hobby", "sport", "football soccer tennis basketball chess climbing hiking ski skiing golf")
+_lex("hobby", "media", "movie movies film films show series tv netflix game games gaming")
+_lex("hobby", "art", "painting paint drawing photography pottery knitting")
+_lex("tech", "device", "laptop phone iphone android computer pc mac macbook tablet ipad monitor keyboard headphones")
+_lex("tech", "software", "editor ide vim emacs vscode language python rust javascript linux windows software app password")
+_lex("personal", "gear", "chair desk")
+_lex("education", "school", "school university college degree studied study course class teacher")
+
+STOPWORDS = frozenset(
+    """a an the and or but if then so of to in on at by for with from about as into over after before
+    is are was were be been being am do does did have has had having i me my mine myself we our us you
+    your he she it its they them their his her this that these those there here what which who whom
+    when where why how not no yes can could will would should may might must just very really also too
+    up down out off again once all any both each few more most other some such only own same than s t
+    im i'm ive i've dont don't its it's thats that's name named got get gets every usually always""".split()
+)
+
+
+def validate_id(memory_id: str) -> str:
+    """Return the ID if it is well formed, else raise InvalidID saying what is wrong."""
+    if not isinstance(memory_id, str) or not memory_id:
+        raise InvalidID("memory ID must be a non-empty string like 'personal_pet_max'")
+    if len(memory_id) > MAX_ID_LENGTH:
+        raise InvalidID(f"memory ID {memory_id[:40]!r}... is longer than {MAX_ID_LENGTH} characters")
+    if not ID_PATTERN.match(memory_id):
+        raise InvalidID(
+            f"memory ID {memory_id!r} is malformed: use lowercase letters and digits in at least "
+            "three parts joined by '_', like 'personal_pet_max' (domain_topic_entity)"
+        )
+    return memory_id
+
+
+def slug(text: str) -> str:
+    """ASCII-fold and lowercase a word; keep [a-z0-9] only."""
+    folded = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode()
+    return re.sub(r"[^a-z0-9]+", "", folded.lower())
+
+
+def words_of(text: str) -> list[str]:
+    return re.findall(r"[\w'’]+", text, flags=re.UNICODE)
+
+
+def _entity(text: str, topic_word: str | None) -> str:
+    tokens = words_of(text)
+    # Proper nouns: capitalised words that do not start a sentence.
+    sentence_start = True
+    proper: list[str] = []
+    for raw in re.findall(r"[\w'’]+|[.!?]", text):
+        if raw in ".!?":
+            sentence_start = True
+            continue
+        word = raw.split("'")[0].split("’")[0]
+        if word[:1].isupper() and not sentence_start and slug(word) and slug(word) not in STOPWORDS:
+            proper.append(slug(word))
+        sentence_start = False
+    if proper:
+        return "_".join(proper[:2])
+    content = [slug(t.split("'")[0].split("’")[0]) for t in tokens]
+    content = [w for w in content if w and w not in STOPWORDS and w != topic_word and len(w) > 2]
+    content = [w for w in content if w not in LEXICON] or content
+    if content:
+        return max(content, key=len)  # longest word: usually the most specific
+    numbers = [slug(t) for t in tokens if any(c.isdigit() for c in t)]
+    return numbers[0] if numbers else "note"
+
+
+def mint_id(text: str, taken: set[str] | frozenset[str] = frozenset()) -> str:
+    """Make a readable, unique `domain_topic_entity` ID for a memory text."""
+    tokens = [slug(t.split("'")[0].split("’")[0]) for t in words_of(text)]
+    domain, topic, topic_word = "note", None, None
+    for w in tokens:
+        if w in LEXICON:
+            domain, topic = LEXICON[w]
+            topic_word = w
+            break
+    if topic is None:
+        content = [w for w in tokens if w and w not in STOPWORDS and len(w) > 2]
+        topic = content[0] if content else "misc"
+        topic_word = topic
+    entity = _entity(text, topic_word)
+    base = "_".join(p for p in (domain, topic, entity) if p)[:MAX_ID_LENGTH - 4].strip("_")
+    if not ID_PATTERN.match(base):
+        base = f"{domain}_{topic or 'misc'}_note"
+    candidate, n = base, 2
+    while candidate in taken:
+        candidate = f"{base}_{n}"
+        n += 1
+    return candidate

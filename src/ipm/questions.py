@@ -1,0 +1,260 @@
+"""Training questions: what a person might ask whose answer is a given memory.
+
+The adapter learns question -> ID, so the questions it trains on decide what it can answer.
+Three sources, mixed:
+- the memory's own text, and any questions the user gave for it;
+- the built-in generator (fast, deterministic): template questions about the entities and
+  phrases the memory names, with everyday synonyms swapped in, plus pseudo-queries (keyword
+  subsets and spans of the text, the words of the ID);
+- optionally the base instruct model, prompted with examples, writing questions in batches;
+  its output is filtered (must name something in the memory, no "this fact", no duplicates).
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from typing import Callable, Iterable
+
+from .ids import STOPWORDS, slug
+
+# Everyday synonyms: a question rarely uses the memory's own word.
+SYNONYMS: dict[str, list[str]] = {}
+
+
+def _syn(*groups: str) -> None:
+    for group in groups:
+        words = group.split(",")
+        for w in words:
+            SYNONYMS.setdefault(w.strip(), []).extend(x.strip() for x in words if x.strip() != w.strip())
+
+
+_syn("dog,pup,puppy,pet,doggo", "cat,kitty,pet,kitten", "car,vehicle,ride,auto", "bike,bicycle",
+     "wife,spouse,partner", "husband,spouse,partner", "girlfriend,partner", "boyfriend,partner",
+     "mom,mother,mum", "dad,father", "son,kid,boy,child", "daughter,kid,girl,child", "kids,children",
+     "sister,sibling", "brother,sibling", "grandma,grandmother", "grandpa,grandfather",
+     "doctor,physician,gp,doc", "dentist,dental", "medication,medicine,meds,pills,prescription",
+     "allergic,allergy,reaction", "job,work,employer,company,position", "boss,manager,supervisor",
+     "colleague,coworker,teammate", "salary,pay,income,earn", "house,home,place", "apartment,flat,place,home",
+     "address,live", "phone,mobile,cell", "laptop,computer,notebook", "password,login,code,pin",
+     "birthday,born,bday", "anniversary,wedding", "trip,vacation,holiday,travel", "flight,plane,fly",
+     "passport,travel document", "favorite,favourite,love,best,prefer", "food,meal,eat,dish",
+     "restaurant,place to eat", "coffee,espresso,latte", "book,novel,read", "movie,film",
+     "show,series", "song,track,music", "gym,workout,exercise", "run,running,jog", "money,cash,funds",
+     "bank,account", "mortgage,home loan", "rent,monthly payment", "school,class,course", "teacher,tutor",
+     "friend,buddy,pal", "neighbor,neighbour", "appointment,visit,booking", "meeting,call",
+     "birthday party,party", "guitar,instrument", "piano,instrument", "plants,garden",
+     "blood pressure,bp", "weight,weigh", "height,tall", "age,old", "city,town", "country,nation")
+
+TEMPLATES_NOUN = [
+    "What is my {n}?", "What's my {n}?", "Tell me about my {n}.", "What do you know about my {n}?",
+    "Do you remember my {n}?", "Remind me about my {n}.", "What did I tell you about my {n}?",
+    "Anything about my {n}?", "my {n}?", "Which {n} do I have?", "Who is my {n}?", "Where is my {n}?",
+    "When is my {n}?", "What about my {n}?", "What was my {n} again?", "Any info on my {n}?",
+]
+TEMPLATES_ENTITY = [
+    "Who is {e}?", "What about {e}?", "Tell me about {e}.", "What do I know about {e}?",
+    "What did I say about {e}?", "{e}?", "Remind me what I said about {e}.", "Anything on {e}?",
+]
+TEMPLATES_TOPIC = [
+    "What about my {t}?", "Anything about my {t}?", "Tell me about my {t}.", "What do you know about my {t}?",
+    "My {t}?", "What's the deal with my {t}?",
+]
+BAD_QUESTION = re.compile(r"\b(this|the|that|above|given) (fact|statement|sentence|text|memory|passage)\b", re.I)
+WORD = re.compile(r"[\w'’-]+", re.UNICODE)
+
+
+def content_words(text: str) -> list[str]:
+    out = []
+    for raw in WORD.findall(text):
+        w = raw.lower().split("'")[0].split("’")[0].strip("-")
+        if w and slug(w) and w not in STOPWORDS and len(w) > 1:
+            out.append(w)
+    return out
+
+
+def my_phrases(text: str) -> list[str]:
+    """Noun phrases the user owns: the words after 'my' / 'our' up to a stop word."""
+    words = WORD.findall(text)
+    out = []
+    for i, w in enumerate(words):
+        if w.lower() in ("my", "our"):
+            phrase = []
+            for nxt in words[i + 1:i + 4]:
+                low = nxt.lower()
+                if low in STOPWORDS or low.endswith("'s") and phrase:
+                    if low.endswith("'s"):
+                        phrase.append(low[:-2])
+                    break
+                phrase.append(low.removesuffix("'s").removesuffix("’s"))
+                if nxt.endswith(("'s", "’s")):
+                    break
+            if phrase:
+                out.append(" ".join(phrase))
+    return list(dict.fromkeys(out))
+
+
+def entities(text: str) -> list[str]:
+    """Proper nouns (capitalised words not starting a sentence, joined when adjacent) and numbers."""
+    out, run, start = [], [], True
+    for raw in re.findall(r"[\w'’-]+|[.!?;:,]", text):
+        if raw in ".!?;:,":
+            if run:
+                out.append(" ".join(run))
+                run = []
+            start = raw in ".!?"
+            continue
+        word = raw.removesuffix("'s").removesuffix("’s")
+        if (word[:1].isupper() and not start and word.lower() not in STOPWORDS) or any(c.isdigit() for c in word):
+            run.append(word)
+        elif run:
+            out.append(" ".join(run))
+            run = []
+        start = False
+    if run:
+        out.append(" ".join(run))
+    return list(dict.fromkeys(out))
+
+
+def synonyms_of(phrase: str) -> list[str]:
+    words = phrase.split()
+    out = []
+    for i, w in enumerate(words):
+        for s in SYNONYMS.get(w, []):
+            out.append(" ".join(words[:i] + [s] + words[i + 1:]))
+    return out
+
+
+def builtin_questions(memory_id: str, text: str, n: int, seed: int = 0) -> list[str]:
+    """About `n` distinct training inputs for one memory, deterministic for (id, text, seed)."""
+    rng = random.Random(f"{seed}:{memory_id}")
+    parts = memory_id.split("_")
+    topic_words = [p for p in parts[1:2] if p not in STOPWORDS]
+    nouns = my_phrases(text)
+    nouns += [s for p in nouns for s in synonyms_of(p)]
+    nouns += [t for t in topic_words if t not in nouns]
+    ents = entities(text)
+    words = content_words(text)
+    syn_words = [s for w in words for s in SYNONYMS.get(w, [])]
+
+    pools: list[list[str]] = []
+    pools.append([TEMPLATES_NOUN[i].format(n=noun) for noun in nouns for i in rng.sample(range(len(TEMPLATES_NOUN)), 4)])
+    pools.append([TEMPLATES_ENTITY[i].format(e=e) for e in ents for i in rng.sample(range(len(TEMPLATES_ENTITY)), 3)])
+    pools.append([t.format(t=topic) for topic in topic_words for t in rng.sample(TEMPLATES_TOPIC, 2)])
+    # Keyword subsets in text order, sometimes with a synonym swapped in.
+    kw = []
+    for _ in range(6):
+        if len(words) >= 2:
+            k = rng.randint(2, min(4, len(words)))
+            idx = sorted(rng.sample(range(len(words)), k))
+            picked = [words[i] for i in idx]
+            if syn_words and rng.random() < 0.5:
+                j = rng.randrange(len(picked))
+                alts = SYNONYMS.get(picked[j])
+                if alts:
+                    picked[j] = rng.choice(alts)
+            kw.append(" ".join(picked))
+    pools.append(kw)
+    # Spans of the text.
+    tokens = text.split()
+    spans = []
+    for _ in range(4):
+        if len(tokens) > 5:
+            length = rng.randint(3, min(8, len(tokens) - 1))
+            start = rng.randrange(0, len(tokens) - length + 1)
+            spans.append(" ".join(tokens[start:start + length]))
+    pools.append(spans)
+    pools.append([" ".join(parts[1:]), " ".join(parts)])
+
+    out: list[str] = [text]
+    # Round-robin over the pools so every kind is represented even when n is small.
+    for pool in pools:
+        rng.shuffle(pool)
+    while len(out) < n and any(pools):
+        for pool in pools:
+            if pool and len(out) < n:
+                out.append(pool.pop())
+    return dedupe(out)
+
+
+def dedupe(questions: Iterable[str]) -> list[str]:
+    seen, out = set(), []
+    for q in questions:
+        key = " ".join(q.lower().split()).strip(" ?.!")
+        if key and key not in seen:
+            seen.add(key)
+            out.append(" ".join(q.split()))
+    return out
+
+
+def keep_generated(question: str, text: str) -> bool:
+    """Filter for model-written questions: a question, naming something the memory names."""
+    q = question.strip()
+    if not (3 <= len(q.split()) <= 30) or BAD_QUESTION.search(q):
+        return False
+    mem = set(content_words(text)) | {s for w in content_words(text) for s in SYNONYMS.get(w, [])}
+    return bool(mem & set(content_words(q)))
+
+
+FEW_SHOT = [
+    ("My dog's name is Max and he is a beagle.",
+     ["What is my dog called?", "What breed is Max?", "What's the name of my pet?"]),
+    ("I'm allergic to penicillin.",
+     ["Which antibiotic can't I take?", "Do I have any drug allergies?", "What medicine am I allergic to?"]),
+    ("My sister Anna lives in Berlin.",
+     ["Where does Anna live?", "Which city is my sister in?", "Who is Anna?"]),
+]
+
+
+def llm_prompt(text: str, n: int) -> str:
+    shots = "\n\n".join(f"Fact: {fact}\nQuestions:\n" + "\n".join(f"- {q}" for q in qs) for fact, qs in FEW_SHOT)
+    return (f"Write {n} short questions a person would ask to recall the fact. Each question must mention "
+            f"something specific from the fact.\n\n{shots}\n\nFact: {text}\nQuestions:\n-")
+
+
+def llm_questions(base, memories: list[tuple[str, str]], n: int, seed: int = 0, batch_size: int = 16,
+                  progress: Callable[[int], None] | None = None) -> dict[str, list[str]]:
+    """Ask the base instruct model for questions about each memory, in batches; filtered."""
+    import torch
+
+    tok, model = base.tokenizer, base.model
+    out: dict[str, list[str]] = {}
+    torch.manual_seed(seed)
+    pad_side = tok.padding_side
+    tok.padding_side = "left"
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    try:
+        for i in range(0, len(memories), batch_size):
+            chunk = memories[i:i + batch_size]
+            prompts = [tok.apply_chat_template([{"role": "user", "content": llm_prompt(t, n)}], tokenize=False,
+                                               add_generation_prompt=True) + "- " if tok.chat_template else llm_prompt(t, n)
+                       for _, t in chunk]
+            enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=not tok.chat_template).to(base.device)
+            with torch.inference_mode():
+                gen = model.generate(**enc, max_new_tokens=24 * n, do_sample=True, temperature=0.7, top_p=0.9,
+                                     pad_token_id=tok.pad_token_id)
+            for (memory_id, text), seq in zip(chunk, gen[:, enc.input_ids.shape[1]:]):
+                lines = tok.decode(seq, skip_special_tokens=True).split("\n")
+                qs = [ln.strip().lstrip("-*0123456789. ").strip() for ln in lines]
+                out[memory_id] = dedupe(q for q in qs if keep_generated(q, text))[:n]
+            if progress:
+                progress(len(chunk))
+    finally:
+        tok.padding_side = pad_side
+    return out
+
+
+# Questions no personal memory answers; used to calibrate when to say "no memory".
+OFF_TOPIC = [
+    "What is the capital of France?", "How do I boil an egg?", "What's the weather like on Mars?",
+    "Who wrote Hamlet?", "How many legs does a spider have?", "What is the speed of light?",
+    "Translate 'good morning' into Spanish.", "What is 17 times 23?", "Who won the 1998 World Cup?",
+    "How do airplanes stay in the air?", "What is photosynthesis?", "Recommend a good sci-fi novel.",
+    "What's the tallest mountain in the world?", "How do I reset a router?", "What does DNA stand for?",
+    "Explain quantum computing simply.", "What's a good name for a goldfish?", "How far is the Moon?",
+    "Who painted the Mona Lisa?", "What year did World War II end?", "How do you make sourdough bread?",
+    "What is the boiling point of water?", "Write a haiku about autumn.", "What is the largest ocean?",
+    "How many continents are there?", "What is inflation?", "Who invented the telephone?",
+    "What's the best way to learn a language?", "How do vaccines work?", "What is a black hole?",
+]

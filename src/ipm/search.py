@@ -1,0 +1,176 @@
+"""Constrained recall: the model writes an ID, one trie edge at a time, and can write nothing else.
+
+Beam search over the trie of live IDs. At each branching node the model's next-token logits
+are computed for the allowed children only and renormalised over them, so an ID's score is
+its probability among the IDs that exist (the scores of all IDs sum to 1). Single-child
+chains are forced: they cost no choice, and their tokens are fed to the model together with
+the next choice, in one forward pass. The prompt's keys and values are computed once per
+question and shared by every beam.
+
+Two decoders share this contract: `RunnerDecoder` (Llama-family models, fast path) and
+`GenerateDecoder` (any HF causal LM, via `generate` with `prefix_allowed_tokens_fn`).
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from dataclasses import dataclass
+
+from .model import Runner, prompt_ids
+from .trie import Node, Trie
+
+
+@dataclass
+class Beam:
+    logp: float
+    node: Node
+    parent: int  # row of the parent beam in the previous step's key/value batch
+    new_tokens: list[int]
+
+
+class RunnerDecoder:
+    """Beam search with our own key/value tensors (see module docstring)."""
+
+    def __init__(self, runner: Runner, tokenizer, device: str = "cpu"):
+        self.runner = runner
+        self.tokenizer = tokenizer
+        self.device = device
+
+    def search(self, question: str, trie: Trie, k: int = 1, beam_size: int = 4) -> list[tuple[str, float]]:
+        import torch
+
+        if len(trie) == 0:
+            return []
+        r = self.runner
+        beam_size = max(beam_size, k)
+        forced, start = Trie.chain(trie.root)
+        if start.memory_id is not None:  # only one ID exists
+            return [(start.memory_id, 1.0)]
+        ids = torch.tensor([prompt_ids(self.tokenizer, question) + forced], device=self.device)
+        with torch.inference_mode():
+            x = r.embed(ids)
+            T = ids.shape[1]
+            pos = torch.arange(T, device=self.device).unsqueeze(0)
+            cos, sin = r.rope(x, pos)
+            prompt_kv = []
+            for i in range(r.n_layers):
+                x, kv = r.layer(i, x, cos, sin, causal=True)
+                prompt_kv.append(kv)
+            h = x[:, -1]
+            beams = [Beam(0.0, start, 0, [])]
+            suffix_kv: list | None = None  # per layer (k, v) of beam tokens after the prompt, (B, kv, S, d)
+            suffix_valid = None  # (B, S) bool: real token (not padding)
+            finished: list[tuple[float, str]] = []
+            while beams:
+                # Score every allowed child of every beam from its last hidden state.
+                allowed = [b.node.allowed() for b in beams]
+                vocab = sorted({t for a in allowed for t in a})
+                col = {t: j for j, t in enumerate(vocab)}
+                logits = r.logits(h, torch.tensor(vocab, device=self.device)).float()
+                candidates = []
+                for bi, (beam, toks) in enumerate(zip(beams, allowed)):
+                    lp = torch.log_softmax(logits[bi, [col[t] for t in toks]], dim=-1).tolist()
+                    candidates.extend((beam.logp + l, bi, t) for l, t in zip(lp, toks))
+                top = heapq.nlargest(beam_size, candidates)
+                nxt: list[Beam] = []
+                for logp, bi, t in top:
+                    forced, node = Trie.chain(beams[bi].node.children[t])
+                    if node.memory_id is not None:
+                        finished.append((logp, node.memory_id))
+                    else:
+                        nxt.append(Beam(logp, node, bi, [t] + forced))
+                finished.sort(reverse=True)
+                # Scores only fall with depth: stop once k finished IDs beat every open beam.
+                if len(finished) >= k and (not nxt or nxt[0].logp <= finished[k - 1][0]):
+                    break
+                if not nxt:
+                    break
+                beams = nxt
+                h, suffix_kv, suffix_valid = self._step(beams, prompt_kv, suffix_kv, suffix_valid, T)
+            return [(mid, math.exp(lp)) for lp, mid in finished[:k]]
+
+    def _step(self, beams, prompt_kv, suffix_kv, suffix_valid, prompt_len):
+        """Feed each beam's new tokens (right-padded) on top of its parent's keys/values."""
+        import torch
+
+        r = self.runner
+        B = len(beams)
+        L = max(len(b.new_tokens) for b in beams)
+        pad = self.tokenizer.eos_token_id
+        new = torch.tensor([b.new_tokens + [pad] * (L - len(b.new_tokens)) for b in beams], device=self.device)
+        new_valid = torch.tensor([[j < len(b.new_tokens) for j in range(L)] for b in beams], device=self.device)
+        parents = torch.tensor([b.parent for b in beams], device=self.device)
+        if suffix_valid is None:
+            old_valid = torch.zeros(B, 0, dtype=torch.bool, device=self.device)
+        else:
+            old_valid = suffix_valid[parents]
+        S_old = old_valid.shape[1]
+        # Positions continue from each beam's count of real tokens so far.
+        base = prompt_len + old_valid.sum(1, keepdim=True)
+        pos = base + torch.arange(L, device=self.device).unsqueeze(0)
+        # Mask: prompt always visible; old suffix where real; new tokens causally.
+        causal = torch.tril(torch.ones(L, L, dtype=torch.bool, device=self.device))
+        mask = torch.cat([
+            torch.ones(B, L, prompt_len, dtype=torch.bool, device=self.device),
+            old_valid.unsqueeze(1).expand(B, L, S_old),
+            causal.unsqueeze(0).expand(B, L, L),
+        ], dim=2).unsqueeze(1)
+        x = r.embed(new)
+        cos, sin = r.rope(x, pos)
+        out_kv = []
+        for i in range(r.n_layers):
+            pk, pv = prompt_kv[i]
+            if suffix_kv is None:
+                past = (pk.expand(B, -1, -1, -1), pv.expand(B, -1, -1, -1))
+            else:
+                sk, sv = suffix_kv[i]
+                past = (torch.cat([pk.expand(B, -1, -1, -1), sk[parents]], 2),
+                        torch.cat([pv.expand(B, -1, -1, -1), sv[parents]], 2))
+            x, (k, v) = r.layer(i, x, cos, sin, past=past, mask=mask)
+            out_kv.append((k[:, :, prompt_len:], v[:, :, prompt_len:]))
+        last = torch.tensor([len(b.new_tokens) - 1 for b in beams], device=self.device)
+        h = x[torch.arange(B, device=self.device), last]
+        return h, out_kv, torch.cat([old_valid, new_valid], dim=1)
+
+
+class GenerateDecoder:
+    """Constrained beam search through `model.generate` (works for any HF causal LM)."""
+
+    def __init__(self, model, tokenizer, device: str = "cpu"):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.device = device
+
+    def search(self, question: str, trie: Trie, k: int = 1, beam_size: int = 4) -> list[tuple[str, float]]:
+        import torch
+
+        if len(trie) == 0:
+            return []
+        prompt = prompt_ids(self.tokenizer, question)
+        n = len(prompt)
+        beam_size = max(beam_size, k)
+        eos = self.tokenizer.eos_token_id
+
+        def allowed(_batch, seq):
+            toks = trie.allowed(seq[n:].tolist())
+            return toks or [eos]
+
+        depth = max(len(s) for s in trie.sequences.values())
+        with torch.inference_mode():
+            out = self.model.generate(
+                input_ids=torch.tensor([prompt], device=self.device),
+                attention_mask=torch.ones(1, n, dtype=torch.long, device=self.device),
+                max_new_tokens=depth, num_beams=beam_size, num_return_sequences=beam_size,
+                prefix_allowed_tokens_fn=allowed, do_sample=False, length_penalty=0.0,
+                output_scores=True, return_dict_in_generate=True, pad_token_id=eos, eos_token_id=eos,
+            )
+        hits, seen = [], set()
+        scores = out.sequences_scores.tolist() if getattr(out, "sequences_scores", None) is not None else [0.0] * len(out.sequences)
+        for seq, score in zip(out.sequences, scores):
+            toks = seq[n:].tolist()
+            node = trie.walk(toks[: toks.index(eos) + 1] if eos in toks else toks)
+            if node is not None and node.memory_id is not None and node.memory_id not in seen:
+                seen.add(node.memory_id)
+                hits.append((node.memory_id, math.exp(score)))
+        return hits[:k]

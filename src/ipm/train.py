@@ -1,0 +1,234 @@
+"""Training the index: a LoRA adapter that maps questions to memory IDs.
+
+Fast path (Llama-family models, the default): LoRA only in the top `lora_layers` decoder
+layers. The frozen layers below see the same input every epoch, so their output is computed
+once per example and reused; each step then runs only the top layers, and the loss is taken
+over the ID-token vocabulary only, at the ID positions only.
+
+Naive path (`fast=False`, or a model the runner does not know): LoRA on every layer, full
+forward with full-vocabulary loss, through the model's own `forward`.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from .config import Config
+from .errors import TrainingError
+from .model import BaseModel, Runner, id_token_ids, prompt_ids
+
+Progress = Callable[[int, int, float], None]  # (step, total_steps, loss)
+
+
+@dataclass
+class Example:
+    question: str
+    memory_id: str
+
+
+@dataclass
+class TrainResult:
+    model: object  # the PEFT model with the trained adapter
+    metrics: dict = field(default_factory=dict)
+
+
+def _seed_everything(seed: int) -> None:
+    import torch
+
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def lora_config(config: Config, n_layers: int, fast: bool):
+    from peft import LoraConfig
+
+    top = config.lora_layers if fast and 0 < config.lora_layers < n_layers else n_layers
+    return LoraConfig(
+        r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+        target_modules=list(config.target_modules), layers_to_transform=list(range(n_layers - top, n_layers)),
+        bias="none", task_type="CAUSAL_LM",
+    ), n_layers - top
+
+
+def _schedule(step: int, total: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def train_adapter(base: BaseModel, examples: list[Example], config: Config,
+                  progress: Progress | None = None, fast: bool | None = None) -> TrainResult:
+    """Train a fresh LoRA adapter on (question -> ID) examples; returns the PEFT model."""
+    import torch
+    from peft import get_peft_model
+
+    if not examples:
+        raise TrainingError("nothing to train on: add memories first")
+    _seed_everything(config.seed)
+    tok = base.tokenizer
+    model = copy.deepcopy(base.model)  # the shared base stays clean for serving
+    n_layers = model.config.num_hidden_layers
+    if fast is None:
+        fast = Runner.supports(model)
+    elif fast and not Runner.supports(model):
+        fast = False
+    lcfg, split = lora_config(config, n_layers, fast)
+    peft_model = get_peft_model(model, lcfg)
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+
+    id_seqs = {e.memory_id: id_token_ids(tok, e.memory_id) for e in examples}
+    seqs = []  # (input_ids, n_prompt)
+    for e in examples:
+        p = prompt_ids(tok, e.question)
+        seqs.append((p + id_seqs[e.memory_id], len(p)))
+    t0 = time.perf_counter()
+    device = base.device
+    rng = random.Random(config.seed)
+    steps_per_epoch = math.ceil(len(seqs) / config.batch_size)
+    total = steps_per_epoch * config.epochs
+    optim = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda s: _schedule(s, total, max(1, int(total * config.warmup_ratio))))
+    losses: list[float] = []
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else _null()
+
+    if fast:
+        runner = Runner(peft_model)
+        vocab = sorted({t for s in id_seqs.values() for t in s})
+        col = torch.full((len(tok),), -1, dtype=torch.long)
+        col[torch.tensor(vocab)] = torch.arange(len(vocab))
+        vocab_t = torch.tensor(vocab, device=device)
+        cached = _lower_hidden(runner, seqs, split, device)
+        t_cache = time.perf_counter() - t0
+    peft_model.train()
+    step = 0
+    for _epoch in range(config.epochs):
+        order = list(range(len(seqs)))
+        rng.shuffle(order)
+        for b in range(0, len(order), config.batch_size):
+            batch = order[b:b + config.batch_size]
+            with autocast:
+                if fast:
+                    loss = _fast_loss(runner, [seqs[i] for i in batch], [cached[i] for i in batch], split, vocab_t, col, device)
+                else:
+                    loss = _naive_loss(peft_model, [seqs[i] for i in batch], tok, device)
+            loss.backward()
+            optim.step()
+            sched.step()
+            optim.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+            step += 1
+            if progress:
+                progress(step, total, losses[-1])
+    peft_model.eval()
+    seconds = time.perf_counter() - t0
+    metrics = {
+        "path": "fast" if fast else "naive", "examples": len(seqs), "epochs": config.epochs, "steps": total,
+        "trained_layers": n_layers - split, "loss_first": losses[0] if losses else None,
+        "loss_last": sum(losses[-5:]) / max(1, len(losses[-5:])), "train_seconds": round(seconds, 2),
+        "examples_per_second": round(len(seqs) * config.epochs / seconds, 2) if seconds else None,
+    }
+    if fast:
+        metrics["cache_seconds"] = round(t_cache, 2)
+    return TrainResult(peft_model, metrics)
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def _lower_hidden(runner: Runner, seqs, split: int, device: str, batch_size: int = 64):
+    """Output of the frozen layers [0, split) for every example, computed once."""
+    import torch
+
+    out = [None] * len(seqs)
+    if split == 0:
+        with torch.no_grad():
+            for i, (ids, _) in enumerate(seqs):
+                out[i] = runner.embed(torch.tensor(ids, device=device)).detach()
+        return out
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i][0]))
+    with torch.inference_mode():
+        for b in range(0, len(order), batch_size):
+            idx = order[b:b + batch_size]
+            L = max(len(seqs[i][0]) for i in idx)
+            ids = torch.tensor([seqs[i][0] + [0] * (L - len(seqs[i][0])) for i in idx], device=device)
+            h = runner.hidden(ids, 0, split)
+            for row, i in enumerate(idx):
+                out[i] = h[row, :len(seqs[i][0])].clone()
+    return out
+
+
+def _targets(seqs):
+    """(row, position, token) for every ID token: position t predicts token t+1."""
+    rows, pos, toks = [], [], []
+    for r, (ids, n_prompt) in enumerate(seqs):
+        for t in range(n_prompt - 1, len(ids) - 1):
+            rows.append(r)
+            pos.append(t)
+            toks.append(ids[t + 1])
+    return rows, pos, toks
+
+
+def _fast_loss(runner: Runner, seqs, hiddens, split, vocab_t, col, device):
+    import torch
+    import torch.nn.functional as F
+
+    L = max(h.shape[0] for h in hiddens)
+    x = torch.zeros(len(hiddens), L, hiddens[0].shape[-1], dtype=hiddens[0].dtype, device=device)
+    for r, h in enumerate(hiddens):
+        x[r, :h.shape[0]] = h
+    h = runner.hidden(None, split, None, x=x)  # right padding is harmless under a causal mask
+    rows, pos, toks = _targets(seqs)
+    logits = runner.logits(h[rows, pos], vocab_t).float()
+    return F.cross_entropy(logits, col[torch.tensor(toks)].to(device))
+
+
+def _naive_loss(model, seqs, tok, device):
+    import torch
+
+    L = max(len(ids) for ids, _ in seqs)
+    pad = tok.eos_token_id
+    ids = torch.tensor([s + [pad] * (L - len(s)) for s, _ in seqs], device=device)
+    mask = torch.tensor([[1] * len(s) + [0] * (L - len(s)) for s, _ in seqs], device=device)
+    labels = torch.full_like(ids, -100)
+    for r, (s, n_prompt) in enumerate(seqs):
+        labels[r, n_prompt:len(s)] = torch.tensor(s[n_prompt:])
+    return model(input_ids=ids, attention_mask=mask, labels=labels).loss
+
+
+def calibrate(top1: list[tuple[float, bool]], off_topic: list[float], max_refusal: float = 0.05) -> dict:
+    """Pick the abstention threshold on the top hit's probability.
+
+    `top1`: (probability, correct) for held-back in-scope questions; `off_topic`: top
+    probabilities for questions no memory answers. The threshold maximises correct answers
+    kept plus off-topic refused, but refuses at most `max_refusal` of correct in-scope answers.
+    """
+    correct = sorted(p for p, ok in top1 if ok)
+    if not correct:
+        return {"threshold": 0.0, "reason": "no correct calibration answers"}
+    cap = correct[int(max_refusal * len(correct))] if len(correct) > 1 else correct[0]
+    best, best_t = -1.0, 0.0
+    for t in sorted(set([0.0] + correct + off_topic)):
+        if t > cap:
+            break
+        kept = sum(p >= t for p in correct) / len(correct)
+        refused = sum(p < t for p in off_topic) / max(1, len(off_topic))
+        if kept + refused > best:
+            best, best_t = kept + refused, t
+    return {
+        "threshold": best_t,
+        "in_scope_refused": sum(p < best_t for p in correct) / len(correct),
+        "off_topic_refused": sum(p < best_t for p in off_topic) / max(1, len(off_topic)),
+        "calibration_top1": sum(ok for _, ok in top1) / len(top1) if top1 else None,
+        "n_in_scope": len(top1), "n_off_topic": len(off_topic),
+    }
