@@ -79,12 +79,13 @@ class _Serving:
     generation: int = -1  # store event seq the trie reflects
 
 
-def parse_import(path: str | Path) -> tuple[list[NewMemory], list[tuple[str, str]]]:
+def parse_import(path: str | Path) -> tuple[list[NewMemory], list[str], list[tuple[str, str]], list[str]]:
     """Read an import file. Accepted shapes:
     - `{"id": "text", ...}` (memories keyed by ID);
     - a JSON list or JSONL of `{"id"?, "text", "questions"?}` (memories);
     - a JSON list or JSONL of `{"question", "memory_id"}` (training questions for existing memories).
-    Returns (memories, questions); raises InvalidInput naming the bad record."""
+    Returns (memories, their labels, questions, their labels), a label naming where the record
+    is in the file ("line 3", "index 2", "key 'x'"); raises InvalidInput naming the bad record."""
     path = Path(path)
     try:
         raw = path.read_text(encoding="utf-8")
@@ -114,6 +115,8 @@ def parse_import(path: str | Path) -> tuple[list[NewMemory], list[tuple[str, str
         raise InvalidInput(f"{path} holds no records")
     memories: list[NewMemory] = []
     questions: list[tuple[str, str]] = []
+    mem_labels: list[str] = []
+    q_labels: list[str] = []
     for i, rec in enumerate(records):
         if where == "line":
             label, rec = f"line {rec[0]}", rec[1]
@@ -129,6 +132,7 @@ def parse_import(path: str | Path) -> tuple[list[NewMemory], list[tuple[str, str
                 if not isinstance(rec["memory_id"], str):
                     raise InvalidInput("memory_id must be a string")
                 questions.append((rec["memory_id"], check_question(rec["question"])))
+                q_labels.append(label)
             elif "text" in rec:
                 unknown = set(rec) - {"id", "text", "questions"}
                 if unknown:
@@ -137,11 +141,12 @@ def parse_import(path: str | Path) -> tuple[list[NewMemory], list[tuple[str, str
                 if not isinstance(qs, list) or not all(isinstance(q, str) for q in qs):
                     raise InvalidInput("questions must be a list of strings")
                 memories.append(NewMemory(rec["text"], rec.get("id"), qs))
+                mem_labels.append(label)
             else:
                 raise InvalidInput("a record needs 'text' (a memory) or 'question' and 'memory_id'")
         except InvalidInput as e:
             raise InvalidInput(f"{path}: {label}: {e}") from None
-    return memories, questions
+    return memories, [f"{path}: {x}" for x in mem_labels], questions, [f"{path}: {x}" for x in q_labels]
 
 
 class IPM:
@@ -165,16 +170,16 @@ class IPM:
 
     def import_(self, path: str | Path, user: str = DEFAULT_USER) -> ImportResult:
         """Import memories and/or training questions from a file: all or nothing."""
-        memories, questions = parse_import(path)
+        memories, mem_labels, questions, q_labels = parse_import(path)
         check_namespace(user)
         result = ImportResult()
         if memories and questions:
             raise InvalidInput(f"{path}: mixes memories and questions; import them from separate files")
         if memories:
-            added = self.store.add_many(user, memories, source="import")
+            added = self.store.add_many(user, memories, source="import", labels=mem_labels)
             result.memories, result.ids = len(added), [m.id for m in added]
         if questions:
-            result.questions = self.store.add_questions(user, questions)
+            result.questions = self.store.add_questions(user, questions, labels=q_labels)
         return result
 
     def update(self, id: str, text: str, user: str = DEFAULT_USER) -> Memory:

@@ -161,6 +161,7 @@ class Store:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.execute("PRAGMA foreign_keys=ON")
+            conn.execute("PRAGMA secure_delete=ON")  # forgotten texts are overwritten, not just unlinked
             conn.execute("PRAGMA busy_timeout=30000")
             conn.row_factory = sqlite3.Row
             self._local.conn = conn
@@ -264,15 +265,16 @@ class Store:
         return out
 
     # -- writes ---------------------------------------------------------------------------
-    def add_many(self, namespace: str, records: list[NewMemory], source: str = "add") -> list[Memory]:
+    def add_many(self, namespace: str, records: list[NewMemory], source: str = "add",
+                 labels: list[str] | None = None) -> list[Memory]:
         """Validate every record first, then write them all in one transaction (or nothing).
 
-        Errors name the record's position (`record 3: ...`) when there is more than one."""
+        Errors name the record (`labels[i]`, default `record i`) when there is more than one."""
         check_namespace(namespace)
-        many = len(records) > 1
+        many = len(records) > 1 or labels is not None
 
         def where(i: int) -> str:
-            return f"record {i}: " if many else ""
+            return (f"{labels[i]}: " if labels else f"record {i}: ") if many else ""
 
         for i, rec in enumerate(records):
             try:
@@ -311,20 +313,21 @@ class Store:
             questions: Iterable[str] = ()) -> Memory:
         return self.add_many(namespace, [NewMemory(text, memory_id, list(questions))])[0]
 
-    def add_questions(self, namespace: str, pairs: list[tuple[str, str]]) -> int:
+    def add_questions(self, namespace: str, pairs: list[tuple[str, str]], labels: list[str] | None = None) -> int:
         """Attach user-given training questions to existing memories: all or nothing.
         Returns how many were new."""
         check_namespace(namespace)
+        labels = labels or [f"record {i}" for i in range(len(pairs))]
         for i, (memory_id, q) in enumerate(pairs):
             try:
                 check_question(q)
             except InvalidInput as e:
-                raise InvalidInput(f"record {i}: {e}") from None
+                raise InvalidInput(f"{labels[i]}: {e}") from None
         with self._write() as db:
             known = {r[0] for r in db.execute("SELECT id FROM memories WHERE namespace = ?", (namespace,))}
             for i, (memory_id, _) in enumerate(pairs):
                 if memory_id not in known:
-                    raise NotFound(f"record {i}: no memory {memory_id!r} in namespace {namespace!r}; "
+                    raise NotFound(f"{labels[i]}: no memory {memory_id!r} in namespace {namespace!r}; "
                                    "import the memories before their questions")
             before = db.total_changes
             db.executemany("INSERT OR IGNORE INTO questions VALUES (?, ?, ?)",

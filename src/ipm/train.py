@@ -90,7 +90,7 @@ def train_adapter(base: BaseModel, examples: list[Example], config: Config,
     t0 = time.perf_counter()
     device = base.device
     rng = random.Random(config.seed)
-    steps_per_epoch = math.ceil(len(seqs) / config.batch_size)
+    steps_per_epoch = len(_length_bucketed_batches(seqs, config.batch_size, random.Random(0)))
     total = steps_per_epoch * config.epochs
     optim = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda s: _schedule(s, total, max(1, int(total * config.warmup_ratio))))
@@ -108,10 +108,7 @@ def train_adapter(base: BaseModel, examples: list[Example], config: Config,
     peft_model.train()
     step = 0
     for _epoch in range(config.epochs):
-        order = list(range(len(seqs)))
-        rng.shuffle(order)
-        for b in range(0, len(order), config.batch_size):
-            batch = order[b:b + config.batch_size]
+        for batch in _length_bucketed_batches(seqs, config.batch_size, rng):
             with autocast:
                 if fast:
                     loss = _fast_loss(runner, [seqs[i] for i in batch], [cached[i] for i in batch], split, vocab_t, col, device)
@@ -136,6 +133,20 @@ def train_adapter(base: BaseModel, examples: list[Example], config: Config,
     if fast:
         metrics["cache_seconds"] = round(t_cache, 2)
     return TrainResult(peft_model, metrics)
+
+
+def _length_bucketed_batches(seqs, batch_size: int, rng: random.Random) -> list[list[int]]:
+    """Shuffled batches of similar length: padding a batch of short questions to the length
+    of one long memory text would multiply the cost of the step."""
+    order = list(range(len(seqs)))
+    rng.shuffle(order)
+    window = batch_size * 16
+    batches = []
+    for w in range(0, len(order), window):
+        chunk = sorted(order[w:w + window], key=lambda i: len(seqs[i][0]))
+        batches += [chunk[b:b + batch_size] for b in range(0, len(chunk), batch_size)]
+    rng.shuffle(batches)
+    return batches
 
 
 class _null:

@@ -1,0 +1,239 @@
+"""What every benchmark script shares: flags, config, progress bars, run info and result files.
+
+A benchmark result is only worth something if a reader can tell what was measured, on what,
+with which code, and redo it. So every script writes the same three files,
+results/<name>.{json,md,png}: the JSON holds every number plus the machine, the package
+versions, the seed, the config and the command line; the Markdown table and the chart are
+views of it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import shlex
+import sys
+import tempfile
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))  # measure this checkout's ipm, installed or not
+SHARED = REPO.parent / "shared" / "data"
+KS = (1, 5, 10)
+PACKAGES = ("ipm", "torch", "transformers", "peft", "bm25s", "sentence-transformers")
+
+
+# -- flags and config --------------------------------------------------------------------
+def parser(description: str) -> argparse.ArgumentParser:
+    """An argument parser with the flags every benchmark takes."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--home", type=Path, default=None, help="ipm home to use (default: a temporary one, deleted after)")
+    p.add_argument("--seed", type=int, default=0, help="seed for training and for any sampling (default 0)")
+    p.add_argument("--json", type=Path, default=None, metavar="OUT", help="also write the JSON results to OUT")
+    p.add_argument("--out-dir", type=Path, default=Path("results"),
+                   help="where <name>.{json,md,png} go (default ./results)")
+    g = p.add_argument_group("ipm config overrides (default: the ipm.Config defaults)")
+    g.add_argument("--base-model", default=None, help="local HF model directory or .gguf file (default: SmolLM2-135M)")
+    g.add_argument("--epochs", type=int, default=None)
+    g.add_argument("--questions-per-memory", type=int, default=None)
+    g.add_argument("--lora-layers", type=int, default=None)
+    return p
+
+
+def config(args: argparse.Namespace):
+    """ipm.Config defaults, with the seed and whatever overrides were given on the command line."""
+    import ipm
+
+    return ipm.Config().updated(seed=args.seed, base_model=args.base_model, epochs=args.epochs,
+                                questions_per_memory=args.questions_per_memory, lora_layers=args.lora_layers)
+
+
+def seed_everything(seed: int) -> None:
+    import torch
+
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@contextmanager
+def home(path: Path | None):
+    """The ipm home to benchmark in: the given directory, or a temporary one removed afterwards."""
+    if path is not None:
+        yield Path(path)
+        return
+    with tempfile.TemporaryDirectory(prefix="ipm-bench-") as tmp:
+        yield Path(tmp) / "home"
+
+
+# -- progress ----------------------------------------------------------------------------
+class Bars:
+    """rich progress bars (on stderr) fed by ipm's callbacks: one bar per label and phase."""
+
+    def __init__(self):
+        from rich.console import Console
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                                   TimeRemainingColumn)
+
+        self.progress = Progress(TextColumn("{task.description:<28}"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                                 console=Console(stderr=True))
+        self.tasks: dict[str, int] = {}
+
+    def __enter__(self) -> "Bars":
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.progress.stop()
+
+    def update(self, description: str, done: int, total: int, info: str = "") -> None:
+        if description not in self.tasks:
+            self.tasks[description] = self.progress.add_task(description, total=total, info=info)
+        self.progress.update(self.tasks[description], completed=done, total=total, info=info)
+
+    def train(self, label: str):
+        """For `IPM.train(progress=...)`: (phase, done, total, loss)."""
+        def callback(phase: str, done: int, total: int, loss: float | None) -> None:
+            self.update(f"{label} {phase}", done, total, "" if loss is None else f"loss {loss:.3f}")
+        return callback
+
+    def eval(self, label: str):
+        """For `ipm.evaluate.evaluate(progress=...)`: (done, total)."""
+        return lambda done, total: self.update(f"{label} eval", done, total)
+
+
+# -- run info ----------------------------------------------------------------------------
+def _version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _git_commit() -> str | None:
+    """The checked-out commit, read from .git directly (no git binary needed)."""
+    git = REPO / ".git"
+    try:
+        head = (git / "HEAD").read_text().strip()
+        if not head.startswith("ref: "):
+            return head
+        ref = head[5:]
+        if (git / ref).is_file():
+            return (git / ref).read_text().strip()
+        for line in (git / "packed-refs").read_text().splitlines():
+            if line.endswith(" " + ref):
+                return line.split()[0]
+    except OSError:
+        pass
+    return None
+
+
+def command(script: str, argv: list[str] | None) -> list[str]:
+    """The command line of a benchmark whose main() got `argv` (None: the real one)."""
+    return [str(Path(script).resolve().relative_to(REPO)), *(sys.argv[1:] if argv is None else argv)]
+
+
+def run_info(seed: int, argv: list[str] | None = None) -> dict:
+    """Everything needed to tell two runs apart: machine, versions, seed, command, time.
+    `argv` is the whole command line, script first (default sys.argv)."""
+    import torch
+
+    argv = sys.argv if argv is None else argv
+    return {
+        "machine": {
+            "platform": platform.platform(), "python": platform.python_version(), "cpu_count": os.cpu_count(),
+            "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        },
+        "versions": {p: _version(p) for p in PACKAGES},
+        "git_commit": _git_commit(),
+        "seed": seed,
+        "command": shlex.join(["python", *argv]),
+        "python": sys.executable,
+        "utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+# -- result files ------------------------------------------------------------------------
+def _percent(key: str) -> bool:
+    return key.startswith("recall@") or key.endswith("%")
+
+
+def _cell(key: str, value) -> str:
+    if isinstance(value, float):
+        return f"{100 * value:.1f}" if _percent(key) else f"{value:.3f}"
+    return "" if value is None else str(value)
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """One row per system: recall@1/5/10 (in %), MRR, n, then any extra columns the rows carry
+    (a fraction is shown in % when its column name starts with "recall@" or ends with "%")."""
+    cols = ["system", "recall@1", "recall@5", "recall@10", "mrr", "n"]
+    cols += [c for c in dict.fromkeys(k for r in rows for k in r) if c not in cols]
+    head = [c + " %" if _percent(c) and not c.endswith("%") else {"mrr": "MRR"}.get(c, c) for c in cols]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(_cell(c, r.get(c)) for c in cols) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def chart(rows: list[dict], title: str, path: Path) -> None:
+    """Grouped bars: recall@k for k in 1/5/10, one colour per system."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 4))
+    width = 0.8 / max(1, len(rows))
+    for i, r in enumerate(rows):
+        xs = [j + (i - (len(rows) - 1) / 2) * width for j in range(len(KS))]
+        bars = ax.bar(xs, [100 * (r.get(f"recall@{k}") or 0) for k in KS], width, label=r["system"])
+        ax.bar_label(bars, fmt="%.0f", fontsize=7)
+    ax.set_xticks(range(len(KS)), [f"recall@{k}" for k in KS])
+    ax.set_ylabel("%")
+    ax.set_ylim(0, 105)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_results(name: str, data: dict, table_rows: list[dict], out_dir: str | Path = "results",
+                  json_out: str | Path | None = None, title: str | None = None, notes: list[str] = ()) -> list[Path]:
+    """Write <out_dir>/<name>.json (data + run info), .md (table and notes) and .png (chart);
+    also the JSON to `json_out` if given. Prints and returns the paths written."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if "run" not in data:
+        data = {**data, "run": run_info(data.get("seed", 0))}
+    title = title or name
+    paths = [out_dir / f"{name}.json", out_dir / f"{name}.md", out_dir / f"{name}.png"]
+    text = json.dumps(data, indent=2, ensure_ascii=False) + "\n"
+    paths[0].write_text(text, encoding="utf-8")
+    run = data["run"]
+    md = [f"# {title}", "", markdown_table(table_rows), ""]
+    md += [f"- {n}" for n in notes]
+    md += ["", f"Run {run['utc']}, seed {run['seed']}, commit {run['git_commit']}, "
+               f"{run['machine']['platform']}, {run['machine']['cpu_count']} CPUs, GPU {run['machine']['cuda']}.",
+           f"Command: `{run['command']}`", ""]
+    paths[1].write_text("\n".join(md), encoding="utf-8")
+    chart(table_rows, title, paths[2])
+    if json_out is not None:
+        Path(json_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_out).write_text(text, encoding="utf-8")
+        paths.append(Path(json_out))
+    for p in paths:
+        print(f"wrote {p}")
+    return paths
+
+
+def row(system: str, metrics: dict, **extra) -> dict:
+    """A table row from an ipm.evaluate metrics dict."""
+    return {"system": system, **{k: metrics.get(k) for k in ("recall@1", "recall@5", "recall@10", "mrr", "n")}, **extra}

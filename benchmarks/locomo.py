@@ -1,0 +1,225 @@
+"""Retrieval recall on LoCoMo: IPM against BM25 and dense retrieval on the same memories.
+
+Each conversation is its own ipm namespace. Its memories are either the observation facts
+distilled from the dialog (--variant observations) or the dialog turns themselves
+(--variant turns). IPM trains on questions generated from those memories only; the LoCoMo
+`qa` questions (categories 1-4) are the test. A question is a hit@k when one of its top-k
+memories comes from one of its evidence turns. Questions from the other conversations, which
+no memory here answers, test whether IPM refuses what it does not know.
+
+A turn memory is "{speaker} ({session date}): {text} [image: {caption}]". The shared README's
+turn figures were measured on "{speaker}: {text}", which scores BM25 and dense a little lower.
+
+    python benchmarks/locomo.py --variant observations   # all five shared conversations
+    python benchmarks/locomo.py --variant turns --baselines-only
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import time
+from pathlib import Path
+
+import common
+
+CATEGORIES = {"1": "multi-hop", "2": "temporal", "3": "open-domain", "4": "single-hop"}
+DIA_ID = re.compile(r"D\s*:?\s*(\d+)\s*:\s*(\d+)")
+BASELINES = ("bm25", "dense")
+METRICS = ("recall@1", "recall@5", "recall@10", "mrr")
+
+
+# -- data --------------------------------------------------------------------------------
+def dia_ids(raw) -> set[str]:
+    """Normalised turn IDs ("D3:12") from an evidence or observation entry, which in the data
+    is sometimes a list, or malformed: "D8:6; D9:17", "D:11:26", " D2:5", or just "D"."""
+    if isinstance(raw, (list, tuple)):
+        return set().union(*(dia_ids(r) for r in raw)) if raw else set()
+    return {f"D{a}:{b}" for a, b in DIA_ID.findall(str(raw))}
+
+
+def sessions(conv: dict) -> list[int]:
+    return sorted(int(k.split("_")[1]) for k in conv if re.fullmatch(r"session_\d+", k))
+
+
+def memories(conv: dict, variant: str) -> list[tuple[str, set[str]]]:
+    """(memory text, the turn IDs it comes from) in conversation order."""
+    out = []
+    for n in sessions(conv):
+        if variant == "turns":
+            date = conv.get(f"session_{n}_date_time", "")
+            for t in conv[f"session_{n}"]:
+                text = f"{t['speaker']} ({date}): {t['text']}"
+                if t.get("blip_caption"):
+                    text += f" [image: {t['blip_caption']}]"
+                out.append((text, dia_ids(t["dia_id"])))
+        else:
+            for facts in conv.get(f"session_{n}_observation", {}).values():
+                out.extend((fact, dia_ids(ids)) for fact, ids in facts)
+    return out
+
+
+def qa_items(conv: dict) -> list[dict]:
+    """The qa items of categories 1-4 (5 is adversarial: no answer in the conversation)."""
+    return [q for q in conv["qa"] if str(q.get("category")) in CATEGORIES]
+
+
+# -- aggregation -------------------------------------------------------------------------
+def micro(parts: list[dict]) -> dict:
+    """Combine per-conversation metric dicts into one over all their questions. Each rate is a
+    mean over that conversation's n questions, so its n-weighted mean is the exact micro
+    average; IPM's latency percentiles and invalid-ID rate (a share of the IDs returned) are
+    not such means, and their n-weighted mean is only a summary."""
+    parts = [p for p in parts if p.get("n")]
+    n = sum(p["n"] for p in parts)
+    out = {"n": n}
+    for key in dict.fromkeys(k for p in parts for k, v in p.items() if isinstance(v, (int, float)) and k != "n"):
+        out[key] = sum(p[key] * p["n"] for p in parts if key in p) / n if n else 0.0
+    cats = sorted({c for p in parts for c in p.get("by_category", {})})
+    if cats:
+        out["by_category"] = {c: micro([p["by_category"][c] for p in parts if c in p.get("by_category", {})])
+                              for c in cats}
+    oos = [p["out_of_scope"] for p in parts if "out_of_scope" in p]
+    if oos:
+        m = sum(o["n"] for o in oos)
+        out["out_of_scope"] = {"n": m, "refused": sum(o["refused"] * o["n"] for o in oos) / m}
+    return out
+
+
+# -- one conversation --------------------------------------------------------------------
+def run_conversation(mem, conv_id: str, conv: dict, others: list[dict], args, bars) -> dict:
+    """Load one conversation's memories into namespace `conv_id`, train, evaluate every system."""
+    from ipm.evaluate import Question, evaluate, evaluate_baseline
+    from ipm.store import NewMemory
+
+    mems = memories(conv, args.variant)[: args.limit_memories]
+    if mem.store.count(conv_id):
+        raise SystemExit(f"namespace {conv_id!r} already has memories; use a fresh --home")
+    added = mem.store.add_many(conv_id, [NewMemory(text) for text, _ in mems], source="import")
+    turns_of = {m.id: ids for m, (_, ids) in zip(added, mems)}
+    questions, no_evidence, skipped = [], 0, 0
+    for q in qa_items(conv):
+        evidence = dia_ids(q["evidence"])
+        gold = frozenset(mid for mid, ids in turns_of.items() if ids & evidence)
+        if gold:
+            questions.append(Question(q["question"], gold, str(q["category"])))
+        elif not evidence:  # the data names no evidence turn: unscorable in any variant
+            no_evidence += 1
+        else:  # no memory comes from its evidence turns (e.g. a turn no observation was made of)
+            skipped += 1
+    # Out of scope: questions about the other conversations (their people and events).
+    pool = [q["question"] for other in others for q in qa_items(other)]
+    rng = random.Random(f"{args.seed}:{conv_id}")
+    oos = [Question(q, None) for q in rng.sample(pool, min(args.out_of_scope, len(pool)))]
+    result = {"memories": len(added), "questions": len(questions), "skipped_no_gold": skipped,
+              "skipped_no_evidence": no_evidence, "out_of_scope_questions": len(oos)}
+    if args.baselines_only:
+        ids, texts = [m.id for m in added], [m.text for m in added]
+        for name in BASELINES:
+            result[name] = evaluate_baseline(name, ids, texts, questions)
+        return result
+    t0 = time.perf_counter()
+    manifest = mem.train(user=conv_id, progress=bars.train(conv_id))
+    result["train_seconds"] = round(time.perf_counter() - t0, 2)
+    result["train_examples"] = manifest["metrics"].get("examples")
+    result["threshold"] = manifest["threshold"]
+    baselines = () if args.no_baselines else BASELINES
+    report = evaluate(mem, questions + oos, user=conv_id, baselines=baselines, progress=bars.eval(conv_id))
+    result.update({s: report[s] for s in ("ipm", *baselines)})
+    return result
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = common.parser(__doc__.split("\n\n")[0])
+    p.add_argument("paths", nargs="*", type=Path, metavar="PATH",
+                   help="LoCoMo conversation files (default ../shared/data/locomo/*.json)")
+    p.add_argument("--variant", choices=("observations", "turns"), default="observations",
+                   help="memories: observation facts or dialog turns (default %(default)s)")
+    p.add_argument("--conversations", type=int, default=None, metavar="N",
+                   help="evaluate only the first N files; the others still give out-of-scope questions")
+    p.add_argument("--limit-memories", type=int, default=None, metavar="N",
+                   help="keep only the first N memories of each conversation (smoke tests)")
+    p.add_argument("--out-of-scope", type=int, default=50, metavar="N",
+                   help="out-of-scope questions per conversation, drawn from the other files (default %(default)s)")
+    p.add_argument("--baselines-only", action="store_true", help="skip IPM (no training): BM25 and dense only")
+    p.add_argument("--no-baselines", action="store_true", help="IPM only (e.g. on a machine without the dense model)")
+    args = p.parse_args(argv)
+    args.paths = args.paths or sorted((common.SHARED / "locomo").glob("*.json"))
+    if not args.paths:
+        p.error("no LoCoMo files given and none found in ../shared/data/locomo")
+
+    import ipm
+
+    info = common.run_info(args.seed, common.command(__file__, argv))
+    common.seed_everything(args.seed)
+    cfg = common.config(args)
+    convs = {}
+    for path in args.paths:
+        conv = json.loads(Path(path).read_text(encoding="utf-8"))
+        convs[conv.get("sample_id") or Path(path).stem] = conv
+    evaluated = list(convs)[: args.conversations]
+    systems = BASELINES if args.baselines_only else ("ipm",) if args.no_baselines else ("ipm", *BASELINES)
+    per_conv = {}
+    with common.home(args.home) as home, common.Bars() as bars:
+        mem = ipm.open(home, config=cfg)
+        for conv_id in evaluated:
+            others = [c for cid, c in convs.items() if cid != conv_id]
+            per_conv[conv_id] = run_conversation(mem, conv_id, convs[conv_id], others, args, bars)
+        mem.store.close()
+
+    overall = {s: micro([r[s] for r in per_conv.values()]) for s in systems}
+    skipped = sum(r["skipped_no_gold"] for r in per_conv.values())
+    for o in overall.values():
+        # The shared README's reference figures keep the questions no memory answers, as misses.
+        n = o["n"] + skipped
+        o["skipped_as_misses"] = {"n": n, **{k: o.get(k, 0.0) * o["n"] / max(1, n) for k in METRICS}}
+    name = f"locomo-{args.variant}" + ("-baselines" if args.baselines_only else "")  # never overwrite a full run
+    data = {
+        "benchmark": name, "seed": args.seed, "variant": args.variant, "inputs": [str(p) for p in args.paths],
+        "conversations": evaluated, "categories": CATEGORIES, "limit_memories": args.limit_memories,
+        "baselines_only": args.baselines_only,
+        **{k: sum(r[k] for r in per_conv.values())
+           for k in ("memories", "questions", "skipped_no_gold", "skipped_no_evidence", "out_of_scope_questions")},
+        "train_seconds": {c: r.get("train_seconds") for c, r in per_conv.items()},
+        "config": cfg.to_dict(),
+        "overall": overall,
+        "per_conversation": per_conv,
+        "run": info,
+    }
+    limit = f", {args.limit_memories} memories per conversation" if args.limit_memories else ""
+    common.write_results(name, data, table(overall), args.out_dir, args.json, notes=notes(data),
+                         title=f"LoCoMo retrieval recall ({args.variant}{limit})")
+    return data
+
+
+def table(overall: dict) -> list[dict]:
+    rows = []
+    for system, o in overall.items():
+        extra = {f"recall@1 {CATEGORIES[c]}": m["recall@1"] for c, m in o.get("by_category", {}).items()}
+        if system == "ipm":
+            extra.update({"abstained %": o["abstained"], "wrong answer %": o["wrong_answer_rate"],
+                          "out-of-scope refused %": o.get("out_of_scope", {}).get("refused")})
+        rows.append(common.row(system, o, **extra))
+    return rows
+
+
+def notes(d: dict) -> list[str]:
+    as_misses = "; ".join(f"{s} " + " / ".join(f"{100 * o['skipped_as_misses'][f'recall@{k}']:.1f}" for k in common.KS)
+                          for s, o in d["overall"].items())
+    out = [f"{len(d['conversations'])} conversation(s) ({', '.join(d['conversations'])}), {d['memories']} "
+           f"{d['variant']} as memories, {d['questions']} questions of categories 1-4 scored; skipped: "
+           f"{d['skipped_no_gold']} whose evidence turns no memory comes from, {d['skipped_no_evidence']} "
+           "with no evidence in the data.",
+           "Recall in %, micro-averaged over all questions (per category likewise). IPM abstentions count as misses.",
+           "IPM is trained on questions generated from the memories only, never on the LoCoMo questions.",
+           f"Counting the {d['skipped_no_gold']} questions no memory answers as misses (as the reference figures "
+           f"in ../shared/README.md do), recall@1/5/10 % is: {as_misses}."]
+    if not d["baselines_only"]:
+        out.append(f"IPM training: {sum(d['train_seconds'].values()):.0f} s in all; "
+                   f"{d['out_of_scope_questions']} out-of-scope questions from the other conversations.")
+    return out
+
+
+if __name__ == "__main__":
+    main()

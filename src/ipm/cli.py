@@ -1,0 +1,261 @@
+"""`ipm` command line: a thin layer over `ipm.IPM`. Errors become one line and exit code 1."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from . import engine
+from .config import Config, Paths
+from .errors import IPMError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="IPM: Indexed Parametric Memory. Store memories verbatim, train a LoRA index, recall exactly.")
+out = Console()
+err = Console(stderr=True, soft_wrap=True)
+
+Home = typer.Option(None, "--home", help="Home directory (default: $IPM_HOME or ./.ipm).", show_default=False)
+User = typer.Option(engine.DEFAULT_USER, "--user", "-u", help="Namespace (one per user).")
+ConfigFile = typer.Option(None, "--config", help="TOML file with Config options.", show_default=False)
+Json = typer.Option(False, "--json", help="Print JSON for scripts.")
+
+
+def _open(home: Optional[Path], config_file: Optional[Path] = None, **overrides) -> engine.IPM:
+    paths = Paths.at(home)
+    if config_file is not None:
+        cfg = Config.from_file(config_file)
+    elif paths.config_file.is_file():
+        cfg = Config.from_file(paths.config_file)
+    else:
+        cfg = Config()
+    cfg = cfg.updated(**{k: v for k, v in overrides.items() if v is not None})
+    return engine.open(paths.home, cfg)
+
+
+def _print_json(data) -> None:
+    sys.stdout.write(json.dumps(data, ensure_ascii=False, indent=2) + "\n")
+
+
+def _progress() -> Progress:
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+                    console=err, transient=False, disable=not err.is_terminal and False)
+
+
+@app.command()
+def add(text: str = typer.Argument(..., help="The memory, stored byte-exact."),
+        id: Optional[str] = typer.Option(None, "--id", help="Semantic ID (domain_topic_entity); minted if omitted."),
+        question: List[str] = typer.Option([], "--question", "-q", help="A question this memory answers (repeatable)."),
+        user: str = User, home: Optional[Path] = Home, json_out: bool = Json):
+    """Add one memory."""
+    m = _open(home).add(text, id=id, questions=question, user=user)
+    if json_out:
+        _print_json(m.to_dict())
+    else:
+        out.print(f"added [bold]{m.id}[/bold]")
+
+
+@app.command("import")
+def import_(file: Path = typer.Argument(..., help="memories.json {id: text}, JSON/JSONL {id?, text, questions?}, "
+                                                  "or [{question, memory_id}] training questions."),
+            user: str = User, home: Optional[Path] = Home, json_out: bool = Json):
+    """Import memories or training questions from a file (all or nothing)."""
+    r = _open(home).import_(file, user=user)
+    if json_out:
+        _print_json(r.to_dict())
+    else:
+        out.print(f"imported {r.memories} memories and {r.questions} questions into namespace {user!r}")
+
+
+@app.command()
+def update(id: str, text: str, user: str = User, home: Optional[Path] = Home, json_out: bool = Json):
+    """Replace a memory's text; the old version is kept in its history."""
+    m = _open(home).update(id, text, user=user)
+    if json_out:
+        _print_json(m.to_dict())
+    else:
+        out.print(f"updated [bold]{m.id}[/bold] to version {m.version}")
+
+
+@app.command()
+def train(user: str = User, home: Optional[Path] = Home, config: Optional[Path] = ConfigFile,
+          base_model: Optional[str] = typer.Option(None, "--base-model", help="Local HF model dir or .gguf (default: embedded SmolLM2-135M-Instruct)."),
+          epochs: Optional[int] = typer.Option(None, "--epochs"),
+          lora_r: Optional[int] = typer.Option(None, "--lora-r"),
+          lora_layers: Optional[int] = typer.Option(None, "--lora-layers", help="Train LoRA in the top N layers (0 = all)."),
+          questions_per_memory: Optional[int] = typer.Option(None, "--questions-per-memory"),
+          question_source: Optional[str] = typer.Option(None, "--question-source", help="builtin, llm or both."),
+          seed: Optional[int] = typer.Option(None, "--seed"),
+          json_out: bool = Json):
+    """Train a new index version on the namespace's memories and make it current."""
+    mem = _open(home, config, base_model=base_model, epochs=epochs, lora_r=lora_r, lora_layers=lora_layers,
+                questions_per_memory=questions_per_memory, question_source=question_source, seed=seed)
+    with _progress() as bar:
+        tasks = {}
+
+        def progress(phase, done, total, loss):
+            if phase not in tasks:
+                label = {"questions": "writing questions", "train": "training", "calibrate": "calibrating"}[phase]
+                tasks[phase] = bar.add_task(label, total=total, info="")
+            bar.update(tasks[phase], completed=done, info=f"loss {loss:.3f}" if loss is not None else "")
+
+        manifest = mem.train(user=user, progress=progress)
+    if json_out:
+        _print_json({k: manifest[k] for k in ("namespace", "version", "base_model", "threshold", "metrics")}
+                    | {"memories": len(manifest["ids"])})
+    else:
+        m = manifest["metrics"]
+        out.print(f"trained index {manifest['version']} on {len(manifest['ids'])} memories: "
+                  f"{m['examples']} questions x {m['epochs']} epochs in {m['total_seconds']:.0f}s "
+                  f"(final loss {m['loss_last']:.3f}, abstain below {manifest['threshold']:.3f})")
+
+
+@app.command()
+def ask(question: str, k: int = typer.Option(1, "-k", "--k", help="How many hits."),
+        user: str = User, home: Optional[Path] = Home, json_out: bool = Json):
+    """Recall the memory that answers a question (or say there is none)."""
+    a = _open(home).ask(question, k=k, user=user)
+    if json_out:
+        _print_json(a.to_dict())
+        return
+    if a.abstained and not a.hits:
+        out.print("[yellow]no memory[/yellow] answers that")
+        return
+    for h in a.hits:
+        tag = " [dim](pending: not trained yet)[/dim]" if h.pending else ""
+        out.print(f"[bold]{h.id}[/bold] [dim]{h.score:.3f}[/dim]{tag}")
+        out.print(f"  {h.text}", markup=False, highlight=False)
+
+
+@app.command()
+def show(id: str, history: bool = typer.Option(False, "--history", help="Show earlier versions too."),
+         user: str = User, home: Optional[Path] = Home, json_out: bool = Json):
+    """Show a memory verbatim."""
+    mem = _open(home)
+    m = mem.get(id, user=user)
+    versions = mem.history(id, user=user) if history else None
+    if json_out:
+        _print_json(m.to_dict() | ({"history": versions} if history else {}))
+        return
+    if versions:
+        for v in versions:
+            out.print(f"[dim]v{v['version']} {v['created_at']}[/dim]")
+            out.print(f"  {v['text']}", markup=False, highlight=False)
+        return
+    sys.stdout.write(m.text + "\n")
+
+
+@app.command("list")
+def list_(user: str = User, home: Optional[Path] = Home, json_out: bool = Json):
+    """List memories."""
+    mem = _open(home)
+    memories = mem.list(user=user)
+    if json_out:
+        _print_json([m.to_dict() for m in memories])
+        return
+    status = mem.status(user)
+    table = Table("id", "text", "updated")
+    for m in memories:
+        table.add_row(m.id, m.text if len(m.text) < 80 else m.text[:77] + "...", m.updated_at[:19])
+    out.print(table)
+    out.print(f"{status['memories']} memories, {status['indexed']} indexed, {status['pending']} pending "
+              f"(index {status['index_version'] or 'none'})")
+
+
+@app.command()
+def forget(id: str, user: str = User, home: Optional[Path] = Home, json_out: bool = Json):
+    """Erase a memory now: it can never be recalled again, and its text is purged."""
+    _open(home).forget(id, user=user)
+    if json_out:
+        _print_json({"forgotten": id})
+    else:
+        out.print(f"forgot {id}")
+
+
+@app.command()
+def log(user: str = User, limit: int = typer.Option(50, "--limit", "-n"), home: Optional[Path] = Home,
+        json_out: bool = Json):
+    """Show the event log (add, update, forget, train, ask)."""
+    events = _open(home).log(user=user, limit=limit)
+    if json_out:
+        _print_json([e.to_dict() for e in events])
+        return
+    for e in events:
+        ids = ", ".join(e.ids[:5]) + (f" (+{len(e.ids) - 5})" if len(e.ids) > 5 else "")
+        out.print(f"[dim]{e.seq:>5} {e.ts[:19]}[/dim] [bold]{e.action:<9}[/bold] {ids}", highlight=False)
+
+
+@app.command("eval")
+def eval_(questions_file: Path = typer.Argument(..., help="[{question, memory_id}] held-out questions; "
+                                                           "memory_id null = out of scope, a list = any of them."),
+          baselines: str = typer.Option("", "--baselines", help="Comma-separated: bm25,dense."),
+          user: str = User, home: Optional[Path] = Home, json_out: bool = Json):
+    """Score recall on held-out questions (abstentions count as misses)."""
+    from .evaluate import evaluate, load_questions
+
+    mem = _open(home)
+    qs = load_questions(questions_file)
+    names = [b.strip() for b in baselines.split(",") if b.strip()]
+    with _progress() as bar:
+        task = bar.add_task("evaluating", total=len(qs), info="")
+        report = evaluate(mem, qs, user=user, baselines=names, progress=lambda d, t: bar.update(task, completed=d))
+    if json_out:
+        _print_json(report)
+        return
+    table = Table("system", "recall@1", "recall@5", "recall@10", "MRR", "abstained", "invalid IDs", title=f"{report['n']} held-out questions")
+    for name in ["ipm"] + names:
+        r = report[name]
+        table.add_row(name, *(f"{r[c]:.3f}" for c in ("recall@1", "recall@5", "recall@10", "mrr")),
+                      f"{r['abstained']:.3f}" if "abstained" in r else "-",
+                      f"{r['invalid_id_rate']:.3f}" if "invalid_id_rate" in r else "-")
+    out.print(table)
+    r = report["ipm"]
+    out.print(f"ipm: wrong answers {r['wrong_answer_rate']:.3f}, latency p50 {r['latency_ms_p50']:.0f} ms, "
+              f"p95 {r['latency_ms_p95']:.0f} ms")
+    if "out_of_scope" in r:
+        out.print(f"out-of-scope questions refused: {r['out_of_scope']['refused']:.3f} of {r['out_of_scope']['n']}")
+
+
+@app.command()
+def status(user: str = User, home: Optional[Path] = Home, json_out: bool = Json):
+    """How many memories, how many indexed, which index version."""
+    s = _open(home).status(user)
+    if json_out:
+        _print_json(s)
+    else:
+        out.print(s)
+
+
+from .cli_server import mcp, serve  # noqa: E402
+
+app.command()(serve)
+app.command()(mcp)
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except IPMError as e:
+        err.print(f"[red]error:[/red] {e}", highlight=False)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        err.print("[red]interrupted[/red]")
+        sys.exit(130)
+    except Exception as e:  # click usage errors
+        import click
+
+        if isinstance(e, click.exceptions.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        if isinstance(e, click.exceptions.Exit):
+            sys.exit(e.exit_code)
+        if isinstance(e, click.exceptions.Abort):
+            sys.exit(1)
+        raise

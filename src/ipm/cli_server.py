@@ -1,0 +1,80 @@
+"""`ipm serve` and `ipm mcp`: the HTTP and MCP servers (optional extra `ipm[server]`).
+
+Registered in cli.py with `app.command()(serve)` and `app.command()(mcp)`. The server packages
+are imported only when a command runs, so the rest of the CLI works without them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .errors import InvalidInput
+
+_Home = typer.Option(None, "--home", help="Home directory (default: $IPM_HOME or ./.ipm).", show_default=False)
+
+
+def _need(module: str) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        raise InvalidInput(f"the {module!r} package is not installed: pip install 'ipm[server]'")
+
+
+def _open(home: Optional[Path]):
+    from . import engine
+
+    return engine.open(home)
+
+
+def serve(host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on."),
+          port: int = typer.Option(8000, "--port", help="Port to listen on."),
+          home: Optional[Path] = _Home,
+          keys: Optional[Path] = typer.Option(None, "--keys", show_default=False,
+                                              help="JSON file {\"api-key\": \"namespace\", ...}; "
+                                                   "default: the same JSON in $IPM_API_KEYS.")):
+    """Run the HTTP API (one namespace per API key)."""
+    for module in ("fastapi", "uvicorn"):
+        _need(module)
+    from . import server
+
+    api_keys = server.load_keys(keys)  # refuses to start without keys
+    server.serve(_open(home), api_keys, host=host, port=port)
+
+
+def mcp(home: Optional[Path] = _Home,
+        user: str = typer.Option("default", "--user", "-u", help="The namespace the tools act on.")):
+    """Run an MCP server over stdio with tools remember, recall and forget."""
+    _need("mcp")
+    from . import mcp_server
+    from .store import check_namespace
+
+    check_namespace(user)
+    mcp_server.run(_open(home), user)
+
+
+def run_alone(command) -> None:
+    """Run one of these commands as a program (`python -m ipm.server`, `python -m ipm.mcp_server`),
+    with the CLI's error handling: an IPMError is one line on stderr and exit code 1."""
+    import sys
+
+    from .errors import IPMError
+
+    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+    app.command()(command)
+    try:
+        app(standalone_mode=False)
+    except IPMError as e:
+        sys.stderr.write(f"error: {e}\n")
+        sys.exit(1)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except Exception as e:
+        import click
+
+        if isinstance(e, click.exceptions.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        raise

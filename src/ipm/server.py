@@ -1,0 +1,637 @@
+"""HTTP server: a thin JSON layer over one `ipm.IPM` object, for many users.
+
+    app = create_app(ipm.open("./.ipm"), {"key-of-alice": "alice", "key-of-bob": "bob"})
+
+Every request (except GET /health) carries an API key, as `Authorization: Bearer <key>` or
+`X-API-Key: <key>`. The key decides the namespace: a request can never name another one.
+Each route calls one `IPM` method; errors of the engine become HTTP statuses with
+`{"detail": message}`. Training runs in a background thread, one job at a time over the whole
+server (one per namespace at most), while recall keeps answering from the previous index.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import math
+import os
+import queue
+import tempfile
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+from fastapi import Depends, FastAPI, Query, Request, Security
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException
+
+from . import __version__
+from .engine import IPM
+from .errors import DuplicateID, IndexMissing, InvalidInput, IPMError, ModelError, NotFound, TrainingError
+from .ids import ID_PATTERN, MAX_ID_LENGTH
+from .store import MAX_QUESTION_CHARS, check_namespace
+
+log = logging.getLogger("ipm.server")
+
+MAX_BODY_BYTES = 1 << 20  # one memory is at most 64 KiB of UTF-8; JSON escaping can grow it 6x
+MAX_IMPORT_BYTES = 64 << 20
+MAX_FINISHED_JOBS = 200  # finished training jobs remembered for polling
+KEYS_ENV = "IPM_API_KEYS"
+
+# JSON-Schema facts the engine enforces; documented here so the OpenAPI spec is precise.
+# (The engine does the checking, with its own messages: these never validate anything.)
+_ID_SCHEMA = {"pattern": ID_PATTERN.pattern, "maxLength": MAX_ID_LENGTH}
+_TEXT_SCHEMA = {"minLength": 1, "pattern": r"\S"}
+_QUESTION_SCHEMA = {"minLength": 1, "maxLength": MAX_QUESTION_CHARS, "pattern": r"\S"}
+
+
+# -- request and response bodies -----------------------------------------------------------
+
+class _In(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)  # no "2" -> 2, no true -> 1
+
+
+class MemoryIn(_In):
+    text: str = Field(description="The memory, stored byte-exact (at most 64 KiB of UTF-8).",
+                      json_schema_extra=_TEXT_SCHEMA)
+    id: Optional[str] = Field(None, description="Semantic ID `domain_topic_entity`; minted from the text if omitted.",
+                              json_schema_extra=_ID_SCHEMA)
+    questions: list[str] = Field(default_factory=list, description="Questions this memory answers (training data).",
+                                 json_schema_extra={"items": {"type": "string", **_QUESTION_SCHEMA}})
+
+
+class UpdateIn(_In):
+    text: str = Field(description="The new text; the old version is kept in the history.",
+                      json_schema_extra=_TEXT_SCHEMA)
+
+
+class AskIn(_In):
+    question: str = Field(json_schema_extra=_QUESTION_SCHEMA)
+    k: int = Field(1, description="How many hits at most.", json_schema_extra={"minimum": 1, "maximum": 100})
+
+
+class MemoryOut(BaseModel):
+    id: str
+    text: str
+    namespace: str
+    sha256: str
+    version: int
+    created_at: str
+    updated_at: str
+    questions: list[str]
+
+
+class VersionOut(BaseModel):
+    version: int
+    text: str
+    sha256: str
+    created_at: str
+
+
+class HitOut(BaseModel):
+    id: str
+    text: str
+    score: float
+    pending: Optional[bool] = Field(None, description="Present (true) for a memory added since the last training, "
+                                                      "matched by its words instead of by the index.")
+
+
+class AnswerOut(BaseModel):
+    question: str
+    abstained: bool
+    hits: list[HitOut]
+
+
+class ImportOut(BaseModel):
+    memories: int
+    questions: int
+    ids: list[str]
+
+
+class ForgottenOut(BaseModel):
+    forgotten: str
+
+
+class TrainJobOut(BaseModel):
+    job_id: str
+    status: Literal["queued", "running", "done", "failed"]
+    phase: Optional[Literal["questions", "train", "calibrate"]]
+    done: int
+    total: int
+    loss: Optional[float]
+    manifest: Optional[dict[str, Any]] = Field(None, description="Summary of the new index version (when done).")
+    error: Optional[str] = Field(None, description="Why the job failed (when failed).")
+
+
+class StatusOut(BaseModel):
+    user: str
+    memories: int
+    indexed: int
+    pending: int
+    index_version: Optional[str]
+    base_model: Optional[str]
+    training_job: Optional[str] = Field(description="The queued or running training job of this namespace, if any.")
+
+
+class EventOut(BaseModel):
+    seq: int
+    ts: str
+    namespace: str
+    action: str
+    ids: list[str]
+    detail: dict[str, Any]
+
+
+class HealthOut(BaseModel):
+    status: Literal["ok"]
+    version: str
+
+
+class ErrorOut(BaseModel):
+    detail: str
+
+
+def _err(*codes: int) -> dict:
+    return {c: {"model": ErrorOut} for c in codes}
+
+
+_IMPORT_BODY = {
+    "description": "Memories `[{text, id?, questions?}]` (or `{id: text}`), or training questions for existing "
+                   "memories `[{question, memory_id}]`. All or nothing: one bad record writes nothing.",
+    "required": True,
+    "content": {"application/json": {"schema": {"oneOf": [
+        {"type": "array", "minItems": 1, "title": "Memories", "items": {
+            "type": "object", "additionalProperties": False, "required": ["text"],
+            "properties": {"text": {"type": "string", **_TEXT_SCHEMA},
+                           "id": {"type": "string", **_ID_SCHEMA},
+                           "questions": {"type": "array", "items": {"type": "string", **_QUESTION_SCHEMA}}}}},
+        {"type": "array", "minItems": 1, "title": "Questions", "items": {
+            "type": "object", "additionalProperties": False, "required": ["question", "memory_id"],
+            "properties": {"question": {"type": "string", **_QUESTION_SCHEMA},
+                           "memory_id": {"type": "string", **_ID_SCHEMA}}}},
+        {"type": "object", "minProperties": 1, "title": "Memories by ID",
+         "propertyNames": _ID_SCHEMA, "additionalProperties": {"type": "string", **_TEXT_SCHEMA}},
+    ]}}},
+}
+
+
+# -- API keys ---------------------------------------------------------------------------------
+
+def parse_keys(data: Any, source: str) -> dict[str, str]:
+    """Check a `{key: namespace}` mapping; raise InvalidInput saying what is wrong."""
+    if not isinstance(data, dict):
+        raise InvalidInput(f"{source}: expected a JSON object {{\"api-key\": \"namespace\", ...}}")
+    if not data:
+        raise InvalidInput(f"{source} holds no API keys; the server refuses to run without any")
+    for key, ns in data.items():
+        if not isinstance(key, str) or not key.strip() or key != key.strip():
+            raise InvalidInput(f"{source}: API keys must be non-empty strings without surrounding spaces")
+        if not isinstance(ns, str):
+            raise InvalidInput(f"{source}: the namespace of each API key must be a string")
+        try:
+            check_namespace(ns)
+        except InvalidInput as e:
+            raise InvalidInput(f"{source}: {e}") from None
+    return dict(data)
+
+
+def load_keys(path: str | Path | None = None) -> dict[str, str]:
+    """API keys from a JSON file `{"key": "namespace"}`, else from $IPM_API_KEYS (same JSON inline)."""
+    if path is not None:
+        path = Path(path)
+        try:
+            raw, source = path.read_text(encoding="utf-8"), str(path)
+        except FileNotFoundError:
+            raise InvalidInput(f"keys file {path} does not exist") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise InvalidInput(f"cannot read keys file {path}: {e}") from None
+    elif os.environ.get(KEYS_ENV, "").strip():
+        raw, source = os.environ[KEYS_ENV], f"${KEYS_ENV}"
+    else:
+        raise InvalidInput(f"no API keys: pass --keys FILE (a JSON object {{\"api-key\": \"namespace\"}}) "
+                           f"or set {KEYS_ENV} to that JSON; the server refuses to run without keys")
+    try:
+        data = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise InvalidInput(f"{source} is not valid JSON ({e.msg} at line {e.lineno})") from None
+    return parse_keys(data, source)
+
+
+# -- training jobs ----------------------------------------------------------------------------
+
+class _Job:
+    def __init__(self, namespace: str):
+        self.id = uuid.uuid4().hex
+        self.namespace = namespace
+        self.status = "queued"
+        self.phase: str | None = None
+        self.done = 0
+        self.total = 0
+        self.loss: float | None = None
+        self.manifest: dict | None = None
+        self.error: str | None = None
+        self.finished_at: float | None = None
+
+    def to_dict(self) -> dict:
+        d = {"job_id": self.id, "status": self.status, "phase": self.phase, "done": self.done,
+             "total": self.total, "loss": self.loss}
+        if self.manifest is not None:
+            d["manifest"] = self.manifest
+        if self.error is not None:
+            d["error"] = self.error
+        return d
+
+
+def _json_safe(x):
+    """NaN and infinities (a diverged loss) are not JSON: report them as null."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json_safe(v) for v in x]
+    return x
+
+
+def _manifest_summary(manifest: dict) -> dict:
+    """What a client needs of a new index version (the manifest without its ID list and config)."""
+    base = manifest.get("base_model") or {}
+    return _json_safe({"namespace": manifest.get("namespace"), "version": manifest.get("version"),
+                       "created_at": manifest.get("created_at"),
+                       "base_model": {"name": base.get("name"), "sha256": base.get("sha256")},
+                       "memories": len(manifest.get("ids") or ()), "threshold": manifest.get("threshold"),
+                       "metrics": manifest.get("metrics")})
+
+
+class Trainer:
+    """Runs training jobs one at a time in a daemon thread; at most one live job per namespace."""
+
+    def __init__(self, mem: IPM):
+        self.mem = mem
+        self._jobs: OrderedDict[str, _Job] = OrderedDict()
+        self._active: dict[str, _Job] = {}  # namespace -> queued or running job
+        self._lock = threading.Lock()
+        self._queue: queue.Queue[_Job] = queue.Queue()
+        self._thread: threading.Thread | None = None
+
+    def submit(self, namespace: str) -> _Job:
+        with self._lock:
+            if namespace in self._active:
+                job = self._active[namespace]
+                raise TrainingError(f"a training job ({job.id}) is already {job.status} for this namespace; "
+                                    f"poll GET /train/{job.id} until it is done")
+            job = _Job(namespace)
+            self._jobs[job.id] = job
+            self._active[namespace] = job
+            self._forget_old()
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._work, name="ipm-train", daemon=True)
+                self._thread.start()
+        self._queue.put(job)
+        return job
+
+    def get(self, job_id: str, namespace: str) -> dict | None:
+        with self._lock:
+            job = self._jobs.get(job_id)
+            return job.to_dict() if job is not None and job.namespace == namespace else None
+
+    def active(self, namespace: str) -> str | None:
+        with self._lock:
+            job = self._active.get(namespace)
+            return job.id if job else None
+
+    def running(self) -> list[str]:
+        """Namespaces with a job running now."""
+        with self._lock:
+            return [ns for ns, job in self._active.items() if job.status == "running"]
+
+    def _forget_old(self) -> None:
+        finished = [j for j in self._jobs.values() if j.finished_at is not None]
+        for j in finished[:max(0, len(finished) - MAX_FINISHED_JOBS)]:
+            del self._jobs[j.id]
+
+    def _work(self) -> None:
+        while True:
+            job = self._queue.get()
+            try:
+                self._run(job)
+            finally:
+                self._queue.task_done()
+
+    def _run(self, job: _Job) -> None:
+        def progress(phase, done, total, loss):
+            with self._lock:
+                job.phase, job.done, job.total = phase, done, total
+                if loss is not None and math.isfinite(loss):
+                    job.loss = float(loss)
+
+        with self._lock:
+            job.status = "running"
+        try:
+            # Load the base model under the engine's recall lock, as recall does: two threads
+            # loading it at once would leave two copies, and recall refuses to mix them.
+            with self.mem._lock:
+                self.mem.base()
+            manifest = self.mem.train(user=job.namespace, progress=progress)
+            result = {"status": "done", "manifest": _manifest_summary(manifest)}
+        except IPMError as e:
+            result = {"status": "failed", "error": str(e)}
+        except Exception as e:  # a bug: keep the server up and say what happened
+            log.exception("training job %s failed", job.id)
+            result = {"status": "failed", "error": f"{type(e).__name__}: {e}"}
+        with self._lock:
+            job.status = result["status"]
+            job.manifest = result.get("manifest")
+            job.error = result.get("error")
+            job.finished_at = time.time()
+            self._active.pop(job.namespace, None)
+
+
+# -- request body size limit -------------------------------------------------------------------
+
+class BodyLimit:
+    """ASGI middleware: refuse request bodies over a size limit with 413, before the app sees them.
+
+    `limits` raises the limit for some paths, for requests with a known API key only
+    (`authorized(scope)`): a stranger cannot make the server buffer a large body."""
+
+    def __init__(self, app, limit: int = MAX_BODY_BYTES, limits: dict[str, int] | None = None, authorized=None):
+        self.app = app
+        self.limit = limit
+        self.limits = limits or {}
+        self.authorized = authorized or (lambda scope: True)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        limit = self.limit
+        if scope["path"] in self.limits and self.authorized(scope):
+            limit = self.limits[scope["path"]]
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None:
+            try:
+                too_big = int(length) > limit
+            except ValueError:
+                return await self._reject(send, 400, "invalid Content-Length header")
+            if too_big:
+                return await self._reject(send, 413, f"request body is larger than {limit} bytes")
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # client went away
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > limit:
+                return await self._reject(send, 413, f"request body is larger than {limit} bytes")
+            if not message.get("more_body", False):
+                break
+        body, sent = b"".join(chunks), False
+
+        async def replay():
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        return await self.app(scope, replay, send)
+
+    @staticmethod
+    async def _reject(send, status: int, detail: str):
+        payload = json.dumps({"detail": detail}).encode()
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()),
+                                (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": payload})
+
+
+# -- the app -------------------------------------------------------------------------------------
+
+def _status_of(e: IPMError) -> int:
+    if isinstance(e, DuplicateID):
+        return 409
+    if isinstance(e, InvalidInput):  # InvalidID included
+        return 422
+    if isinstance(e, NotFound):
+        return 404
+    if isinstance(e, (IndexMissing, TrainingError)):
+        return 409
+    if isinstance(e, ModelError):
+        return 503
+    return 400
+
+
+def _validation_message(request: Request, exc: RequestValidationError) -> str:
+    """One line naming each bad field, e.g. `k: Input should be a valid integer`."""
+    parts = []
+    for err in exc.errors():
+        loc = list(err.get("loc", ()))
+        if err.get("type") == "json_invalid":
+            return f"request body is not valid JSON ({(err.get('ctx') or {}).get('error', 'decode error')})"
+        if loc == ["body"] and err.get("type") in ("model_attributes_type", "dict_type", "missing"):
+            ctype = request.headers.get("content-type", "")
+            if "json" not in ctype:
+                return "send the request body as a JSON object with Content-Type: application/json"
+            parts.append("request body: expected a JSON object" if err["type"] != "missing"
+                         else "request body: missing (expected a JSON object)")
+            continue
+        where = ".".join(str(x) for x in loc if x != "body") or "request body"
+        parts.append(f"{where}: {err.get('msg', 'invalid')}")
+    return "; ".join(parts) or "invalid request"
+
+
+def create_app(mem: IPM, api_keys: dict[str, str]) -> FastAPI:
+    """The HTTP API over `mem`. `api_keys` maps each API key to the one namespace it may use."""
+    keys = parse_keys(api_keys, "api_keys")
+    key_items = [(k.encode(), ns) for k, ns in keys.items()]
+    trainer = Trainer(mem)
+
+    def lookup(given: bytes) -> str | None:
+        """The namespace of an API key (as the header's bytes), comparing with every key in constant time."""
+        found = None
+        for k, ns in key_items:
+            if hmac.compare_digest(k, given):
+                found = ns
+        return found
+
+    def authorized(scope) -> bool:
+        headers = dict(scope.get("headers") or [])
+        auth = headers.get(b"authorization", b"")
+        scheme, _, cred = auth.partition(b" ")
+        given = cred.strip() if scheme.lower() == b"bearer" else headers.get(b"x-api-key", b"")
+        return bool(given) and lookup(given) is not None
+
+    app = FastAPI(title="IPM", version=__version__, separate_input_output_schemas=False,
+                  generate_unique_id_function=lambda route: route.name,
+                  description="Indexed Parametric Memory: memories stored verbatim under semantic IDs, recalled "
+                              "through a trained LoRA index. Every route but /health needs an API key; the key "
+                              "decides the namespace.")
+    app.state.mem, app.state.trainer = mem, trainer
+    app.add_middleware(BodyLimit, limit=MAX_BODY_BYTES, limits={"/import": MAX_IMPORT_BYTES}, authorized=authorized)
+
+    bearer = HTTPBearer(auto_error=False, description="`Authorization: Bearer <API key>`")
+    header_key = APIKeyHeader(name="X-API-Key", auto_error=False, description="`X-API-Key: <API key>`")
+
+    def namespace(cred: Optional[HTTPAuthorizationCredentials] = Security(bearer),
+                  x_api_key: Optional[str] = Security(header_key)) -> str:
+        given = cred.credentials if cred is not None else x_api_key
+        if given:
+            found = lookup(given.encode("latin-1", "replace"))  # the header's bytes, as Starlette decoded them
+            if found is not None:
+                return found
+        raise HTTPException(401, "missing or unknown API key: send `Authorization: Bearer <key>` or `X-API-Key`",
+                            headers={"WWW-Authenticate": "Bearer"})
+
+    User = Depends(namespace)
+
+    @app.exception_handler(IPMError)
+    async def ipm_error(request: Request, exc: IPMError):
+        return JSONResponse({"detail": str(exc)}, status_code=_status_of(exc))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError):
+        return JSONResponse({"detail": _validation_message(request, exc)}, status_code=422)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException):
+        if exc.status_code == 400 and exc.__cause__ is not None:  # FastAPI could not decode the body
+            return JSONResponse({"detail": f"request body is not valid JSON ({type(exc.__cause__).__name__})"},
+                                status_code=422)
+        return JSONResponse({"detail": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception):  # the traceback is logged by the ASGI server
+        return JSONResponse({"detail": f"internal error: {type(exc).__name__}"}, status_code=500)
+
+    auth_errors = _err(401)
+    body_errors = _err(401, 409, 413, 422)
+
+    @app.get("/health", response_model=HealthOut, tags=["server"])
+    def health():
+        """Liveness; needs no key."""
+        return {"status": "ok", "version": __version__}
+
+    @app.post("/memories", status_code=201, response_model=MemoryOut, responses=_err(401, 409, 413, 422),
+              tags=["memories"])
+    def add(body: MemoryIn, user: str = User):
+        """Add one memory (409 if its ID is taken)."""
+        return mem.add(body.text, id=body.id, questions=body.questions, user=user).to_dict()
+
+    @app.get("/memories", response_model=list[MemoryOut], responses=auth_errors, tags=["memories"])
+    def list_memories(user: str = User):
+        """Every memory of the namespace, oldest first."""
+        return [m.to_dict() for m in mem.list(user=user)]
+
+    @app.get("/memories/{id}", response_model=MemoryOut, responses=_err(401, 404), tags=["memories"])
+    def get(id: str, user: str = User):
+        return mem.get(id, user=user).to_dict()
+
+    @app.put("/memories/{id}", response_model=MemoryOut, responses=_err(401, 404, 413, 422), tags=["memories"])
+    def update(id: str, body: UpdateIn, user: str = User):
+        """Replace a memory's text; the old version moves to its history."""
+        return mem.update(id, body.text, user=user).to_dict()
+
+    @app.delete("/memories/{id}", response_model=ForgottenOut, responses=_err(401, 404), tags=["memories"])
+    def forget(id: str, user: str = User):
+        """Erase a memory, its questions and its history; it is never recalled again."""
+        mem.forget(id, user=user)
+        return {"forgotten": id}
+
+    @app.get("/memories/{id}/history", response_model=list[VersionOut], responses=_err(401, 404), tags=["memories"])
+    def history(id: str, user: str = User):
+        """Earlier versions (oldest first), then the current one."""
+        return mem.history(id, user=user)
+
+    @app.post("/import", status_code=201, summary="Import", name="import", response_model=ImportOut,
+              responses=body_errors, tags=["memories"], openapi_extra={"requestBody": _IMPORT_BODY})
+    async def import_(request: Request, user: str = User):
+        """Import memories, or training questions for existing memories: all or nothing."""
+        raw = await request.body()
+        try:
+            data = json.loads(raw)
+        except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            raise InvalidInput(f"request body is not valid JSON ({type(e).__name__})") from None
+        from starlette.concurrency import run_in_threadpool
+
+        return await run_in_threadpool(_import, data, user)
+
+    def _import(data: Any, user: str) -> dict:
+        # The engine imports from a file (one parser for the CLI and the server); name it
+        # "request body" in messages instead of the temporary path.
+        # The file lives in the home, beside the database, for the moment of the import.
+        with tempfile.TemporaryDirectory(prefix=".import-", dir=mem.paths.home) as tmp:
+            path = Path(tmp) / "body.json"
+            path.write_text(json.dumps(data), encoding="utf-8")  # ASCII: lone surrogates stay escaped
+            try:
+                return mem.import_(path, user=user).to_dict()
+            except NotFound as e:  # a question naming an unknown memory: the body is at fault
+                raise InvalidInput(str(e).replace(str(path), "request body")) from None
+            except IPMError as e:
+                raise type(e)(str(e).replace(str(path), "request body")) from None
+
+    @app.post("/ask", response_model=AnswerOut, response_model_exclude_none=True, responses=_err(401, 413, 422, 503),
+              tags=["recall"])
+    def ask(body: AskIn, user: str = User):
+        """Recall up to k memories for a question, or abstain (`abstained: true`, no hits)."""
+        return mem.ask(body.question, k=body.k, user=user).to_dict()
+
+    @app.post("/train", status_code=202, response_model=TrainJobOut, response_model_exclude_unset=True,
+              responses=_err(401, 409), tags=["training"])
+    def train(request: Request, user: str = User):
+        """Start training a new index version in the background; poll GET /train/{job_id}.
+        Recall keeps answering from the previous version until the new one is complete."""
+        if mem.status(user)["memories"] == 0:
+            raise TrainingError(f"namespace {user!r} has no memories to train on: add or import some first")
+        job = trainer.submit(user)
+        return JSONResponse(TrainJobOut(**job.to_dict()).model_dump(exclude_unset=True), status_code=202,
+                            headers={"Location": str(request.url_for("train_job", job_id=job.id).path)})
+
+    @app.get("/train/{job_id}", response_model=TrainJobOut, response_model_exclude_unset=True,
+             responses=_err(401, 404), tags=["training"], name="train_job")
+    def train_job(job_id: str, user: str = User):
+        job = trainer.get(job_id, user)
+        if job is None:
+            raise NotFound(f"no training job {job_id!r} for this namespace")
+        return TrainJobOut(**job)
+
+    @app.get("/status", response_model=StatusOut, responses=auth_errors, tags=["server"])
+    def status(user: str = User):
+        """How many memories, how many indexed, which index version."""
+        return mem.status(user) | {"training_job": trainer.active(user)}
+
+    @app.get("/log", response_model=list[EventOut], responses=_err(401, 422), tags=["server"])
+    def events(limit: int = Query(50, ge=1, le=10000, description="The last N events."), user: str = User):
+        """The namespace's event log (add, update, forget, train, ask), oldest first."""
+        return [e.to_dict() for e in mem.log(user=user, limit=limit)]
+
+    return app
+
+
+def serve(mem: IPM, api_keys: dict[str, str], host: str = "127.0.0.1", port: int = 8000) -> None:
+    """Run the server with uvicorn until interrupted."""
+    import uvicorn
+
+    app = create_app(mem, api_keys)
+    uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5)
+    running = app.state.trainer.running()
+    if running:
+        # The job's thread is inside the model; ending the interpreter under it can abort the
+        # process. Nothing is lost: a version becomes current only once complete.
+        log.warning("stopped while training %s; the previous index version stays current", ", ".join(running))
+        logging.shutdown()
+        os._exit(0)
+
+
+if __name__ == "__main__":  # python -m ipm.server --keys FILE [--home DIR] [--host H] [--port P]
+    from .cli_server import run_alone
+    from .cli_server import serve as _serve_command
+
+    run_alone(_serve_command)

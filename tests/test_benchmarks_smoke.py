@@ -1,0 +1,98 @@
+"""Smoke tests for benchmarks/: each script runs end to end through its main() on the tiny
+random model, and writes the result files with the documented keys. The numbers mean
+nothing here; the full runs are in the README of benchmarks (see the script docstrings)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks"
+SHARED = ROOT.parent / "shared" / "data"
+KS = (1, 5, 10)
+
+
+def load(name: str, monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))  # the scripts import their sibling `common`
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def need(path: Path) -> None:
+    if not path.exists():
+        pytest.skip(f"{path} is absent (shared data)")
+
+
+def check_metrics(m: dict) -> None:
+    assert m["n"] > 0
+    for key in [f"recall@{k}" for k in KS] + ["mrr"]:
+        assert 0.0 <= m[key] <= 1.0, (key, m[key])
+
+
+def check_files(out: Path, name: str) -> dict:
+    for suffix in ("json", "md", "png"):
+        assert (out / f"{name}.{suffix}").stat().st_size > 0
+    assert "recall@1" in (out / f"{name}.md").read_text()
+    data = json.loads((out / f"{name}.json").read_text())
+    assert {"machine", "versions", "seed", "command", "utc"} <= set(data["run"])
+    return data
+
+
+def tiny_args(tiny_model, tmp_path) -> list[str]:
+    return ["--base-model", str(tiny_model), "--epochs", "1", "--questions-per-memory", "4",
+            "--home", str(tmp_path / "home"), "--out-dir", str(tmp_path / "results")]
+
+
+@pytest.fixture(autouse=True)
+def model_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("IPM_CACHE", str(tmp_path / "cache"))
+
+
+def test_dia_ids_normalises_malformed_evidence(monkeypatch):
+    locomo = load("locomo", monkeypatch)
+    assert locomo.dia_ids("D8:6; D9:17") == {"D8:6", "D9:17"}
+    assert locomo.dia_ids(["D:11:26", " D2 : 5", "D"]) == {"D11:26", "D2:5"}
+    assert locomo.dia_ids([]) == set()
+
+
+def test_reference_smoke(tiny_model, tmp_path, monkeypatch):
+    need(SHARED / "ipm2-seed")
+    reference = load("reference", monkeypatch)
+    reference.main(tiny_args(tiny_model, tmp_path) + ["--json", str(tmp_path / "copy.json")])
+    data = check_files(tmp_path / "results", "reference")
+    assert json.loads((tmp_path / "copy.json").read_text())["sets"] == data["sets"]
+    assert data["memories"] == 15 and data["training_questions_given"] == 225
+    assert "NOT held-out" in data["sets"]["training"]["description"]
+    for name, n in (("training", 225), ("held_out", 75)):
+        for system in ("ipm", "bm25", "dense"):
+            check_metrics(data["sets"][name][system])
+            assert data["sets"][name][system]["n"] == n
+
+
+def test_locomo_smoke(tiny_model, tmp_path, monkeypatch):
+    need(SHARED / "locomo" / "conv-26.json")
+    locomo = load("locomo", monkeypatch)
+    files = [str(SHARED / "locomo" / "conv-26.json"), str(SHARED / "locomo" / "conv-30.json")]
+    locomo.main(files + tiny_args(tiny_model, tmp_path) + ["--variant", "observations", "--conversations", "1",
+                                                           "--limit-memories", "20", "--out-of-scope", "10"])
+    data = check_files(tmp_path / "results", "locomo-observations")
+    assert data["conversations"] == ["conv-26"] and data["memories"] == 20
+    assert data["skipped_no_gold"] > 0 and data["skipped_no_evidence"] >= 0 and data["train_seconds"]["conv-26"] > 0
+    for system in ("ipm", "bm25", "dense"):
+        overall = data["overall"][system]
+        check_metrics(overall)
+        for cat in overall["by_category"].values():
+            check_metrics(cat)
+        assert overall == locomo.micro([data["per_conversation"]["conv-26"][system]]) | {
+            "skipped_as_misses": overall["skipped_as_misses"]}
+    ipm = data["overall"]["ipm"]
+    for key in ("abstained", "wrong_answer_rate", "invalid_id_rate"):
+        assert 0.0 <= ipm[key] <= 1.0
+    assert ipm["latency_ms_p50"] > 0
+    assert ipm["out_of_scope"]["n"] == 10 and 0.0 <= ipm["out_of_scope"]["refused"] <= 1.0

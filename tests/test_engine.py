@@ -1,0 +1,178 @@
+"""The public API end to end on the tiny model: store -> train -> recall, versions, forgetting."""
+
+import json
+
+import pytest
+
+import ipm
+from ipm import index as index_dir
+from ipm.errors import IndexMissing, InvalidInput, NotFound, TrainingError
+from tests.conftest import MEMORIES
+
+
+@pytest.fixture
+def trained(mem, memories_file):
+    mem.import_(memories_file)
+    mem.train()
+    return mem
+
+
+def test_train_writes_a_complete_version(trained, home):
+    root = home / "indexes" / "default"
+    cur = index_dir.current_dir(root)
+    assert cur.name == "v0001"
+    assert (cur / "adapter_model.safetensors").is_file() and (cur / "adapter_config.json").is_file()
+    manifest = json.loads((cur / "manifest.json").read_text())
+    assert set(manifest["ids"]) == set(MEMORIES)
+    assert manifest["base_model"]["sha256"] and manifest["metrics"]["path"] == "fast"
+    assert manifest["config"]["seed"] == 0
+    assert [e.action for e in trained.log()][-1] == "train"
+
+
+def test_recall_returns_stored_text_verbatim(trained):
+    for mid, text in MEMORIES.items():
+        a = trained.ask(text, k=2)
+        assert a.candidates[0].id == mid, f"memory text should recall its own ID after training: {a}"
+        if not a.abstained:
+            assert a.hits[0].text == text
+        for h in a.candidates:
+            assert h.text == MEMORIES[h.id]
+
+
+def test_hits_are_always_live_ids(trained):
+    for q in ["what is my dog called?", "who is anna", "qwerty", "🐶", "a" * 500]:
+        a = trained.ask(q, k=4)
+        assert {h.id for h in a.candidates} <= set(MEMORIES)
+
+
+def test_forget_takes_effect_at_once(trained):
+    trained.forget("personal_pet_max")
+    for q in [MEMORIES["personal_pet_max"], "what is my dog called?", "Max"]:
+        a = trained.ask(q, k=4)
+        assert "personal_pet_max" not in [h.id for h in a.candidates + a.hits]
+    with pytest.raises(NotFound):
+        trained.get("personal_pet_max")
+
+
+def test_forget_by_another_process_is_honoured(trained, home, tiny_config, tmp_path):
+    trained.ask("warm up", k=1)
+    other = ipm.open(home, config=tiny_config, cache=tmp_path / "cache")
+    other.forget("work_job_acme")
+    a = trained.ask(MEMORIES["work_job_acme"], k=4)
+    assert "work_job_acme" not in [h.id for h in a.candidates]
+
+
+def test_namespaces_never_leak(mem, tmp_path):
+    shared = "My dog's name is Max and he is a beagle."
+    mem.add(shared, id="personal_pet_max", user="alice")
+    mem.add("Alice's secret: the safe code is 1234.", id="personal_safe_code", user="alice")
+    mem.add(shared, id="personal_pet_max", user="bob")
+    mem.add("Bob is allergic to peanuts.", id="health_allergy_peanuts", user="bob")
+    mem.train(user="alice")
+    mem.train(user="bob")
+    for q in ["safe code", "what is my dog called?", "peanuts", shared]:
+        for user, own in (("alice", {"personal_pet_max", "personal_safe_code"}),
+                          ("bob", {"personal_pet_max", "health_allergy_peanuts"})):
+            a = mem.ask(q, k=4, user=user)
+            assert {h.id for h in a.candidates + a.hits} <= own
+            for h in a.candidates:
+                assert h.text == mem.get(h.id, user=user).text
+    assert mem.ask("safe code 1234", k=4, user="carol").hits == []
+
+
+def test_interrupted_training_keeps_the_previous_index(trained, home, monkeypatch):
+    import ipm.engine as engine
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt
+
+    before = trained.ask(MEMORIES["family_sister_anna"], k=1)
+    monkeypatch.setattr(engine, "calibrate", boom)
+    with pytest.raises(KeyboardInterrupt):
+        trained.train()
+    root = home / "indexes" / "default"
+    assert index_dir.current_dir(root).name == "v0001"
+    assert not list(root.glob("*.tmp-*"))
+    after = trained.ask(MEMORIES["family_sister_anna"], k=1)
+    assert [h.id for h in after.candidates] == [h.id for h in before.candidates]
+
+
+def test_retraining_makes_a_new_current_version(trained, home):
+    trained.add("My favourite food is sushi.", id="food_favorite_sushi")
+    manifest = trained.train()
+    assert manifest["version"] == "v0002" and "food_favorite_sushi" in manifest["ids"]
+    assert index_dir.current_dir(home / "indexes" / "default").name == "v0002"
+
+
+def test_memory_added_after_training_is_pending_until_retrained(trained):
+    trained.add("My car is a blue Mazda 3.", id="transport_car_mazda")
+    a = trained.ask("which car do I drive? mazda", k=3)
+    pending = [h for h in a.hits if h.pending]
+    assert pending and pending[0].id == "transport_car_mazda"
+    assert trained.status()["pending"] == 1
+
+
+def test_abstains_below_threshold(mem, memories_file, tiny_config):
+    mem.config = tiny_config.updated(abstain_threshold=1.01)
+    mem.import_(memories_file)
+    mem.train()
+    a = mem.ask("what is my dog called?", k=3)
+    assert a.abstained and a.hits == [] and a.to_dict()["hits"] == []
+
+
+def test_naive_training_path_also_works(mem, memories_file, tiny_config):
+    from ipm.train import Example, train_adapter
+
+    base = mem.base()
+    result = train_adapter(base, [Example(t, m) for m, t in MEMORIES.items()], tiny_config.updated(epochs=2), fast=False)
+    assert result.metrics["path"] == "naive" and result.metrics["trained_layers"] == 4
+
+
+def test_train_needs_memories(mem):
+    with pytest.raises(TrainingError, match="no memories"):
+        mem.train()
+
+
+def test_update_changes_the_answer_text_without_retraining(trained):
+    trained.update("personal_pet_max", "My dog's name is Max; he turned 5 in May.")
+    a = trained.ask(MEMORIES["personal_pet_max"], k=4)
+    texts = {h.id: h.text for h in a.candidates}
+    assert texts.get("personal_pet_max", "My dog's name is Max; he turned 5 in May.") == "My dog's name is Max; he turned 5 in May."
+    assert [v["version"] for v in trained.history("personal_pet_max")] == [1, 2]
+
+
+# -- import --------------------------------------------------------------------------------
+
+def test_import_jsonl_records_and_training_questions(mem, tmp_path):
+    f = tmp_path / "m.jsonl"
+    f.write_text('{"text": "My dog\'s name is Max."}\n\n{"id": "health_allergy_penicillin", "text": "I\'m allergic to penicillin.", "questions": ["Which antibiotic must I avoid?"]}\n')
+    r = mem.import_(f)
+    assert r.memories == 2 and r.ids == ["personal_pet_max", "health_allergy_penicillin"]
+    q = tmp_path / "q.json"
+    q.write_text(json.dumps([{"question": "What's my dog called?", "memory_id": "personal_pet_max"}]))
+    assert mem.import_(q).questions == 1
+    assert mem.get("personal_pet_max").questions == ["What's my dog called?"]
+
+
+@pytest.mark.parametrize("content,match", [
+    ('{"text": "ok"}\n{"text": ""}\n', "line 2: .*empty"),
+    ('{"text": "ok"}\nnot json\n', "line 2 is not valid JSON"),
+    ('[{"text": "ok"}, {"id": "Bad", "text": "x"}]', "index 1: .*malformed"),
+    ('{"personal_pet_max": "ok", "bad": "x"}', "key 'bad'"),
+    ('[{"question": "q?", "memory_id": "note_missing_id"}]', "no memory 'note_missing_id'"),
+    ('[{"text": "ok", "colour": "red"}]', "unknown field"),
+    ('[]', "no records"),
+])
+def test_bad_import_names_the_record_and_writes_nothing(mem, tmp_path, content, match):
+    f = tmp_path / "bad.json"
+    f.write_text(content)
+    with pytest.raises((InvalidInput, NotFound), match=match):
+        mem.import_(f)
+    assert mem.list() == []
+
+
+def test_ask_without_any_index_or_memory_abstains(mem):
+    a = mem.ask("anything?")
+    assert a.abstained and a.hits == []
+    with pytest.raises(IndexMissing):
+        index_dir.read_manifest(mem.paths.index_root("default"))

@@ -1,0 +1,36 @@
+import pytest
+
+from ipm.errors import InvalidID
+from ipm.ids import ID_PATTERN, mint_id, validate_id
+
+
+@pytest.mark.parametrize("good", ["personal_pet_max", "personal_gear_herman_miller", "a_b_c", "work_2024_q3_plan"])
+def test_valid_ids(good):
+    assert validate_id(good) == good
+
+
+@pytest.mark.parametrize("bad", ["", "pet_max", "Personal_pet_max", "personal-pet-max", "personal__pet_max",
+                                 "_personal_pet", "personal_pet_", "personal pet max", "personal_pét_max", "x" * 81 + "_a_b"])
+def test_invalid_ids_raise_with_a_hint(bad):
+    with pytest.raises(InvalidID, match="personal_pet_max|longer than"):
+        validate_id(bad)
+
+
+def test_mint_reads_like_the_text():
+    assert mint_id("My dog's name is Max.") == "personal_pet_max"
+    assert mint_id("I'm allergic to penicillin — found out in 2019.") == "health_allergy_penicillin"
+    assert mint_id("I work at Acme Corp as a data engineer.") == "work_job_acme_corp"
+
+
+def test_mint_is_unique_and_deterministic():
+    taken = {"personal_pet_max"}
+    first = mint_id("My dog's name is Max.", taken)
+    assert first == "personal_pet_max_2"
+    assert mint_id("My dog's name is Max.", taken) == first
+    taken.add(first)
+    assert mint_id("My dog's name is Max.", taken) == "personal_pet_max_3"
+
+
+@pytest.mark.parametrize("text", ["!!!", "Zoë runs the café in São Paulo", "日本語のテキスト", "12345", "a"])
+def test_minted_ids_are_always_valid(text):
+    assert ID_PATTERN.match(mint_id(text))

@@ -1,0 +1,98 @@
+"""The fast decoder against brute force, on a tiny random model (with a random LoRA)."""
+
+import math
+
+import pytest
+import torch
+
+from ipm.model import Runner, id_token_ids, prompt_ids
+from ipm.search import GenerateDecoder, RunnerDecoder
+from ipm.trie import Trie
+
+IDS = ["personal_pet_max", "personal_pet_luna", "health_allergy_penicillin", "family_sister_anna",
+       "family_sister_anna_2", "work_job_acme", "food_favorite_sushi"]
+
+
+@pytest.fixture(scope="module")
+def lora_model(tiny_model):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    torch.manual_seed(1)
+    peft = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"],
+                                            layers_to_transform=[2, 3], init_lora_weights=False))
+    peft.eval()
+    return peft, tok
+
+
+def test_runner_matches_the_model_forward(lora_model):
+    model, tok = lora_model
+    ids = torch.tensor([prompt_ids(tok, "what is my dog called?") + id_token_ids(tok, "personal_pet_max")])
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+        r = Runner(model)
+        lower = r.hidden(ids, 0, 2)
+        ours = r.logits(r.hidden(None, 2, None, x=lower))
+    assert torch.allclose(ref, ours, atol=1e-4)
+
+
+def exact_scores(model, tok, question, trie):
+    """P(ID) = product over branching nodes of softmax over the allowed children."""
+    prompt = prompt_ids(tok, question)
+    out = {}
+    with torch.no_grad():
+        for mid, seq in trie.sequences.items():
+            logits = model(input_ids=torch.tensor([prompt + list(seq)])).logits[0]
+            logp, node = 0.0, trie.root
+            for j, t in enumerate(seq):
+                allowed = node.allowed()
+                if len(allowed) > 1:
+                    row = logits[len(prompt) - 1 + j, allowed]
+                    logp += torch.log_softmax(row, -1)[allowed.index(t)].item()
+                node = node.children[t]
+            out[mid] = math.exp(logp)
+    return out
+
+
+@pytest.mark.parametrize("question", ["what is my dog called?", "Which medicine can't I take?", "x"])
+def test_beam_search_returns_exact_constrained_probabilities(lora_model, question):
+    model, tok = lora_model
+    trie = Trie((m, id_token_ids(tok, m)) for m in IDS)
+    hits = RunnerDecoder(Runner(model), tok).search(question, trie, k=len(IDS), beam_size=len(IDS))
+    exact = exact_scores(model, tok, question, trie)
+    assert sorted(m for m, _ in hits) == sorted(IDS)
+    assert sum(p for _, p in hits) == pytest.approx(1.0, abs=1e-4)
+    for mid, p in hits:
+        assert p == pytest.approx(exact[mid], rel=1e-3, abs=1e-6)
+    assert [m for m, _ in hits] == sorted(exact, key=lambda m: -exact[m])
+
+
+def test_top1_equals_best_exact_id_with_a_small_beam(lora_model):
+    model, tok = lora_model
+    trie = Trie((m, id_token_ids(tok, m)) for m in IDS)
+    hits = RunnerDecoder(Runner(model), tok).search("my sister", trie, k=1, beam_size=len(IDS))
+    exact = exact_scores(model, tok, "my sister", trie)
+    assert hits[0][0] == max(exact, key=exact.get)
+
+
+def test_generate_decoder_only_returns_ids_in_the_trie(lora_model):
+    model, tok = lora_model
+    trie = Trie((m, id_token_ids(tok, m)) for m in IDS[:4])
+    for q in ["what is my dog called?", "anna", "penicillin", "hello"]:
+        hits = GenerateDecoder(model, tok).search(q, trie, k=3, beam_size=3)
+        assert hits and all(m in IDS[:4] for m, _ in hits)
+
+
+def test_forgotten_ids_are_never_decoded(lora_model):
+    model, tok = lora_model
+    trie = Trie((m, id_token_ids(tok, m)) for m in IDS)
+    decoder = RunnerDecoder(Runner(model), tok)
+    for gone in IDS[:-1]:
+        trie.remove(gone)
+        for q in ["what is my dog called?", gone.replace("_", " "), "anna"]:
+            hits = decoder.search(q, trie, k=len(IDS), beam_size=len(IDS))
+            assert gone not in [m for m, _ in hits]
+            assert {m for m, _ in hits} <= set(trie.sequences)
+    assert decoder.search("anything", trie, k=3) == [(IDS[-1], 1.0)]

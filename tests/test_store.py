@@ -1,0 +1,100 @@
+import sqlite3
+
+import pytest
+
+from ipm.errors import DuplicateID, InvalidID, InvalidInput, NotFound
+from ipm.store import NewMemory, Store
+
+TRICKY = ["  leading and trailing spaces  ", "tabs\tand\nnewlines\r\n", "emoji 🐶🏳️‍🌈 and CJK 日本語",
+          "nul \x00 byte inside", "combining é vs é", "right-to-left עברית", "x" * 60000]
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = Store(tmp_path / "ipm.db")
+    yield s
+    s.close()
+
+
+@pytest.mark.parametrize("text", TRICKY)
+def test_text_round_trips_byte_exact(store, text):
+    m = store.add("u", text, "note_test_text")
+    again = Store(store.path).get("u", m.id)
+    assert again.text.encode("utf-8") == text.encode("utf-8")
+    assert again.sha256 == m.sha256
+
+
+@pytest.mark.parametrize("text,match", [("", "empty"), ("   \n", "empty"), ("y" * 70000, "limit"),
+                                        ("lone \ud800 surrogate", "surrogate")])
+def test_bad_text_is_rejected_and_nothing_written(store, text, match):
+    with pytest.raises(InvalidInput, match=match):
+        store.add("u", text)
+    assert store.count("u") == 0
+    assert store.events("u") == []
+
+
+def test_batch_is_all_or_nothing(store):
+    store.add("u", "existing", "note_a_b")
+    batch = [NewMemory("one"), NewMemory("two", "note_c_d"), NewMemory("three", "note_a_b")]
+    with pytest.raises(DuplicateID, match="record 2"):
+        store.add_many("u", batch)
+    assert store.ids("u") == ["note_a_b"]
+    with pytest.raises(InvalidID, match="record 1"):
+        store.add_many("u", [NewMemory("ok"), NewMemory("bad", "Bad")])
+    assert store.ids("u") == ["note_a_b"]
+
+
+def test_duplicate_ids_within_one_batch_are_rejected(store):
+    with pytest.raises(DuplicateID):
+        store.add_many("u", [NewMemory("a", "note_x_y"), NewMemory("b", "note_x_y")])
+    assert store.count("u") == 0
+
+
+def test_namespaces_are_separate(store):
+    store.add("alice", "same text", "note_same_id")
+    store.add("bob", "same text", "note_same_id")
+    store.forget("alice", "note_same_id")
+    assert store.ids("alice") == []
+    assert store.ids("bob") == ["note_same_id"]
+    with pytest.raises(InvalidInput):
+        store.add("bad namespace!", "x")
+
+
+def test_update_keeps_history(store):
+    store.add("u", "v1 text", "note_a_b")
+    m = store.update("u", "note_a_b", "v2 text")
+    assert (m.text, m.version) == ("v2 text", 2)
+    assert [h["text"] for h in store.history("u", "note_a_b")] == ["v1 text", "v2 text"]
+
+
+def test_forget_purges_text_questions_and_history_but_logs_the_id(store):
+    secret = "my secret pin is 4812-unique-marker"
+    store.add("u", secret, "personal_pin_secret", questions=["what is my pin code?"])
+    store.update("u", "personal_pin_secret", secret + " (updated)")
+    store.forget("u", "personal_pin_secret")
+    with pytest.raises(NotFound):
+        store.get("u", "personal_pin_secret")
+    events = store.events("u")
+    assert events[-1].action == "forget" and events[-1].ids == ["personal_pin_secret"]
+    store.close()
+    conn = sqlite3.connect(store.path)
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    conn.close()
+    raw = store.path.read_bytes()
+    assert b"4812-unique-marker" not in raw
+    assert b"what is my pin code" not in raw
+
+
+def test_questions_need_existing_memories(store):
+    store.add("u", "text", "note_a_b")
+    with pytest.raises(NotFound, match="record 1"):
+        store.add_questions("u", [("note_a_b", "q1?"), ("note_missing_x", "q2?")])
+    assert store.questions("u") == {}
+    assert store.add_questions("u", [("note_a_b", "q1?"), ("note_a_b", "q1?")]) == 1
+
+
+def test_event_log_records_every_write(store):
+    store.add("u", "a", "note_a_b")
+    store.update("u", "note_a_b", "b")
+    store.forget("u", "note_a_b")
+    assert [e.action for e in store.events("u")] == ["add", "update", "forget"]
