@@ -76,16 +76,12 @@ class _Serving:
     trie: Trie = field(default_factory=Trie)
     indexed: dict[str, str] = field(default_factory=dict)  # id -> text sha256 at training
     threshold: float = 0.0
-    generation: int = -1  # store event seq the trie reflects
+    generation: int = -1  # store generation the trie and `pending` reflect
+    pending: set[str] = field(default_factory=set)  # live IDs the adapter was not trained on
 
 
-def parse_import(path: str | Path) -> tuple[list[NewMemory], list[str], list[tuple[str, str]], list[str]]:
-    """Read an import file. Accepted shapes:
-    - `{"id": "text", ...}` (memories keyed by ID);
-    - a JSON list or JSONL of `{"id"?, "text", "questions"?}` (memories);
-    - a JSON list or JSONL of `{"question", "memory_id"}` (training questions for existing memories).
-    Returns (memories, their labels, questions, their labels), a label naming where the record
-    is in the file ("line 3", "index 2", "key 'x'"); raises InvalidInput naming the bad record."""
+def read_records(path: str | Path) -> tuple[object, str]:
+    """Load an import file: a JSON document, or JSON lines (returned as [(line, record)])."""
     path = Path(path)
     try:
         raw = path.read_text(encoding="utf-8")
@@ -93,26 +89,38 @@ def parse_import(path: str | Path) -> tuple[list[NewMemory], list[str], list[tup
         raise NotFound(f"import file {path} does not exist") from None
     except UnicodeDecodeError as e:
         raise InvalidInput(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
-    records: list
-    where = "index"
     try:
-        data = json.loads(raw)
-        records = list(data.items()) if isinstance(data, dict) else data
-        if isinstance(data, dict):
-            where = "key"
+        return json.loads(raw), "json"
     except json.JSONDecodeError:
-        records, where = [], "line"
-        for n, line in enumerate(raw.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                records.append((n, json.loads(line)))
-            except json.JSONDecodeError as e:
-                raise InvalidInput(f"{path}: line {n} is not valid JSON ({e.msg})") from None
-    if not isinstance(records, list):
-        raise InvalidInput(f"{path}: expected a JSON object, a JSON list or JSON lines")
+        pass
+    lines = []
+    for n, line in enumerate(raw.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            lines.append((n, json.loads(line)))
+        except json.JSONDecodeError as e:
+            raise InvalidInput(f"{path}: line {n} is not valid JSON ({e.msg})") from None
+    return lines, "lines"
+
+
+def parse_records(data, source: str, kind: str = "json") -> tuple[list[NewMemory], list[str], list[tuple[str, str]], list[str]]:
+    """Validate import records. Accepted shapes:
+    - `{"id": "text", ...}` (memories keyed by ID);
+    - a list (JSON, or JSON lines when kind="lines") of `{"id"?, "text", "questions"?}` (memories);
+    - a list of `{"question", "memory_id"}` (training questions for existing memories).
+    Returns (memories, their labels, questions, their labels), a label naming where the record
+    is ("line 3", "index 2", "key 'x'"); raises InvalidInput naming the bad record."""
+    if kind == "lines":
+        records, where = data, "line"
+    elif isinstance(data, dict):
+        records, where = list(data.items()), "key"
+    elif isinstance(data, list):
+        records, where = data, "index"
+    else:
+        raise InvalidInput(f"{source}: expected a JSON object, a JSON list or JSON lines")
     if not records:
-        raise InvalidInput(f"{path} holds no records")
+        raise InvalidInput(f"{source} holds no records")
     memories: list[NewMemory] = []
     questions: list[tuple[str, str]] = []
     mem_labels: list[str] = []
@@ -132,7 +140,7 @@ def parse_import(path: str | Path) -> tuple[list[NewMemory], list[str], list[tup
                 if not isinstance(rec["memory_id"], str):
                     raise InvalidInput("memory_id must be a string")
                 questions.append((rec["memory_id"], check_question(rec["question"])))
-                q_labels.append(label)
+                q_labels.append(f"{source}: {label}")
             elif "text" in rec:
                 unknown = set(rec) - {"id", "text", "questions"}
                 if unknown:
@@ -141,12 +149,12 @@ def parse_import(path: str | Path) -> tuple[list[NewMemory], list[str], list[tup
                 if not isinstance(qs, list) or not all(isinstance(q, str) for q in qs):
                     raise InvalidInput("questions must be a list of strings")
                 memories.append(NewMemory(rec["text"], rec.get("id"), qs))
-                mem_labels.append(label)
+                mem_labels.append(f"{source}: {label}")
             else:
                 raise InvalidInput("a record needs 'text' (a memory) or 'question' and 'memory_id'")
         except InvalidInput as e:
-            raise InvalidInput(f"{path}: {label}: {e}") from None
-    return memories, [f"{path}: {x}" for x in mem_labels], questions, [f"{path}: {x}" for x in q_labels]
+            raise InvalidInput(f"{source}: {label}: {e}") from None
+    return memories, mem_labels, questions, q_labels
 
 
 class IPM:
@@ -169,12 +177,17 @@ class IPM:
         return self.store.add(user, text, id, questions)
 
     def import_(self, path: str | Path, user: str = DEFAULT_USER) -> ImportResult:
-        """Import memories and/or training questions from a file: all or nothing."""
-        memories, mem_labels, questions, q_labels = parse_import(path)
+        """Import memories or training questions from a file (see `parse_records`): all or nothing."""
+        data, kind = read_records(path)
+        return self.import_records(data, user, source=str(path), kind=kind)
+
+    def import_records(self, data, user: str = DEFAULT_USER, source: str = "request", kind: str = "json") -> ImportResult:
+        """Import already-parsed records (a dict or a list, as in an import file): all or nothing."""
+        memories, mem_labels, questions, q_labels = parse_records(data, source, kind)
         check_namespace(user)
         result = ImportResult()
         if memories and questions:
-            raise InvalidInput(f"{path}: mixes memories and questions; import them from separate files")
+            raise InvalidInput(f"{source}: mixes memories and questions; import them separately")
         if memories:
             added = self.store.add_many(user, memories, source="import", labels=mem_labels)
             result.memories, result.ids = len(added), [m.id for m in added]
@@ -285,6 +298,7 @@ class IPM:
         name, tmp = index_dir.new_version(root)
         try:
             result.model.save_pretrained(tmp)
+            (tmp / "README.md").unlink(missing_ok=True)  # PEFT's boilerplate model card
             with (tmp / "questions.jsonl").open("w", encoding="utf-8") as f:
                 for ex in train:
                     f.write(json.dumps({"question": ex.question, "memory_id": ex.memory_id}, ensure_ascii=False) + "\n")
@@ -315,10 +329,6 @@ class IPM:
             return RunnerDecoder(runner, base.tokenizer, base.device)
         return GenerateDecoder(model, base.tokenizer, base.device)
 
-    def _generation(self, user: str) -> int:
-        row = self.store._conn().execute("SELECT MAX(seq) FROM events WHERE namespace = ?", (user,)).fetchone()
-        return row[0] or 0
-
     def _serve(self, user: str) -> _Serving:
         """The serving state of `user`, refreshed if a new version was trained or memories changed."""
         import copy
@@ -343,6 +353,7 @@ class IPM:
                 if base is not self._base:
                     raise ModelError("all namespaces served by one process must use the same base model")
                 self._model.load_adapter(version_dir, adapter_name=adapter)
+            self._model.set_adapter(adapter)
             if s.adapter:
                 self._model.delete_adapter(s.adapter)
             self._model.eval()
@@ -350,9 +361,11 @@ class IPM:
             s.indexed = manifest["ids"]
             s.threshold = manifest["threshold"] if self.config.abstain_threshold is None else self.config.abstain_threshold
             s.generation = -1
-        gen = self._generation(user)
-        if s.generation != gen and self._base is not None:
+        gen = self.store.generation(user)
+        if s.generation != gen:
             live = set(self.store.ids(user))
+            s.pending = live - set(s.indexed)
+        if s.generation != gen and self._base is not None:
             want = live & set(s.indexed)
             for mid in list(s.trie.sequences):
                 if mid not in want:
@@ -396,7 +409,7 @@ class IPM:
     def _pending_hits(self, question: str, user: str, s: _Serving, k: int) -> list[Hit]:
         """Memories added (or changed) since the last training are not in the adapter yet:
         match them lexically so they can be recalled at once."""
-        pending_ids = [mid for mid in self.store.ids(user) if mid not in s.indexed]
+        pending_ids = sorted(s.pending)
         q = set(content_words(question))
         if not pending_ids or not q:
             return []

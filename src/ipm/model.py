@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import shutil
+import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -173,6 +174,7 @@ def pick_device(config: Config) -> str:
 
 
 _LOADED: dict[tuple, BaseModel] = {}
+_LOAD_LOCK = threading.Lock()  # a training thread and a query may ask for the model at once
 
 
 def load_base(config: Config, paths: Paths) -> BaseModel:
@@ -182,6 +184,13 @@ def load_base(config: Config, paths: Paths) -> BaseModel:
 
     if config.threads:
         torch.set_num_threads(config.threads)
+    with _LOAD_LOCK:
+        return _load_base(config, paths)
+
+
+def _load_base(config: Config, paths: Paths) -> BaseModel:
+    import torch
+
     name, path, digest = resolve_model(config, paths)
     device = pick_device(config)
     key = (str(path), digest, device)

@@ -60,6 +60,10 @@ TEMPLATES_TOPIC = [
     "What about my {t}?", "Anything about my {t}?", "Tell me about my {t}.", "What do you know about my {t}?",
     "My {t}?", "What's the deal with my {t}?",
 ]
+PAIR_TEMPLATES = ["{e} {n}", "What about {e} and my {n}?", "{e}'s {n}?", "my {n} {e}", "Tell me about {e} ({n}).",
+                  "What do I know about {e} and the {n}?"]
+KEYWORD_FRAMES = ["What about {k}?", "Do you remember {k}?", "Anything about {k}?", "{k}?", "What did I say about {k}?",
+                  "Remind me: {k}"]
 BAD_QUESTION = re.compile(r"\b(this|the|that|above|given) (fact|statement|sentence|text|memory|passage)\b", re.I)
 WORD = re.compile(r"[\w'’-]+", re.UNICODE)
 
@@ -139,11 +143,13 @@ def builtin_questions(memory_id: str, text: str, n: int, seed: int = 0) -> list[
 
     pools: list[list[str]] = []
     pools.append([TEMPLATES_NOUN[i].format(n=noun) for noun in nouns for i in rng.sample(range(len(TEMPLATES_NOUN)), 4)])
-    pools.append([TEMPLATES_ENTITY[i].format(e=e) for e in ents for i in rng.sample(range(len(TEMPLATES_ENTITY)), 3)])
+    pools.append([TEMPLATES_ENTITY[i].format(e=e) for e in ents for i in rng.sample(range(len(TEMPLATES_ENTITY)), 4)])
+    # An entity together with what the memory says about it ("Hannah birthday", "Max's breed?").
+    pools.append([rng.choice(PAIR_TEMPLATES).format(e=e, n=noun) for e in ents for noun in nouns + topic_words])
     pools.append([t.format(t=topic) for topic in topic_words for t in rng.sample(TEMPLATES_TOPIC, 2)])
-    # Keyword subsets in text order, sometimes with a synonym swapped in.
+    # Keyword subsets in text order, sometimes with a synonym swapped in, bare or in a question frame.
     kw = []
-    for _ in range(6):
+    for _ in range(10):
         if len(words) >= 2:
             k = rng.randint(2, min(4, len(words)))
             idx = sorted(rng.sample(range(len(words)), k))
@@ -153,8 +159,11 @@ def builtin_questions(memory_id: str, text: str, n: int, seed: int = 0) -> list[
                 alts = SYNONYMS.get(picked[j])
                 if alts:
                     picked[j] = rng.choice(alts)
-            kw.append(" ".join(picked))
+            phrase = " ".join(picked)
+            kw.append(rng.choice(KEYWORD_FRAMES).format(k=phrase) if rng.random() < 0.5 else phrase)
     pools.append(kw)
+    sentences = [x.strip() for x in re.split(r"(?<=[.!?;])\s+", text) if len(x.split()) >= 3]
+    pools.append(sentences if len(sentences) > 1 else [])
     # Spans of the text.
     tokens = text.split()
     spans = []

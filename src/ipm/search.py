@@ -13,7 +13,6 @@ Two decoders share this contract: `RunnerDecoder` (Llama-family models, fast pat
 
 from __future__ import annotations
 
-import heapq
 import math
 from dataclasses import dataclass
 
@@ -64,15 +63,7 @@ class RunnerDecoder:
             finished: list[tuple[float, str]] = []
             while beams:
                 # Score every allowed child of every beam from its last hidden state.
-                allowed = [b.node.allowed() for b in beams]
-                vocab = sorted({t for a in allowed for t in a})
-                col = {t: j for j, t in enumerate(vocab)}
-                logits = r.logits(h, torch.tensor(vocab, device=self.device)).float()
-                candidates = []
-                for bi, (beam, toks) in enumerate(zip(beams, allowed)):
-                    lp = torch.log_softmax(logits[bi, [col[t] for t in toks]], dim=-1).tolist()
-                    candidates.extend((beam.logp + l, bi, t) for l, t in zip(lp, toks))
-                top = heapq.nlargest(beam_size, candidates)
+                top = self._expand(h, beams, beam_size)
                 nxt: list[Beam] = []
                 for logp, bi, t in top:
                     forced, node = Trie.chain(beams[bi].node.children[t])
@@ -89,6 +80,25 @@ class RunnerDecoder:
                 beams = nxt
                 h, suffix_kv, suffix_valid = self._step(beams, prompt_kv, suffix_kv, suffix_valid, T)
             return [(mid, math.exp(lp)) for lp, mid in finished[:k]]
+
+    def _expand(self, h, beams: list[Beam], beam_size: int) -> list[tuple[float, int, int]]:
+        """The best (logp, beam row, token) continuations: logits over the union of the beams'
+        allowed children, masked per beam, renormalised, plus each beam's score; one top-k."""
+        import torch
+
+        allowed = [b.node.allowed() for b in beams]
+        vocab = sorted({t for a in allowed for t in a})
+        col = {t: j for j, t in enumerate(vocab)}
+        logits = self.runner.logits(h, torch.tensor(vocab, device=self.device)).float()
+        rows = torch.tensor([bi for bi, a in enumerate(allowed) for _ in a], device=self.device)
+        cols = torch.tensor([col[t] for a in allowed for t in a], device=self.device)
+        masked = torch.full_like(logits, float("-inf"))
+        masked[rows, cols] = logits[rows, cols]
+        logp = torch.log_softmax(masked, dim=-1) + torch.tensor([b.logp for b in beams], device=self.device)[:, None]
+        n = min(beam_size, len(cols))
+        values, flat = torch.topk(logp.flatten(), n)
+        width = len(vocab)
+        return [(v, i // width, vocab[i % width]) for v, i in zip(values.tolist(), flat.tolist())]
 
     def _step(self, beams, prompt_kv, suffix_kv, suffix_valid, prompt_len):
         """Feed each beam's new tokens (right-padded) on top of its parent's keys/values."""

@@ -17,7 +17,6 @@ import logging
 import math
 import os
 import queue
-import tempfile
 import threading
 import time
 import uuid
@@ -564,18 +563,10 @@ def create_app(mem: IPM, api_keys: dict[str, str]) -> FastAPI:
         return await run_in_threadpool(_import, data, user)
 
     def _import(data: Any, user: str) -> dict:
-        # The engine imports from a file (one parser for the CLI and the server); name it
-        # "request body" in messages instead of the temporary path.
-        # The file lives in the home, beside the database, for the moment of the import.
-        with tempfile.TemporaryDirectory(prefix=".import-", dir=mem.paths.home) as tmp:
-            path = Path(tmp) / "body.json"
-            path.write_text(json.dumps(data), encoding="utf-8")  # ASCII: lone surrogates stay escaped
-            try:
-                return mem.import_(path, user=user).to_dict()
-            except NotFound as e:  # a question naming an unknown memory: the body is at fault
-                raise InvalidInput(str(e).replace(str(path), "request body")) from None
-            except IPMError as e:
-                raise type(e)(str(e).replace(str(path), "request body")) from None
+        try:
+            return mem.import_records(data, user=user, source="request body").to_dict()
+        except NotFound as e:  # a question naming an unknown memory: the body is at fault
+            raise InvalidInput(str(e)) from None
 
     @app.post("/ask", response_model=AnswerOut, response_model_exclude_none=True, responses=_err(401, 413, 422, 503),
               tags=["recall"])

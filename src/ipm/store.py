@@ -199,6 +199,12 @@ class Store:
         with self._write() as db:
             self._log(db, namespace, action, ids, **detail)
 
+    def generation(self, namespace: str) -> int:
+        """A number that changes whenever the namespace's memories change (not on asks)."""
+        row = self._conn().execute(
+            "SELECT MAX(seq) FROM events WHERE namespace = ? AND action != 'ask'", (namespace,)).fetchone()
+        return row[0] or 0
+
     def events(self, namespace: str, limit: int | None = None) -> list[Event]:
         check_namespace(namespace)
         sql = "SELECT * FROM events WHERE namespace = ? ORDER BY seq DESC"
