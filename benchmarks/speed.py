@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import ctypes
 import gc
-import heapq
 import json
 import random
 import re
@@ -229,49 +228,50 @@ def trie_ops(trie, rng) -> None:
         _, node = Trie.chain(node.children[rng.choice(node.allowed())])
 
 
+class _LogitsRunner:
+    """Stands in for the model in RunnerDecoder: row i of `h` is beam i's full-vocabulary logits."""
+
+    def logits(self, h, token_ids):
+        return h[:, token_ids]
+
+
 def beam_steps(trie, logits, beam_size: int) -> tuple[float, float, int]:
     """RunnerDecoder.search's loop (k=1) with `logits` (beam_size, vocab) standing in for the
-    model. Returns (seconds in trie calls, seconds in union + index tensor + softmax + top-k, steps)."""
-    import torch
-
+    model, through the decoder's own `_expand`. Returns (seconds in trie calls, seconds in
+    union + index tensor + softmax + top-k, steps)."""
+    from ipm.search import Beam, RunnerDecoder
     from ipm.trie import Trie
 
+    decoder = RunnerDecoder(_LogitsRunner(), tokenizer=None)
     t_trie = t_union = 0.0
     t = time.perf_counter()
     _, start = Trie.chain(trie.root)
     t_trie += time.perf_counter() - t
-    beams, finished, steps = [(0.0, start)], [], 0
+    beams, finished, steps = [Beam(0.0, start, 0, [])], [], 0
     while beams:
         steps += 1
         t = time.perf_counter()
-        allowed = [node.allowed() for _, node in beams]
-        t_trie += time.perf_counter() - t
-        t = time.perf_counter()
-        vocab = sorted({tok for a in allowed for tok in a})
-        col = {tok: j for j, tok in enumerate(vocab)}
-        sub = logits[:len(beams), torch.tensor(vocab)]
-        candidates = []
-        for bi, ((logp, _), toks) in enumerate(zip(beams, allowed)):
-            lp = torch.log_softmax(sub[bi, [col[tok] for tok in toks]], dim=-1).tolist()
-            candidates.extend((logp + x, bi, tok) for x, tok in zip(lp, toks))
-        top = heapq.nlargest(beam_size, candidates)
+        top = decoder._expand(logits[:len(beams)], beams, beam_size)
         t_union += time.perf_counter() - t
         t = time.perf_counter()
         nxt = []
         for logp, bi, tok in top:
-            _, node = Trie.chain(beams[bi][1].children[tok])
-            (finished if node.memory_id is not None else nxt).append((logp, node))
+            forced, node = Trie.chain(beams[bi].node.children[tok])
+            if node.memory_id is not None:
+                finished.append(logp)
+            else:
+                nxt.append(Beam(logp, node, bi, [tok] + forced))
         t_trie += time.perf_counter() - t
-        finished.sort(key=lambda f: -f[0])
-        if finished and (not nxt or nxt[0][0] <= finished[0][0]):
+        finished.sort(reverse=True)
+        if finished and (not nxt or nxt[0].logp <= finished[0]):
             break
         beams = nxt
     return t_trie, t_union, steps
 
 
 def engine_resync(trie, live: list[str]) -> float:
-    """Seconds for the set work IPM._serve does when the namespace's event log moved on
-    (which every logged `ask` does), all IDs live and indexed; the SQL read of the IDs is not
+    """Seconds for the set work IPM._serve does when the namespace's memories changed (an
+    add, update or forget since the last ask), all IDs live and indexed; the SQL read of the IDs is not
     included."""
     indexed = dict.fromkeys(live)  # the manifest's {id: sha256}
     t0 = time.perf_counter()
