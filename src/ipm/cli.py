@@ -46,7 +46,7 @@ def _print_json(data) -> None:
 def _progress() -> Progress:
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
-                    console=err, transient=False, disable=not err.is_terminal and False)
+                    console=err, transient=False)
 
 
 @app.command()
