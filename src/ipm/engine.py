@@ -365,14 +365,14 @@ class IPM:
         if s.generation != gen:
             live = set(self.store.ids(user))
             s.pending = live - set(s.indexed)
-        if s.generation != gen and self._base is not None:
-            want = live & set(s.indexed)
-            for mid in list(s.trie.sequences):
-                if mid not in want:
-                    s.trie.remove(mid)
-            for mid in want - set(s.trie.sequences):
-                s.trie.add(mid, id_token_ids(self._base.tokenizer, mid))
-            s.generation = gen
+            if self._base is not None:  # no index served yet: nothing to put in a trie
+                want = live & set(s.indexed)
+                for mid in list(s.trie.sequences):
+                    if mid not in want:
+                        s.trie.remove(mid)
+                for mid in want - set(s.trie.sequences):
+                    s.trie.add(mid, id_token_ids(self._base.tokenizer, mid))
+                s.generation = gen
         return s
 
     def ask(self, question: str, k: int = 1, user: str = DEFAULT_USER, log: bool = True) -> Answer:

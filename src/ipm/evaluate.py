@@ -87,8 +87,10 @@ def evaluate_ipm(mem, questions: list[Question], user: str, progress: Callable[[
         ans = mem.ask(q.question, k=k, user=user, log=False)
         latencies.append((time.perf_counter() - t0) * 1000)
         ids = [h.id for h in ans.hits]
-        returned += len(ids) + len(ans.candidates)
-        invalid += sum(mid not in live for mid in ids) + sum(h.id not in live for h in ans.candidates)
+        # Hits and the best guesses behind an abstention overlap: count each returned ID once.
+        shown = set(ids) | {h.id for h in ans.candidates}
+        returned += len(shown)
+        invalid += sum(mid not in live for mid in shown)
         if q.gold is None:
             oos_refused += ans.abstained
         else:

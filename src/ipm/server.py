@@ -35,7 +35,7 @@ from . import __version__
 from .engine import IPM
 from .errors import DuplicateID, IndexMissing, InvalidInput, IPMError, ModelError, NotFound, TrainingError
 from .ids import ID_PATTERN, MAX_ID_LENGTH
-from .store import MAX_QUESTION_CHARS, check_namespace
+from .store import MAX_QUESTION_CHARS, Memory, check_namespace  # Memory: the response schema of /memories
 
 log = logging.getLogger("ipm.server")
 
@@ -74,17 +74,6 @@ class UpdateIn(_In):
 class AskIn(_In):
     question: str = Field(json_schema_extra=_QUESTION_SCHEMA)
     k: int = Field(1, description="How many hits at most.", json_schema_extra={"minimum": 1, "maximum": 100})
-
-
-class MemoryOut(BaseModel):
-    id: str
-    text: str
-    namespace: str
-    sha256: str
-    version: int
-    created_at: str
-    updated_at: str
-    questions: list[str]
 
 
 class VersionOut(BaseModel):
@@ -518,22 +507,22 @@ def create_app(mem: IPM, api_keys: dict[str, str]) -> FastAPI:
         """Liveness; needs no key."""
         return {"status": "ok", "version": __version__}
 
-    @app.post("/memories", status_code=201, response_model=MemoryOut, responses=_err(401, 409, 413, 422),
+    @app.post("/memories", status_code=201, response_model=Memory, responses=_err(401, 409, 413, 422),
               tags=["memories"])
     def add(body: MemoryIn, user: str = User):
         """Add one memory (409 if its ID is taken)."""
         return mem.add(body.text, id=body.id, questions=body.questions, user=user).to_dict()
 
-    @app.get("/memories", response_model=list[MemoryOut], responses=auth_errors, tags=["memories"])
+    @app.get("/memories", response_model=list[Memory], responses=auth_errors, tags=["memories"])
     def list_memories(user: str = User):
         """Every memory of the namespace, oldest first."""
         return [m.to_dict() for m in mem.list(user=user)]
 
-    @app.get("/memories/{id}", response_model=MemoryOut, responses=_err(401, 404), tags=["memories"])
+    @app.get("/memories/{id}", response_model=Memory, responses=_err(401, 404), tags=["memories"])
     def get(id: str, user: str = User):
         return mem.get(id, user=user).to_dict()
 
-    @app.put("/memories/{id}", response_model=MemoryOut, responses=_err(401, 404, 413, 422), tags=["memories"])
+    @app.put("/memories/{id}", response_model=Memory, responses=_err(401, 404, 413, 422), tags=["memories"])
     def update(id: str, body: UpdateIn, user: str = User):
         """Replace a memory's text; the old version moves to its history."""
         return mem.update(id, body.text, user=user).to_dict()
