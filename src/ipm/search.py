@@ -9,6 +9,9 @@ question and shared by every beam.
 
 Two decoders share this contract: `RunnerDecoder` (Llama-family models, fast path) and
 `GenerateDecoder` (any HF causal LM, via `generate` with `prefix_allowed_tokens_fn`).
+
+Hybrid decoding runs the same search over a small trie of the IDs that BM25 and dense
+retrieval propose, and `fuse` combines the model's probabilities with their scores.
 """
 
 from __future__ import annotations
@@ -18,6 +21,30 @@ from dataclasses import dataclass
 
 from .model import Runner, prompt_ids
 from .trie import Node, Trie
+
+
+@dataclass(frozen=True)
+class Signals:
+    """What each scorer says about one candidate memory in hybrid decoding."""
+
+    lora: float  # log-probability of the ID among the candidates, from the adapter
+    dense: float  # cosine similarity of question and memory text (MiniLM)
+    bm25: float  # BM25 score divided by the question's best BM25 score (0..1)
+
+    def to_dict(self) -> dict:
+        return {"lora": round(self.lora, 4), "dense": round(self.dense, 4), "bm25": round(self.bm25, 4)}
+
+
+def fuse(signals: dict[str, Signals], dense_weight: float, bm25_weight: float,
+         lora_weight: float = 1.0) -> list[tuple[str, float]]:
+    """Rank candidates by a product of experts, best first, with probabilities that sum to 1:
+    p(id) ∝ p_lora(id)^lora_weight · exp(dense_weight·cosine + bm25_weight·bm25)."""
+    if not signals:
+        return []
+    z = {mid: lora_weight * s.lora + dense_weight * s.dense + bm25_weight * s.bm25 for mid, s in signals.items()}
+    top = max(z.values())
+    total = sum(math.exp(v - top) for v in z.values())
+    return sorted(((mid, math.exp(v - top) / total) for mid, v in z.items()), key=lambda x: (-x[1], x[0]))
 
 
 @dataclass

