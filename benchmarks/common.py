@@ -44,6 +44,8 @@ def parser(description: str) -> argparse.ArgumentParser:
     g.add_argument("--questions-per-memory", type=int, default=None)
     g.add_argument("--lora-layers", type=int, default=None)
     g.add_argument("--decoding", choices=("pure", "hybrid"), default=None)
+    g.add_argument("--id-scheme", choices=("salient", "lexicon"), default=None,
+                   help="how IDs are minted for memories given without one")
     return p
 
 
@@ -53,7 +55,30 @@ def config(args: argparse.Namespace):
 
     return ipm.Config().updated(seed=args.seed, base_model=args.base_model, epochs=args.epochs,
                                 questions_per_memory=args.questions_per_memory, lora_layers=args.lora_layers,
-                                decoding=args.decoding)
+                                decoding=args.decoding, id_scheme=args.id_scheme)
+
+
+DECODINGS = ("hybrid", "pure")
+
+
+def evaluate_systems(mem, questions, user: str, bars, label: str, decodings=DECODINGS,
+                     baselines=("bm25", "dense")) -> dict:
+    """IPM with each decoding on the same trained index ("ipm-hybrid", "ipm-pure"), then the
+    baselines on the same memories and questions: {system: metrics}."""
+    from ipm.evaluate import evaluate_baseline, evaluate_ipm
+
+    default = mem.config.decoding
+    out = {}
+    try:
+        for d in decodings:
+            mem.reconfigure(decoding=d)
+            out[f"ipm-{d}"] = evaluate_ipm(mem, questions, user, progress=bars.eval(f"{label} {d}"))
+    finally:
+        mem.reconfigure(decoding=default)
+    memories = mem.store.list(user)
+    for name in baselines:
+        out[name] = evaluate_baseline(name, [m.id for m in memories], [m.text for m in memories], questions)
+    return out
 
 
 def seed_everything(seed: int) -> None:
@@ -238,6 +263,15 @@ def write_results(name: str, data: dict, table_rows: list[dict], out_dir: str | 
     for p in paths:
         print(f"wrote {p}")
     return paths
+
+
+def answer_columns(m: dict) -> dict:
+    """IPM's answer-or-abstain columns for a table row (empty for a baseline)."""
+    if "abstained" not in m:
+        return {}
+    return {"answered right %": m["answered_correct"], "abstained %": m["abstained"],
+            "wrong answer %": m["wrong_answer_rate"], "out-of-scope refused %": m.get("out_of_scope", {}).get("refused"),
+            "invalid IDs %": m["invalid_id_rate"], "p50 ms": m["latency_ms_p50"]}
 
 
 def row(system: str, metrics: dict, **extra) -> dict:

@@ -70,7 +70,7 @@ def test_reference_smoke(tiny_model, tmp_path, monkeypatch):
     assert data["memories"] == 15 and data["training_questions_given"] == 225
     assert "NOT held-out" in data["sets"]["training"]["description"]
     for name, n in (("training", 225), ("held_out", 75)):
-        for system in ("ipm", "bm25", "dense"):
+        for system in ("ipm-hybrid", "ipm-pure", "bm25", "dense"):
             check_metrics(data["sets"][name][system])
             assert data["sets"][name][system]["n"] == n
 
@@ -84,15 +84,40 @@ def test_locomo_smoke(tiny_model, tmp_path, monkeypatch):
     data = check_files(tmp_path / "results", "locomo-observations")
     assert data["conversations"] == ["conv-26"] and data["memories"] == 20
     assert data["skipped_no_gold"] > 0 and data["skipped_no_evidence"] >= 0 and data["train_seconds"]["conv-26"] > 0
-    for system in ("ipm", "bm25", "dense"):
+    for system in ("ipm-hybrid", "ipm-pure", "bm25", "dense"):
         overall = data["overall"][system]
         check_metrics(overall)
         for cat in overall["by_category"].values():
             check_metrics(cat)
         assert overall == locomo.micro([data["per_conversation"]["conv-26"][system]]) | {
             "skipped_as_misses": overall["skipped_as_misses"]}
-    ipm = data["overall"]["ipm"]
-    for key in ("abstained", "wrong_answer_rate", "invalid_id_rate"):
-        assert 0.0 <= ipm[key] <= 1.0
-    assert ipm["latency_ms_p50"] > 0
-    assert ipm["out_of_scope"]["n"] == 10 and 0.0 <= ipm["out_of_scope"]["refused"] <= 1.0
+    for system in ("ipm-hybrid", "ipm-pure"):
+        ipm = data["overall"][system]
+        for key in ("abstained", "wrong_answer_rate", "invalid_id_rate", "answered_correct"):
+            assert 0.0 <= ipm[key] <= 1.0
+        assert ipm["invalid_id_rate"] == 0.0
+        assert ipm["latency_ms_p50"] > 0
+        assert ipm["out_of_scope"]["n"] == 10 and 0.0 <= ipm["out_of_scope"]["refused"] <= 1.0
+    # The fusion sweep: the configured weights re-scored from the kept candidate scores give
+    # exactly the recall of the engine's own hybrid ranking.
+    sweep = data["fusion_sweep"]
+    configured = next(r for r in sweep["grid"] if r["weights"] == sweep["configured"])
+    for k in KS:
+        assert configured["all"][f"recall@{k}"] == pytest.approx(data["overall"]["ipm-hybrid"][f"recall@{k}"])
+    assert sweep["chosen"][0] > 0 and "Fusion weights" in (tmp_path / "results" / "locomo-observations.md").read_text()
+    assert (tmp_path / "results" / "locomo-observations-candidates.json.gz").stat().st_size > 0
+
+
+def test_incremental_smoke(tiny_model, tmp_path, monkeypatch):
+    incremental = load("incremental", monkeypatch)
+    incremental.main(tiny_args(tiny_model, tmp_path) + ["--old", "10"])
+    data = check_files(tmp_path / "results", "incremental")
+    assert set(data["runs"]) == {"+10%", "+50%", "+100%"}
+    for name, n_new in (("+10%", 1), ("+50%", 5), ("+100%", 10)):
+        run = data["runs"][name]
+        assert run["new_memories"] == n_new and run["incremental"]["new_memories"] == n_new
+        assert run["incremental"]["from_version"] == "v0001"
+        for mode in ("hybrid", "pure"):
+            check_metrics(run["old"][mode])
+            check_metrics(run["new"][mode])
+    assert data["runs"]["+100%"]["full_retrain"]["seconds"] > 0

@@ -39,13 +39,21 @@ def test_recall_returns_stored_text_verbatim(trained):
             assert h.text == MEMORIES[h.id]
 
 
-def test_hits_are_always_live_ids(trained):
+@pytest.fixture(params=["hybrid", "pure"])
+def decoding(request):
+    return request.param
+
+
+def test_hits_are_always_live_ids(trained, decoding):
+    trained.reconfigure(decoding=decoding)
     for q in ["what is my dog called?", "who is anna", "qwerty", "🐶", "a" * 500]:
         a = trained.ask(q, k=4)
         assert {h.id for h in a.candidates} <= set(MEMORIES)
 
 
-def test_forget_takes_effect_at_once(trained):
+def test_forget_takes_effect_at_once(trained, decoding):
+    trained.reconfigure(decoding=decoding)
+    trained.ask("warm up", k=1)  # the retrievers and trie exist before the forget
     trained.forget("personal_pet_max")
     for q in [MEMORIES["personal_pet_max"], "what is my dog called?", "Max"]:
         a = trained.ask(q, k=4)
@@ -62,7 +70,8 @@ def test_forget_by_another_process_is_honoured(trained, home, tiny_config, tmp_p
     assert "work_job_acme" not in [h.id for h in a.candidates]
 
 
-def test_namespaces_never_leak(mem, tmp_path):
+def test_namespaces_never_leak(mem, tmp_path, decoding):
+    mem.reconfigure(decoding=decoding)
     shared = "My dog's name is Max and he is a beagle."
     mem.add(shared, id="personal_pet_max", user="alice")
     mem.add("Alice's secret: the safe code is 1234.", id="personal_safe_code", user="alice")
@@ -176,3 +185,69 @@ def test_ask_without_any_index_or_memory_abstains(mem):
     assert a.abstained and a.hits == []
     with pytest.raises(IndexMissing):
         index_dir.read_manifest(mem.paths.index_root("default"))
+
+
+def test_both_decodings_are_calibrated_and_switchable(trained):
+    manifest = index_dir.read_manifest(trained.paths.index_root("default"))
+    assert set(manifest["metrics"]["calibration"]) == {"pure", "hybrid"}
+    for decoding in ("pure", "hybrid", "pure"):
+        trained.reconfigure(decoding=decoding)
+        a = trained.ask(MEMORIES["family_sister_anna"], k=4)
+        assert (a.candidates[0].signals is None) == (decoding == "pure")
+        assert sum(h.score for h in a.candidates) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_hybrid_without_fusion_gives_the_adapter_probabilities(trained):
+    """With every memory a candidate and no retriever weight, hybrid decoding must rank by
+    exactly the probabilities of pure decoding (both are exhaustive over 4 IDs)."""
+    trained.reconfigure(decoding="pure", beam_size=8)
+    for q in ["what is my dog called?", "where does my sister live", "penicillin"]:
+        pure = {h.id: h.score for h in trained.ask(q, k=4).candidates}
+        trained.reconfigure(decoding="hybrid", hybrid_candidates=10, fusion_dense=0.0, fusion_bm25=0.0)
+        hybrid = {h.id: h.score for h in trained.ask(q, k=4).candidates}
+        trained.reconfigure(decoding="pure")
+        assert set(pure) == set(hybrid) == set(MEMORIES)
+        for mid in pure:
+            assert hybrid[mid] == pytest.approx(pure[mid], rel=1e-3, abs=1e-6)
+
+
+def test_hybrid_candidates_come_from_the_retrievers(trained):
+    """With one candidate per retriever, only what BM25 or dense retrieval proposed is ranked."""
+    trained.reconfigure(decoding="hybrid", hybrid_candidates=1)
+    a = trained.ask("Which company do I work for as a data engineer at Acme Corp?", k=4)
+    assert 1 <= len(a.candidates) <= 2
+    assert "work_job_acme" in {h.id for h in a.candidates}
+    for h in a.candidates:
+        assert -100 < h.signals.lora <= 0 and -1 <= h.signals.dense <= 1 and 0 <= h.signals.bm25 <= 1
+
+
+def test_a_bad_decoding_name_is_refused(trained):
+    with pytest.raises(InvalidInput, match="decoding"):
+        trained.reconfigure(decoding="greedy")
+
+
+def test_incremental_training_folds_in_new_memories(trained, home):
+    trained.add("My favourite food is sushi.", id="food_favorite_sushi")
+    trained.update("family_sister_anna", "My sister Anna moved to Vienna.")
+    manifest = trained.train()
+    inc = manifest["metrics"]["incremental"]
+    assert inc["from_version"] == "v0001" and inc["new_memories"] == 2
+    assert 0 < inc["replayed_examples"] <= 2 * inc["new_examples"]
+    assert set(manifest["ids"]) == set(MEMORIES) | {"food_favorite_sushi"}
+    # The questions file keeps every valid question for later replays: the old memories' too.
+    cur = index_dir.current_dir(home / "indexes" / "default")
+    recorded = {json.loads(line)["memory_id"] for line in (cur / "questions.jsonl").open()}
+    assert recorded == set(manifest["ids"])
+    trained.reconfigure(decoding="pure")  # the adapter alone, without the retrievers' help
+    for mid, text in {**MEMORIES, "food_favorite_sushi": "My favourite food is sushi.",
+                      "family_sister_anna": "My sister Anna moved to Vienna."}.items():
+        a = trained.ask(text, k=1)
+        assert a.candidates[0].id == mid and not a.hits[0].pending if a.hits else True
+        assert a.candidates[0].id == mid
+
+
+def test_train_with_nothing_new_is_up_to_date_and_full_retrains(trained):
+    again = trained.train()
+    assert again["up_to_date"] and again["version"] == "v0001"
+    full = trained.train(full=True)
+    assert full["version"] == "v0002" and full["metrics"]["incremental"] is None

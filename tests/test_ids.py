@@ -33,4 +33,22 @@ def test_mint_is_unique_and_deterministic():
 
 @pytest.mark.parametrize("text", ["!!!", "Zoë runs the café in São Paulo", "日本語のテキスト", "12345", "a"])
 def test_minted_ids_are_always_valid(text):
-    assert ID_PATTERN.match(mint_id(text))
+    for scheme in ("lexicon", "salient"):
+        assert ID_PATTERN.match(mint_id(text, scheme=scheme)), scheme
+
+
+def test_salient_ids_name_the_person_then_the_rarest_words():
+    fact = "Caroline attended an LGBTQ support group recently and found the transgender stories inspiring."
+    assert mint_id(fact, scheme="salient") == "caroline_lgbtq_transgender"
+    assert mint_id(fact, scheme="lexicon") == "note_caroline_lgbtq"
+    # The person may come later in the sentence; a capitalised common word is not a person.
+    assert mint_id("Painting is a fun way for Melanie to relax.", scheme="salient").startswith("melanie_")
+    # First-person memories keep the lexicon's domain and topic.
+    assert mint_id("My dog's name is Max.", scheme="salient") == "personal_pet_max"
+    taken = {"caroline_lgbtq_transgender"}
+    assert mint_id(fact, taken, scheme="salient") == "caroline_lgbtq_transgender_2"
+
+
+def test_unknown_scheme_is_refused():
+    with pytest.raises(InvalidID, match="scheme"):
+        mint_id("My dog's name is Max.", scheme="random")

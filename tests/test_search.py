@@ -96,3 +96,20 @@ def test_forgotten_ids_are_never_decoded(lora_model):
             assert gone not in [m for m, _ in hits]
             assert {m for m, _ in hits} <= set(trie.sequences)
     assert decoder.search("anything", trie, k=3) == [(IDS[-1], 1.0)]
+
+
+def test_fuse_is_a_distribution_and_each_weight_counts():
+    from ipm.search import Signals, fuse
+
+    sig = {"a_b_c": Signals(lora=-0.1, dense=0.2, bm25=0.0),   # the adapter's pick
+           "d_e_f": Signals(lora=-3.0, dense=0.9, bm25=0.1),   # dense retrieval's pick
+           "g_h_i": Signals(lora=-3.0, dense=0.1, bm25=1.0)}   # BM25's pick
+    for weights in [(0, 0), (40, 0), (0, 8), (20, 2)]:
+        ranked = fuse(sig, *weights)
+        assert sum(p for _, p in ranked) == pytest.approx(1.0)
+        assert [p for _, p in ranked] == sorted((p for _, p in ranked), reverse=True)
+    assert fuse(sig, 0, 0)[0][0] == "a_b_c"
+    assert fuse(sig, 40, 0)[0][0] == "d_e_f"
+    assert fuse(sig, 0, 8)[0][0] == "g_h_i"
+    assert fuse(sig, 0, 0, lora_weight=0)[0][1] == pytest.approx(1 / 3)
+    assert fuse({}, 1, 1) == []

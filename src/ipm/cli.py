@@ -39,6 +39,10 @@ def _open(home: Optional[Path], config_file: Optional[Path] = None, **overrides)
     return engine.open(paths.home, cfg)
 
 
+Decoding = typer.Option(None, "--decoding", help="hybrid (adapter fused with BM25 and dense candidates) or pure "
+                                                  "(adapter over every ID); default from the config.")
+
+
 def _print_json(data) -> None:
     sys.stdout.write(json.dumps(data, ensure_ascii=False, indent=2) + "\n")
 
@@ -93,8 +97,11 @@ def train(user: str = User, home: Optional[Path] = Home, config: Optional[Path] 
           questions_per_memory: Optional[int] = typer.Option(None, "--questions-per-memory"),
           question_source: Optional[str] = typer.Option(None, "--question-source", help="builtin, llm or both."),
           seed: Optional[int] = typer.Option(None, "--seed"),
+          full: bool = typer.Option(False, "--full", help="Retrain from scratch instead of folding new or changed "
+                                                         "memories into the current index."),
           json_out: bool = Json):
-    """Train a new index version on the namespace's memories and make it current."""
+    """Train a new index version and make it current: incrementally (new and changed memories,
+    plus replayed questions of the others) when an index exists, else on every memory."""
     mem = _open(home, config, base_model=base_model, epochs=epochs, lora_r=lora_r, lora_layers=lora_layers,
                 questions_per_memory=questions_per_memory, question_source=question_source, seed=seed)
     with _progress() as bar:
@@ -106,22 +113,25 @@ def train(user: str = User, home: Optional[Path] = Home, config: Optional[Path] 
                 tasks[phase] = bar.add_task(label, total=total, info="")
             bar.update(tasks[phase], completed=done, info=f"loss {loss:.3f}" if loss is not None else "")
 
-        manifest = mem.train(user=user, progress=progress)
+        manifest = mem.train(user=user, progress=progress, full=full)
     if json_out:
         _print_json({k: manifest[k] for k in ("namespace", "version", "base_model", "threshold", "metrics")}
-                    | {"memories": len(manifest["ids"])})
+                    | {"memories": len(manifest["ids"]), "up_to_date": bool(manifest.get("up_to_date"))})
+    elif manifest.get("up_to_date"):
+        out.print(f"index {manifest['version']} is up to date: no new or changed memories (--full retrains anyway)")
     else:
         m = manifest["metrics"]
-        out.print(f"trained index {manifest['version']} on {len(manifest['ids'])} memories: "
+        how = f"incrementally ({m['incremental']['new_memories']} new or changed) " if m.get("incremental") else ""
+        out.print(f"trained index {manifest['version']} {how}on {len(manifest['ids'])} memories: "
                   f"{m['examples']} questions x {m['epochs']} epochs in {m['total_seconds']:.0f}s "
                   f"(final loss {m['loss_last']:.3f}, abstain below {manifest['threshold']:.3f})")
 
 
 @app.command()
 def ask(question: str, k: int = typer.Option(1, "-k", "--k", help="How many hits."),
-        user: str = User, home: Optional[Path] = Home, json_out: bool = Json):
+        decoding: Optional[str] = Decoding, user: str = User, home: Optional[Path] = Home, json_out: bool = Json):
     """Recall the memory that answers a question (or say there is none)."""
-    a = _open(home).ask(question, k=k, user=user)
+    a = _open(home, decoding=decoding).ask(question, k=k, user=user)
     if json_out:
         _print_json(a.to_dict())
         return
@@ -196,11 +206,11 @@ def log(user: str = User, limit: int = typer.Option(50, "--limit", "-n"), home: 
 def eval_(questions_file: Path = typer.Argument(..., help="[{question, memory_id}] held-out questions; "
                                                            "memory_id null = out of scope, a list = any of them."),
           baselines: str = typer.Option("", "--baselines", help="Comma-separated: bm25,dense."),
-          user: str = User, home: Optional[Path] = Home, json_out: bool = Json):
-    """Score recall on held-out questions (abstentions count as misses)."""
+          decoding: Optional[str] = Decoding, user: str = User, home: Optional[Path] = Home, json_out: bool = Json):
+    """Score recall on held-out questions (of the ranking; answers and abstentions apart)."""
     from .evaluate import evaluate, load_questions
 
-    mem = _open(home)
+    mem = _open(home, decoding=decoding)
     qs = load_questions(questions_file)
     names = [b.strip() for b in baselines.split(",") if b.strip()]
     with _progress() as bar:
@@ -217,7 +227,8 @@ def eval_(questions_file: Path = typer.Argument(..., help="[{question, memory_id
                       f"{r['invalid_id_rate']:.3f}" if "invalid_id_rate" in r else "-")
     out.print(table)
     r = report["ipm"]
-    out.print(f"ipm: wrong answers {r['wrong_answer_rate']:.3f}, latency p50 {r['latency_ms_p50']:.0f} ms, "
+    out.print(f"ipm ({mem.config.decoding} decoding): answered right {r['answered_correct']:.3f}, "
+              f"wrong answers {r['wrong_answer_rate']:.3f}, latency p50 {r['latency_ms_p50']:.0f} ms, "
               f"p95 {r['latency_ms_p95']:.0f} ms")
     if "out_of_scope" in r:
         out.print(f"out-of-scope questions refused: {r['out_of_scope']['refused']:.3f} of {r['out_of_scope']['n']}")

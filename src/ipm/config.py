@@ -44,6 +44,10 @@ class Config:
     questions_per_memory: int = 24
     question_source: str = "builtin"
     llm_questions_per_memory: int = 4
+    # Incremental training (`train(full=False)`, the default when an index exists): continue
+    # from the current adapter on the new or changed memories' questions, plus this many
+    # replayed questions of already indexed memories per new question.
+    replay_ratio: float = 1.0
     # Share of generated questions kept out of training to calibrate the abstention threshold.
     calibration_fraction: float = 0.1
     # Recall. "pure": the adapter ranks every live ID (beam search over the whole trie).
@@ -62,8 +66,10 @@ class Config:
     # Hardware: "auto" picks CUDA when present. bf16 is used on CUDA only.
     device: str = "auto"
     threads: int = 0  # 0 = torch default
-    # Store limits.
+    # Store: text size limit, and how IDs are minted for memories added without one
+    # ("salient" or "lexicon", see ids.py).
     max_text_bytes: int = MAX_TEXT_BYTES
+    id_scheme: str = "lexicon"
 
     @classmethod
     def from_file(cls, path: str | Path) -> "Config":
@@ -96,6 +102,8 @@ class Config:
         return cfg
 
     def check(self) -> None:
+        if self.id_scheme not in ("salient", "lexicon"):
+            raise InvalidInput("id_scheme must be 'salient' or 'lexicon'")
         if self.decoding not in ("pure", "hybrid"):
             raise InvalidInput("decoding must be 'pure' or 'hybrid'")
         if self.question_source not in ("builtin", "llm", "both"):
@@ -103,6 +111,8 @@ class Config:
         for name in ("lora_r", "epochs", "batch_size", "beam_size", "questions_per_memory", "hybrid_candidates"):
             if getattr(self, name) < 1:
                 raise InvalidInput(f"config option {name} must be at least 1")
+        if self.replay_ratio < 0:
+            raise InvalidInput("replay_ratio must be at least 0")
         if not 0 <= self.calibration_fraction < 0.5:
             raise InvalidInput("calibration_fraction must be in [0, 0.5)")
 

@@ -174,7 +174,7 @@ class IPM:
         if config is None:
             config = Config.from_file(self.paths.config_file) if self.paths.config_file.is_file() else Config()
         self.config = config
-        self.store = Store(self.paths.db, config.max_text_bytes)
+        self.store = Store(self.paths.db, config.max_text_bytes, config.id_scheme)
         self._serving: dict[str, _Serving] = {}
         self._lock = threading.RLock()
         self._base: BaseModel | None = None
@@ -256,11 +256,13 @@ class IPM:
 
     # -- training ----------------------------------------------------------------------
     def training_examples(self, user: str, base: BaseModel | None = None,
-                          progress: Callable[[int, int], None] | None = None) -> tuple[list[Example], list[Example]]:
-        """(train, calibration) examples for every memory of `user`. Made from the memories
-        and user-given questions only; the calibration share is generated questions held back."""
+                          progress: Callable[[int, int], None] | None = None,
+                          ids: set[str] | None = None) -> tuple[list[Example], list[Example]]:
+        """(train, calibration) examples for every memory of `user` (or those in `ids`). Made
+        from the memories and user-given questions only; the calibration share is generated
+        questions held back."""
         cfg = self.config
-        memories = self.store.list(user)
+        memories = [m for m in self.store.list(user) if ids is None or m.id in ids]
         extra: dict[str, list[str]] = {}
         if cfg.question_source in ("llm", "both"):
             if base is None:
@@ -285,8 +287,28 @@ class IPM:
             train += [Example(q, m.id) for q in dict.fromkeys(fixed + generated[n_cal:])]
         return train, calib
 
-    def train(self, user: str = DEFAULT_USER, progress: Callable[[str, int, int, float | None], None] | None = None) -> dict:
+    def _incremental_from(self, user: str, base: BaseModel) -> tuple[Path, dict] | None:
+        """The current version and its manifest, if a new one can continue from its adapter."""
+        root = self.paths.index_root(user)
+        prev = index_dir.current_dir(root)
+        if prev is None:
+            return None
+        manifest = json.loads((prev / index_dir.MANIFEST).read_text())
+        same_shape = ("lora_r", "lora_alpha", "lora_layers", "target_modules")
+        if manifest["base_model"]["sha256"] != base.sha256 or not (prev / "questions.jsonl").is_file() or any(
+                manifest["config"].get(k) != getattr(self.config, k) for k in same_shape):
+            return None
+        return prev, manifest
+
+    def train(self, user: str = DEFAULT_USER, progress: Callable[[str, int, int, float | None], None] | None = None,
+              full: bool = False) -> dict:
         """Train a new index version for `user` and make it current; returns its manifest.
+
+        Incremental by default: when an index exists (same base model and LoRA shape), the new
+        adapter continues from it, trained on the questions of new or changed memories plus a
+        replayed sample (`replay_ratio`) of the questions the current adapter was trained on.
+        If nothing is new, the current manifest is returned with `"up_to_date": true`.
+        `full=True` retrains from scratch on every memory.
 
         `progress(phase, done, total, loss)` is called with phase "questions", "train" and
         "calibrate". The previous version keeps serving until the new one is complete."""
@@ -296,8 +318,33 @@ class IPM:
             raise TrainingError(f"namespace {user!r} has no memories to train on: add or import some first")
         t0 = time.perf_counter()
         base = self.base()
-        train, calib = self.training_examples(user, base, lambda d, t: progress and progress("questions", d, t, None))
-        result = train_adapter(base, train, self.config, lambda s, t, l: progress and progress("train", s, t, l))
+        prev = None if full else self._incremental_from(user, base)
+        on_questions = lambda d, t: progress and progress("questions", d, t, None)  # noqa: E731
+        incremental = None
+        known: list[Example] = []  # questions of earlier versions still valid, kept for later replays
+        if prev is None:
+            train, calib = self.training_examples(user, base, on_questions)
+        else:
+            prev_dir, prev_manifest = prev
+            new_ids = {m.id for m in memories if prev_manifest["ids"].get(m.id) != m.sha256}
+            if not new_ids:
+                return {**prev_manifest, "up_to_date": True}
+            train, calib = self.training_examples(user, base, on_questions, ids=new_ids)
+            kept = {m.id for m in memories} - new_ids
+            with (prev_dir / "questions.jsonl").open(encoding="utf-8") as f:
+                old = [Example(r["question"], r["memory_id"]) for r in map(json.loads, f) if r["memory_id"] in kept]
+            rng = random.Random(self.config.seed)
+            replay = rng.sample(old, min(len(old), int(self.config.replay_ratio * len(train))))
+            # Old memories are in the calibration set too: their texts as questions stand in for
+            # held-back questions (the adapter has seen them, as it has seen theirs in a full run).
+            old_texts = [Example(m.text, m.id) for m in memories if m.id in kept]
+            calib += rng.sample(old_texts, min(len(old_texts), len(calib)))
+            incremental = {"from_version": prev_dir.name, "new_memories": len(new_ids),
+                           "new_examples": len(train), "replayed_examples": len(replay)}
+            known = old
+            train = train + replay
+        result = train_adapter(base, train, self.config, lambda s, t, l: progress and progress("train", s, t, l),
+                               init_from=prev[0] if prev else None)
         trie = Trie((m.id, id_token_ids(base.tokenizer, m.id)) for m in memories)
         decoder = self._make_decoder(base, result.model)
         # Calibrate the abstention threshold for both decodings, so either can serve this index
@@ -329,8 +376,8 @@ class IPM:
             result.model.save_pretrained(tmp)
             (tmp / "README.md").unlink(missing_ok=True)  # PEFT's boilerplate model card
             with (tmp / "questions.jsonl").open("w", encoding="utf-8") as f:
-                for ex in train:
-                    f.write(json.dumps({"question": ex.question, "memory_id": ex.memory_id}, ensure_ascii=False) + "\n")
+                for question, mid in dict.fromkeys((e.question, e.memory_id) for e in train + known):
+                    f.write(json.dumps({"question": question, "memory_id": mid}, ensure_ascii=False) + "\n")
             manifest = {
                 "format": 1, "namespace": user, "version": name,
                 "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -338,7 +385,7 @@ class IPM:
                 "ids": {m.id: m.sha256 for m in memories},
                 "threshold": calibration[self.config.decoding]["threshold"],
                 "config": self.config.to_dict(),
-                "metrics": {**result.metrics, "calibration": calibration, "total_seconds": round(time.perf_counter() - t0, 2),
+                "metrics": {**result.metrics, "calibration": calibration, "incremental": incremental, "total_seconds": round(time.perf_counter() - t0, 2),
                             "memories": len(memories), "calibration_examples": len(calib)},
             }
             final = index_dir.commit_version(root, name, tmp, manifest)

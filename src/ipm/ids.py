@@ -1,10 +1,18 @@
 """Semantic memory IDs: `domain_topic_entity`, readable by people and decodable by the model.
 
 An ID is lowercase `[a-z0-9]` words joined by `_`, at least three parts. The engine mints one
-from the memory text when the user gives none: a domain and topic from a small lexicon of
-everyday life, and the most specific entity the text names (a proper noun, else a number,
-else its most informative word). Minting is deterministic: same text and same taken IDs give
-the same ID.
+from the memory text when the user gives none. Two schemes:
+
+- "salient": a fact about someone ("Caroline attended an LGBTQ support group...")
+  becomes `{person}_{rarest word}_{next rarest}` (`caroline_lgbtq_transgender`): the trie's
+  first decision is then who the fact is about, and the rest are the words least likely to
+  be shared with other facts (rarity from `wordfreq`, English). A first-person memory ("My
+  dog's name is Max.") keeps the lexicon's domain and topic, with the most specific entity:
+  `personal_pet_max`.
+- "lexicon" (default): always domain and topic from a small lexicon of everyday life, and a proper
+  noun, else the longest word (`note_caroline_lgbtq`).
+
+Minting is deterministic: same text and same taken IDs give the same ID.
 """
 
 from __future__ import annotations
@@ -101,17 +109,7 @@ def words_of(text: str) -> list[str]:
 
 def _entity(text: str, topic_word: str | None) -> str:
     tokens = words_of(text)
-    # Proper nouns: capitalised words that do not start a sentence.
-    sentence_start = True
-    proper: list[str] = []
-    for raw in re.findall(r"[\w'’]+|[.!?]", text):
-        if raw in ".!?":
-            sentence_start = True
-            continue
-        word = raw.split("'")[0].split("’")[0]
-        if word[:1].isupper() and not sentence_start and slug(word) and slug(word) not in STOPWORDS:
-            proper.append(slug(word))
-        sentence_start = False
+    proper = _proper_nouns(text)
     if proper:
         return "_".join(proper[:2])
     content = [slug(t.split("'")[0].split("’")[0]) for t in tokens]
@@ -123,8 +121,85 @@ def _entity(text: str, topic_word: str | None) -> str:
     return numbers[0] if numbers else "note"
 
 
-def mint_id(text: str, taken: set[str] | frozenset[str] = frozenset()) -> str:
-    """Make a readable, unique `domain_topic_entity` ID for a memory text."""
+ID_SCHEMES = ("salient", "lexicon")
+FIRST_PERSON = frozenset("i me my mine myself we us our ours i'm i've i'd i'll".split())
+NAME_MAX_ZIPF = 4.3  # a capitalised first word rarer than this is taken for a name ("Caroline" 4.0, "Painting" 4.6)
+# Lexicon words too vague to name a fact's domain outside first-person memories.
+VAGUE = frozenset("love loves favorite favourite work name called live".split())
+
+
+def _zipf(word: str) -> float:
+    from wordfreq import zipf_frequency
+
+    return zipf_frequency(word, "en")
+
+
+def _subject(text: str) -> str | None:
+    """Who a third-person fact is about: a capitalised, rare-enough first word, else the first
+    proper noun inside a sentence."""
+    words = words_of(text)
+    if words:
+        first = words[0].split("'")[0].split("’")[0]
+        w = slug(first)
+        if first[:1].isupper() and w and w not in STOPWORDS and len(w) > 1 and _zipf(w) < NAME_MAX_ZIPF:
+            return w
+    proper = _proper_nouns(text)
+    return proper[0] if proper else None
+
+
+def _proper_nouns(text: str) -> list[str]:
+    """Capitalised words that do not start a sentence."""
+    sentence_start = True
+    proper: list[str] = []
+    for raw in re.findall(r"[\w'’]+|[.!?]", text):
+        if raw in ".!?":
+            sentence_start = True
+            continue
+        word = raw.split("'")[0].split("’")[0]
+        if word[:1].isupper() and not sentence_start and slug(word) and slug(word) not in STOPWORDS:
+            proper.append(slug(word))
+        sentence_start = False
+    return proper
+
+
+def _rarest(text: str, n: int, exclude: set[str]) -> list[str]:
+    """The n content words of the text rarest in English, in order of rarity."""
+    words = [slug(t.split("'")[0].split("’")[0]) for t in words_of(text)]
+    words = list(dict.fromkeys(w for w in words if w and len(w) > 2 and w not in STOPWORDS and w not in exclude
+                               and not w.isdigit()))
+    return sorted(words, key=lambda w: (_zipf(w), words.index(w)))[:n]
+
+
+def _unique(base: str, taken: set[str] | frozenset[str]) -> str:
+    candidate, n = base, 2
+    while candidate in taken:
+        candidate = f"{base}_{n}"
+        n += 1
+    return candidate
+
+
+def mint_id(text: str, taken: set[str] | frozenset[str] = frozenset(), scheme: str = "lexicon") -> str:
+    """Make a readable, unique ID for a memory text (see the module docstring for the schemes)."""
+    if scheme not in ID_SCHEMES:
+        raise InvalidID(f"unknown ID scheme {scheme!r}; choose from {', '.join(ID_SCHEMES)}")
+    if scheme == "salient":
+        lowered = {slug(w) for w in words_of(text.lower())} | {w.lower() for w in words_of(text)}
+        subject = None if lowered & FIRST_PERSON else _subject(text)
+        if subject is not None:
+            parts = [subject] + _rarest(text, 2, {subject})
+            if len(parts) < 3:
+                parts.append("note")
+            base = "_".join(parts)[:MAX_ID_LENGTH - 4].strip("_")
+            if ID_PATTERN.match(base):
+                return _unique(base, taken)
+        tokens = [slug(t.split("'")[0].split("’")[0]) for t in words_of(text)]
+        hit = next((w for w in tokens if w in LEXICON and (subject is None or w not in VAGUE)), None)
+        domain, topic = LEXICON[hit] if hit else ("note", None)
+        proper = _proper_nouns(text)
+        entity = proper[0] if proper else next(iter(_rarest(text, 1, {hit} if hit else set())), "note")
+        topic = topic or next(iter(_rarest(text, 1, {entity})), "misc")
+        base = "_".join((domain, topic, entity))[:MAX_ID_LENGTH - 4].strip("_")
+        return _unique(base if ID_PATTERN.match(base) else f"{domain}_misc_note", taken)
     tokens = [slug(t.split("'")[0].split("’")[0]) for t in words_of(text)]
     domain, topic, topic_word = "note", None, None
     for w in tokens:
@@ -140,8 +215,4 @@ def mint_id(text: str, taken: set[str] | frozenset[str] = frozenset()) -> str:
     base = "_".join(p for p in (domain, topic, entity) if p)[:MAX_ID_LENGTH - 4].strip("_")
     if not ID_PATTERN.match(base):
         base = f"{domain}_{topic or 'misc'}_note"
-    candidate, n = base, 2
-    while candidate in taken:
-        candidate = f"{base}_{n}"
-        n += 1
-    return candidate
+    return _unique(base, taken)

@@ -215,9 +215,10 @@ def load_keys(path: str | Path | None = None) -> dict[str, str]:
 # -- training jobs ----------------------------------------------------------------------------
 
 class _Job:
-    def __init__(self, namespace: str):
+    def __init__(self, namespace: str, full: bool = False):
         self.id = uuid.uuid4().hex
         self.namespace = namespace
+        self.full = full  # retrain from scratch instead of incrementally
         self.status = "queued"
         self.phase: str | None = None
         self.done = 0
@@ -255,7 +256,7 @@ def _manifest_summary(manifest: dict) -> dict:
                        "created_at": manifest.get("created_at"),
                        "base_model": {"name": base.get("name"), "sha256": base.get("sha256")},
                        "memories": len(manifest.get("ids") or ()), "threshold": manifest.get("threshold"),
-                       "metrics": manifest.get("metrics")})
+                       "up_to_date": bool(manifest.get("up_to_date")), "metrics": manifest.get("metrics")})
 
 
 class Trainer:
@@ -269,13 +270,13 @@ class Trainer:
         self._queue: queue.Queue[_Job] = queue.Queue()
         self._thread: threading.Thread | None = None
 
-    def submit(self, namespace: str) -> _Job:
+    def submit(self, namespace: str, full: bool = False) -> _Job:
         with self._lock:
             if namespace in self._active:
                 job = self._active[namespace]
                 raise TrainingError(f"a training job ({job.id}) is already {job.status} for this namespace; "
                                     f"poll GET /train/{job.id} until it is done")
-            job = _Job(namespace)
+            job = _Job(namespace, full)
             self._jobs[job.id] = job
             self._active[namespace] = job
             self._forget_old()
@@ -327,7 +328,7 @@ class Trainer:
             # loading it at once would leave two copies, and recall refuses to mix them.
             with self.mem._lock:
                 self.mem.base()
-            manifest = self.mem.train(user=job.namespace, progress=progress)
+            manifest = self.mem.train(user=job.namespace, progress=progress, full=job.full)
             result = {"status": "done", "manifest": _manifest_summary(manifest)}
         except IPMError as e:
             result = {"status": "failed", "error": str(e)}
@@ -565,12 +566,14 @@ def create_app(mem: IPM, api_keys: dict[str, str]) -> FastAPI:
 
     @app.post("/train", status_code=202, response_model=TrainJobOut, response_model_exclude_unset=True,
               responses=_err(401, 409), tags=["training"])
-    def train(request: Request, user: str = User):
+    def train(request: Request, user: str = User,
+              full: bool = Query(False, description="Retrain from scratch instead of folding new or changed "
+                                                    "memories into the current adapter.")):
         """Start training a new index version in the background; poll GET /train/{job_id}.
         Recall keeps answering from the previous version until the new one is complete."""
         if mem.status(user)["memories"] == 0:
             raise TrainingError(f"namespace {user!r} has no memories to train on: add or import some first")
-        job = trainer.submit(user)
+        job = trainer.submit(user, full)
         return JSONResponse(TrainJobOut(**job.to_dict()).model_dump(exclude_unset=True), status_code=202,
                             headers={"Location": str(request.url_for("train_job", job_id=job.id).path)})
 

@@ -146,10 +146,11 @@ class NewMemory:
 class Store:
     """All memories of all namespaces, in one SQLite database."""
 
-    def __init__(self, path: str | Path, max_text_bytes: int = MAX_TEXT_BYTES):
+    def __init__(self, path: str | Path, max_text_bytes: int = MAX_TEXT_BYTES, id_scheme: str = "lexicon"):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.max_text_bytes = max_text_bytes
+        self.id_scheme = id_scheme  # how IDs are minted for memories added without one (ids.mint_id)
         self._local = threading.local()
         self._conn().executescript(SCHEMA)  # idempotent; executescript manages its own transaction
 
@@ -302,7 +303,7 @@ class Store:
             stamp = now()
             out = []
             for rec in records:
-                memory_id = rec.id or mint_id(rec.text, taken)
+                memory_id = rec.id or mint_id(rec.text, taken, self.id_scheme)
                 taken.add(memory_id)
                 db.execute(
                     "INSERT INTO memories (namespace, id, text, sha256, version, created_at, updated_at) "

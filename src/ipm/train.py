@@ -16,6 +16,7 @@ import math
 import random
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 from .config import Config
@@ -63,8 +64,11 @@ def _schedule(step: int, total: int, warmup: int) -> float:
 
 
 def train_adapter(base: BaseModel, examples: list[Example], config: Config,
-                  progress: Progress | None = None, fast: bool | None = None) -> TrainResult:
-    """Train a fresh LoRA adapter on (question -> ID) examples; returns the PEFT model."""
+                  progress: Progress | None = None, fast: bool | None = None,
+                  init_from: Path | None = None) -> TrainResult:
+    """Train a LoRA adapter on (question -> ID) examples; returns the PEFT model. The adapter
+    starts fresh, or from the weights of the adapter saved in `init_from` (incremental training:
+    same LoRA shape required)."""
     import torch
     from peft import get_peft_model
 
@@ -80,6 +84,14 @@ def train_adapter(base: BaseModel, examples: list[Example], config: Config,
         fast = False
     lcfg, split = lora_config(config, n_layers, fast)
     peft_model = get_peft_model(model, lcfg)
+    if init_from is not None:
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        loaded = set_peft_model_state_dict(peft_model, load_file(Path(init_from) / "adapter_model.safetensors",
+                                                                 device=base.device))
+        if any("lora_" in k for k in loaded.unexpected_keys):
+            raise TrainingError(f"the adapter in {init_from} does not fit this LoRA configuration")
     params = [p for p in peft_model.parameters() if p.requires_grad]
 
     id_seqs = {e.memory_id: id_token_ids(tok, e.memory_id) for e in examples}

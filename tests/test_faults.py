@@ -1,0 +1,64 @@
+"""Faults with real processes: a `kill -9` during training or import loses nothing committed
+and leaves the previous index serving."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import ipm
+from ipm import index as index_dir
+from tests.conftest import MEMORIES
+
+
+def _ipm(home, tiny_config, cache, *args) -> subprocess.Popen:
+    (home / "ipm.toml").write_text("\n".join(
+        f"{k} = {json.dumps(v)}" for k, v in tiny_config.to_dict().items() if v is not None))
+    env = {**os.environ, "IPM_CACHE": str(cache)}
+    cli = Path(sys.executable).parent / "ipm"  # the console script of this environment
+    return subprocess.Popen([str(cli), *args, "--home", str(home)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def _kill_after(proc: subprocess.Popen, seconds: float) -> None:
+    time.sleep(seconds)
+    assert proc.poll() is None, f"the process ended before it could be killed: {proc.communicate()}"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(30)
+
+
+def test_kill_during_training_keeps_the_previous_index_serving(mem, memories_file, home, tiny_config, tmp_path):
+    mem.import_(memories_file)
+    mem.train()
+    before = {m.id: m.text for m in mem.list()}
+    mem.add("My favourite food is sushi.", id="food_favorite_sushi")
+    # Thousands of epochs on the tiny model: still training when killed.
+    proc = _ipm(home, tiny_config.updated(epochs=5000), tmp_path / "cache", "train", "--full")
+    _kill_after(proc, 8)
+    root = home / "indexes" / "default"
+    assert index_dir.current_dir(root).name == "v0001"
+    again = ipm.open(home, config=tiny_config, cache=tmp_path / "cache")
+    assert {m.id: m.text for m in again.list()} == {**before, "food_favorite_sushi": "My favourite food is sushi."}
+    a = again.ask(MEMORIES["personal_pet_max"], k=2)
+    assert a.candidates and {h.id for h in a.candidates} <= set(before) | {"food_favorite_sushi"}
+    # The next training finishes and cleans up what the killed one left.
+    assert again.train()["version"] == "v0002"
+    assert not list(root.glob("*.tmp-*"))
+
+
+def test_kill_during_import_writes_all_or_nothing(mem, home, tiny_config, tmp_path):
+    mem.add("My dog's name is Max and he is a beagle.", id="personal_pet_max")
+    big = tmp_path / "big.jsonl"
+    n = 60000
+    big.write_text("".join(json.dumps({"text": f"Fact number {i}: the locker code is {i * 7919 % 100000}."}) + "\n"
+                           for i in range(n)))
+    proc = _ipm(home, tiny_config, tmp_path / "cache", "import", str(big))
+    _kill_after(proc, 2.5)
+    again = ipm.open(home, config=tiny_config, cache=tmp_path / "cache")
+    count = again.store.count("default")
+    assert count in (1, 1 + n), f"a killed import left {count - 1} of {n} records"
+    assert again.get("personal_pet_max").text == "My dog's name is Max and he is a beagle."
+    assert again.store._conn().execute("PRAGMA integrity_check").fetchone()[0] == "ok"
