@@ -240,7 +240,7 @@ def main(argv: list[str] | None = None) -> dict:
         n = o["n"] + skipped
         o["skipped_as_misses"] = {"n": n, **{k: o.get(k, 0.0) * o["n"] / max(1, n) for k in METRICS}}
     name = f"locomo-{args.variant}" + ("-baselines" if args.baselines_only else "")  # never overwrite a full run
-    configured = (1.0, cfg.fusion_dense, cfg.fusion_bm25)
+    configured = (cfg.fusion_adapter, cfg.fusion_dense, cfg.fusion_bm25)
     fusion = {} if args.baselines_only else sweep(per_conv, args.tune_on.split(","), configured)
     # Every candidate's scores, for re-analysis; too bulky for the results JSON.
     scores = {c: r.pop("candidate_scores") for c, r in per_conv.items() if "candidate_scores" in r}

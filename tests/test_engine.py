@@ -203,7 +203,8 @@ def test_hybrid_without_fusion_gives_the_adapter_probabilities(trained):
     trained.reconfigure(decoding="pure", beam_size=8)
     for q in ["what is my dog called?", "where does my sister live", "penicillin"]:
         pure = {h.id: h.score for h in trained.ask(q, k=4).candidates}
-        trained.reconfigure(decoding="hybrid", hybrid_candidates=10, fusion_dense=0.0, fusion_bm25=0.0)
+        trained.reconfigure(decoding="hybrid", hybrid_candidates=10, fusion_adapter=1.0, fusion_dense=0.0,
+                            fusion_bm25=0.0)
         hybrid = {h.id: h.score for h in trained.ask(q, k=4).candidates}
         trained.reconfigure(decoding="pure")
         assert set(pure) == set(hybrid) == set(MEMORIES)

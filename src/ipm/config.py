@@ -53,11 +53,13 @@ class Config:
     # Recall. "pure": the adapter ranks every live ID (beam search over the whole trie).
     # "hybrid": BM25 and dense retrieval (MiniLM) each propose `hybrid_candidates` memories,
     # the adapter ranks those IDs, and the scores are fused (search.fuse):
-    # p(id) ∝ p_adapter(id) · exp(fusion_dense · cosine + fusion_bm25 · bm25 / best bm25).
+    # p(id) ∝ p_adapter(id)^fusion_adapter · exp(fusion_dense · cosine + fusion_bm25 · bm25 / best bm25).
+    # The weights were chosen on three LoCoMo conversations (benchmarks/locomo.py's sweep).
     decoding: str = "hybrid"
     hybrid_candidates: int = 10
-    fusion_dense: float = 20.0
-    fusion_bm25: float = 2.0
+    fusion_adapter: float = 0.5
+    fusion_dense: float = 40.0
+    fusion_bm25: float = 8.0
     beam_size: int = 8
     max_k: int = 10
     # Abstain when the best hit's probability is below this; None = use the value calibrated

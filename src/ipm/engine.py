@@ -429,7 +429,7 @@ class IPM:
         lora = dict(decoder.search(question, sub, k=len(sub), beam_size=len(sub))) if len(sub) else {}
         signals = {mid: Signals(math.log(max(lora.get(mid, 0.0), 1e-30)), cos, bm)
                    for mid, (cos, bm) in proposed.items()}
-        fused = fuse(signals, cfg.fusion_dense, cfg.fusion_bm25)
+        fused = fuse(signals, cfg.fusion_dense, cfg.fusion_bm25, cfg.fusion_adapter)
         return [(mid, p, signals[mid]) for mid, p in fused[:k]]
 
     def _serve(self, user: str) -> _Serving:
