@@ -98,7 +98,7 @@ def test_interrupted_training_keeps_the_previous_index(trained, home, monkeypatc
     before = trained.ask(MEMORIES["family_sister_anna"], k=1)
     monkeypatch.setattr(engine, "calibrate", boom)
     with pytest.raises(KeyboardInterrupt):
-        trained.train()
+        trained.train(full=True)
     root = home / "indexes" / "default"
     assert index_dir.current_dir(root).name == "v0001"
     assert not list(root.glob("*.tmp-*"))

@@ -518,8 +518,8 @@ class IPM:
         if pending and (abstained or pending[0].score > answer_hits[0].score):
             answer_hits = (pending + answer_hits)[:k]
             abstained = False
-        elif pending:
-            answer_hits = (answer_hits + pending)[:k]
+        elif pending:  # pending hits take the last places, after at least the top indexed hit
+            answer_hits = (answer_hits[:max(1, k - len(pending))] + pending)[:k]
         answer = Answer(question, abstained, answer_hits, hits if abstained else answer_hits, time.perf_counter() - t0)
         if log:
             self.store.log(user, "ask", [h.id for h in answer_hits], abstained=abstained)

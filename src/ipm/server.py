@@ -565,7 +565,7 @@ def create_app(mem: IPM, api_keys: dict[str, str]) -> FastAPI:
         return mem.ask(body.question, k=body.k, user=user).to_dict()
 
     @app.post("/train", status_code=202, response_model=TrainJobOut, response_model_exclude_unset=True,
-              responses=_err(401, 409), tags=["training"])
+              responses=_err(401, 409, 422), tags=["training"])
     def train(request: Request, user: str = User,
               full: bool = Query(False, description="Retrain from scratch instead of folding new or changed "
                                                     "memories into the current adapter.")):
