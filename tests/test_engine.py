@@ -252,3 +252,12 @@ def test_train_with_nothing_new_is_up_to_date_and_full_retrains(trained):
     assert again["up_to_date"] and again["version"] == "v0001"
     full = trained.train(full=True)
     assert full["version"] == "v0002" and full["metrics"]["incremental"] is None
+
+
+def test_ids_are_minted_with_the_configured_scheme(mem, home, tiny_config, tmp_path):
+    fact = "Caroline attended an LGBTQ support group recently and found the transgender stories inspiring."
+    assert mem.add(fact).id == "caroline_lgbtq_transgender"  # salient, the default
+    lexicon = ipm.open(home, config=tiny_config.updated(id_scheme="lexicon"), cache=tmp_path / "cache")
+    assert lexicon.add(fact, user="other").id == "note_caroline_lgbtq"
+    with pytest.raises(InvalidInput, match="id_scheme"):
+        tiny_config.updated(id_scheme="random")

@@ -69,9 +69,10 @@ class Config:
     device: str = "auto"
     threads: int = 0  # 0 = torch default
     # Store: text size limit, and how IDs are minted for memories added without one
-    # ("salient" or "lexicon", see ids.py).
+    # ("salient" or "lexicon", see ids.py). On LoCoMo conv-26, salient IDs took the adapter
+    # alone from 15.7 to 24.8 held-out recall@1 (hybrid unchanged) and trained 17% faster.
     max_text_bytes: int = MAX_TEXT_BYTES
-    id_scheme: str = "lexicon"
+    id_scheme: str = "salient"
 
     @classmethod
     def from_file(cls, path: str | Path) -> "Config":

@@ -3,13 +3,13 @@
 An ID is lowercase `[a-z0-9]` words joined by `_`, at least three parts. The engine mints one
 from the memory text when the user gives none. Two schemes:
 
-- "salient": a fact about someone ("Caroline attended an LGBTQ support group...")
+- "salient" (the engine's default, `Config.id_scheme`): a fact about someone ("Caroline attended an LGBTQ support group...")
   becomes `{person}_{rarest word}_{next rarest}` (`caroline_lgbtq_transgender`): the trie's
   first decision is then who the fact is about, and the rest are the words least likely to
   be shared with other facts (rarity from `wordfreq`, English). A first-person memory ("My
   dog's name is Max.") keeps the lexicon's domain and topic, with the most specific entity:
   `personal_pet_max`.
-- "lexicon" (default): always domain and topic from a small lexicon of everyday life, and a proper
+- "lexicon" (this function's default, for compatibility): always domain and topic from a small lexicon of everyday life, and a proper
   noun, else the longest word (`note_caroline_lgbtq`).
 
 Minting is deterministic: same text and same taken IDs give the same ID.
