@@ -62,9 +62,11 @@ DECODINGS = ("hybrid", "pure")
 
 
 def evaluate_systems(mem, questions, user: str, bars, label: str, decodings=DECODINGS,
-                     baselines=("bm25", "dense")) -> dict:
+                     baselines=("bm25", "dense"), memories=None, hybrid_answers: list | None = None) -> dict:
     """IPM with each decoding on the same trained index ("ipm-hybrid", "ipm-pure"), then the
-    baselines on the same memories and questions: {system: metrics}."""
+    baselines on the same memories (default: the namespace's) and questions: {system: metrics}.
+    If `hybrid_answers` is a list, hybrid decoding is asked for every candidate it ranks (the
+    metrics still use the top 10) and each (question, Answer) is appended to it."""
     from ipm.evaluate import evaluate_baseline, evaluate_ipm
 
     default = mem.config.decoding
@@ -72,10 +74,12 @@ def evaluate_systems(mem, questions, user: str, bars, label: str, decodings=DECO
     try:
         for d in decodings:
             mem.reconfigure(decoding=d)
-            out[f"ipm-{d}"] = evaluate_ipm(mem, questions, user, progress=bars.eval(f"{label} {d}"))
+            keep = hybrid_answers if d == "hybrid" else None
+            out[f"ipm-{d}"] = evaluate_ipm(mem, questions, user, progress=bars.eval(f"{label} {d}"),
+                                           k=100 if keep is not None else 10, answers=keep)
     finally:
         mem.reconfigure(decoding=default)
-    memories = mem.store.list(user)
+    memories = mem.store.list(user) if memories is None else memories
     for name in baselines:
         out[name] = evaluate_baseline(name, [m.id for m in memories], [m.text for m in memories], questions)
     return out

@@ -99,7 +99,7 @@ def micro(parts: list[dict]) -> dict:
 # -- one conversation --------------------------------------------------------------------
 def run_conversation(mem, conv_id: str, conv: dict, others: list[dict], args, bars) -> dict:
     """Load one conversation's memories into namespace `conv_id`, train, evaluate every system."""
-    from ipm.evaluate import Question, evaluate_baseline, evaluate_ipm
+    from ipm.evaluate import Question, evaluate_baseline
     from ipm.store import NewMemory
 
     mems = memories(conv, args.variant)[: args.limit_memories]
@@ -133,23 +133,15 @@ def run_conversation(mem, conv_id: str, conv: dict, others: list[dict], args, ba
     result["train_seconds"] = round(time.perf_counter() - t0, 2)
     result["train_examples"] = manifest["metrics"].get("examples")
     result["calibration"] = manifest["metrics"]["calibration"]
-    default = mem.config.decoding
-    for decoding in args.decodings:
-        mem.reconfigure(decoding=decoding)
-        answers = [] if decoding == "hybrid" else None
-        # Hybrid ranks every candidate anyway: asking for all of them keeps their scores for the sweep.
-        result[f"ipm-{decoding}"] = evaluate_ipm(mem, questions + oos, conv_id, progress=bars.eval(f"{conv_id} {decoding}"),
-                                                 k=100 if decoding == "hybrid" else 10, answers=answers)
-        if answers is not None:
-            result["candidate_scores"] = [
-                {"gold": sorted(q.gold), "category": q.category,
-                 "candidates": {h.id: [h.signals.lora, h.signals.dense, h.signals.bm25] for h in a.candidates}}
-                for q, a in answers if q.gold is not None]
-    mem.reconfigure(decoding=default)
-    if not args.no_baselines:
-        ids, texts = [m.id for m in added], [m.text for m in added]
-        for name in BASELINES:
-            result[name] = evaluate_baseline(name, ids, texts, questions)
+    # Hybrid ranks every candidate anyway: asking for all of them keeps their scores for the sweep.
+    answers: list = []
+    result.update(common.evaluate_systems(mem, questions + oos, conv_id, bars, conv_id, args.decodings,
+                                          () if args.no_baselines else BASELINES, added, answers))
+    if answers:
+        result["candidate_scores"] = [
+            {"gold": sorted(q.gold), "category": q.category,
+             "candidates": {h.id: [h.signals.lora, h.signals.dense, h.signals.bm25] for h in a.candidates}}
+            for q, a in answers if q.gold is not None]
     return result
 
 
@@ -272,11 +264,7 @@ def table(overall: dict) -> list[dict]:
     rows = []
     for system, o in overall.items():
         extra = {f"recall@1 {CATEGORIES[c]}": m["recall@1"] for c, m in o.get("by_category", {}).items()}
-        if system.startswith("ipm"):
-            extra.update({"answered right %": o["answered_correct"], "abstained %": o["abstained"],
-                          "wrong answer %": o["wrong_answer_rate"], "latency p50 ms": o["latency_ms_p50"],
-                          "out-of-scope refused %": o.get("out_of_scope", {}).get("refused")})
-        rows.append(common.row(system, o, **extra))
+        rows.append(common.row(system, o, **extra, **common.answer_columns(o)))
     return rows
 
 

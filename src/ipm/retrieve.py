@@ -8,6 +8,7 @@ they propose the candidates of hybrid decoding, whose trie holds only the IDs th
 from __future__ import annotations
 
 import functools
+import heapq
 
 from .errors import InvalidInput
 
@@ -100,7 +101,7 @@ class Candidates:
         cos = self.dense.scores(question)
         bm = self.bm25.scores(question)
         best = max(bm) if bm else 0.0
-        top = set(sorted(range(len(cos)), key=lambda i: -cos[i])[:n])
+        top = set(heapq.nlargest(n, range(len(cos)), key=cos.__getitem__))
         if best > 0:
-            top |= set(sorted((i for i in range(len(bm)) if bm[i] > 0), key=lambda i: -bm[i])[:n])
+            top |= set(heapq.nlargest(n, (i for i in range(len(bm)) if bm[i] > 0), key=bm.__getitem__))
         return {self.ids[i]: (cos[i], bm[i] / best if best > 0 else 0.0) for i in sorted(top)}
