@@ -42,6 +42,9 @@ def parser(description: str) -> argparse.ArgumentParser:
     g.add_argument("--base-model", default=None, help="local HF model directory or .gguf file (default: SmolLM2-135M)")
     g.add_argument("--epochs", type=int, default=None)
     g.add_argument("--questions-per-memory", type=int, default=None)
+    g.add_argument("--question-kinds", default=None, metavar="K,K",
+                   help="built-in question kinds to train on (templates, wh, keywords, spans, id; '' = none)")
+    g.add_argument("--question-source", choices=("builtin", "llm", "both"), default=None)
     g.add_argument("--lora-layers", type=int, default=None)
     g.add_argument("--decoding", choices=("pure", "hybrid"), default=None)
     g.add_argument("--id-scheme", choices=("salient", "lexicon"), default=None,
@@ -55,7 +58,9 @@ def config(args: argparse.Namespace):
 
     return ipm.Config().updated(seed=args.seed, base_model=args.base_model, epochs=args.epochs,
                                 questions_per_memory=args.questions_per_memory, lora_layers=args.lora_layers,
-                                decoding=args.decoding, id_scheme=args.id_scheme)
+                                decoding=args.decoding, id_scheme=args.id_scheme, question_source=args.question_source,
+                                question_kinds=None if args.question_kinds is None else
+                                [k for k in args.question_kinds.split(",") if k])
 
 
 DECODINGS = ("hybrid", "pure")

@@ -121,3 +121,21 @@ def test_incremental_smoke(tiny_model, tmp_path, monkeypatch):
             check_metrics(run["old"][mode])
             check_metrics(run["new"][mode])
     assert data["runs"]["+100%"]["full_retrain"]["seconds"] > 0
+
+
+def test_question_mix_smoke(tiny_model, tmp_path, monkeypatch):
+    need(SHARED / "locomo" / "conv-26.json")
+    load("locomo", monkeypatch)
+    mix = load("question_mix", monkeypatch)
+    files = [str(SHARED / "locomo" / "conv-26.json"), str(SHARED / "locomo" / "conv-30.json")]
+    mix.main(files + tiny_args(tiny_model, tmp_path) + ["--mixes", "text,wh", "--limit-memories", "15",
+                                                        "--out-of-scope", "5"])
+    data = check_files(tmp_path / "results", "question-mix")
+    text, wh = data["mixes"]["text"], data["mixes"]["wh"]
+    assert text["question_kinds"] == [] and wh["question_kinds"] == ["wh"]
+    # The text-only mix trains on one input per memory; wh questions add more.
+    assert text["train_examples"] == 15 < wh["train_examples"]
+    for run in (text, wh):
+        check_metrics(run["overall"]["ipm-hybrid"])
+        check_metrics(run["overall"]["ipm-pure"])
+    assert (tmp_path / "results" / "question-mix" / "wh" / "locomo-observations.json").is_file()

@@ -137,6 +137,28 @@ def test_naive_training_path_also_works(mem, memories_file, tiny_config):
     assert result.metrics["path"] == "naive" and result.metrics["trained_layers"] == 4
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_base_model_dtype_is_configurable_and_lora_trains_in_float32(mem, memories_file, tiny_config, dtype):
+    import torch
+
+    mem.config = tiny_config.updated(dtype=dtype)
+    assert next(mem.base().model.parameters()).dtype == getattr(torch, dtype)
+    mem.import_(memories_file)
+    manifest = mem.train()
+    assert manifest["config"]["dtype"] == dtype
+    from safetensors.torch import load_file
+
+    version = home_version(mem)
+    assert {t.dtype for t in load_file(version / "adapter_model.safetensors").values()} == {torch.float32}
+    assert mem.ask("what is my dog called?", k=3).candidates[0].id in MEMORIES
+    with pytest.raises(InvalidInput, match="dtype"):
+        tiny_config.updated(dtype="float8")
+
+
+def home_version(mem):
+    return index_dir.current_dir(mem.paths.index_root("default"))
+
+
 def test_train_needs_memories(mem):
     with pytest.raises(TrainingError, match="no memories"):
         mem.train()

@@ -69,6 +69,21 @@ def test_beam_search_returns_exact_constrained_probabilities(lora_model, questio
     assert [m for m, _ in hits] == sorted(exact, key=lambda m: -exact[m])
 
 
+@pytest.mark.parametrize("subset", [IDS, IDS[:2], IDS[3:5], IDS[:1], ["family_sister_anna", "food_favorite_sushi", "work_job_acme"]])
+@pytest.mark.parametrize("question", ["what is my dog called?", "x"])
+def test_tree_scoring_gives_every_id_its_exact_probability_in_one_pass(lora_model, question, subset):
+    model, tok = lora_model
+    trie = Trie((m, id_token_ids(tok, m)) for m in subset)
+    scores = RunnerDecoder(Runner(model), tok).score(question, trie)
+    exact = exact_scores(model, tok, question, trie)
+    assert set(scores) == set(subset)
+    for mid in subset:
+        assert scores[mid] == pytest.approx(exact[mid], rel=1e-3, abs=1e-6)
+    assert sum(scores.values()) == pytest.approx(1.0, abs=1e-4)
+    # The generic decoder (any HF model) scores through `generate`: every ID, approximately.
+    assert set(GenerateDecoder(model, tok).score(question, trie)) == set(subset)
+
+
 def test_top1_equals_best_exact_id_with_a_small_beam(lora_model):
     model, tok = lora_model
     trie = Trie((m, id_token_ids(tok, m)) for m in IDS)

@@ -96,6 +96,9 @@ def train(user: str = User, home: Optional[Path] = Home, config: Optional[Path] 
           lora_layers: Optional[int] = typer.Option(None, "--lora-layers", help="Train LoRA in the top N layers (0 = all)."),
           questions_per_memory: Optional[int] = typer.Option(None, "--questions-per-memory"),
           question_source: Optional[str] = typer.Option(None, "--question-source", help="builtin, llm or both."),
+          question_kinds: Optional[str] = typer.Option(None, "--question-kinds",
+                                                       help="Built-in question kinds, comma-separated: "
+                                                            "templates, wh, keywords, spans, id."),
           seed: Optional[int] = typer.Option(None, "--seed"),
           full: bool = typer.Option(False, "--full", help="Retrain from scratch instead of folding new or changed "
                                                          "memories into the current index."),
@@ -103,7 +106,8 @@ def train(user: str = User, home: Optional[Path] = Home, config: Optional[Path] 
     """Train a new index version and make it current: incrementally (new and changed memories,
     plus replayed questions of the others) when an index exists, else on every memory."""
     mem = _open(home, config, base_model=base_model, epochs=epochs, lora_r=lora_r, lora_layers=lora_layers,
-                questions_per_memory=questions_per_memory, question_source=question_source, seed=seed)
+                questions_per_memory=questions_per_memory, question_source=question_source, seed=seed,
+                question_kinds=[k.strip() for k in question_kinds.split(",")] if question_kinds else None)
     with _progress() as bar:
         tasks = {}
 

@@ -43,6 +43,9 @@ class Config:
     # and whether to ask the base model to write more ("builtin", "llm" or "both").
     questions_per_memory: int = 24
     question_source: str = "builtin"
+    # Which kinds of built-in questions to draw from (questions.QUESTION_KINDS): "templates",
+    # "wh", "keywords", "spans", "id". benchmarks/locomo.py --question-kinds compares mixes.
+    question_kinds: list[str] = field(default_factory=lambda: ["templates", "keywords", "spans", "id"])
     llm_questions_per_memory: int = 4
     # Incremental training (`train(full=False)`, the default when an index exists): continue
     # from the current adapter on the new or changed memories' questions, plus this many
@@ -65,8 +68,11 @@ class Config:
     # Abstain when the best hit's probability is below this; None = use the value calibrated
     # at training time.
     abstain_threshold: float | None = None
-    # Hardware: "auto" picks CUDA when present. bf16 is used on CUDA only.
+    # Hardware: "auto" picks CUDA when present. dtype of the frozen base model's weights:
+    # "auto" = bfloat16 on CUDA and on CPUs with native bf16 (AVX512-BF16, AMX), else float32.
+    # The LoRA weights are always trained in float32.
     device: str = "auto"
+    dtype: str = "auto"
     threads: int = 0  # 0 = torch default
     # Store: text size limit, and how IDs are minted for memories added without one
     # ("salient" or "lexicon", see ids.py). On LoCoMo conv-26, salient IDs took the adapter
@@ -107,8 +113,14 @@ class Config:
     def check(self) -> None:
         if self.id_scheme not in ("salient", "lexicon"):
             raise InvalidInput("id_scheme must be 'salient' or 'lexicon'")
+        if self.dtype not in ("auto", "float32", "bfloat16"):
+            raise InvalidInput("dtype must be 'auto', 'float32' or 'bfloat16'")
         if self.decoding not in ("pure", "hybrid"):
             raise InvalidInput("decoding must be 'pure' or 'hybrid'")
+        from .questions import QUESTION_KINDS
+
+        if not isinstance(self.question_kinds, list) or not set(self.question_kinds) <= set(QUESTION_KINDS):
+            raise InvalidInput(f"question_kinds must be a list of: {', '.join(QUESTION_KINDS)}")
         if self.question_source not in ("builtin", "llm", "both"):
             raise InvalidInput("question_source must be 'builtin', 'llm' or 'both'")
         for name in ("lora_r", "epochs", "batch_size", "beam_size", "questions_per_memory", "hybrid_candidates"):

@@ -278,7 +278,8 @@ class IPM:
         rng = random.Random(cfg.seed)
         train, calib = [], []
         for m in memories:
-            generated = [] if cfg.question_source == "llm" else builtin_questions(m.id, m.text, cfg.questions_per_memory, cfg.seed)[1:]
+            generated = [] if cfg.question_source == "llm" else builtin_questions(
+                m.id, m.text, cfg.questions_per_memory, cfg.seed, cfg.question_kinds)[1:]
             generated += extra.get(m.id, [])
             rng.shuffle(generated)
             n_cal = int(len(generated) * cfg.calibration_fraction)
@@ -425,8 +426,7 @@ class IPM:
             return [(mid, p, None) for mid, p in decoder.search(question, trie, k=k, beam_size=max(k, cfg.beam_size))]
         proposed = {mid: v for mid, v in candidates(question, cfg.hybrid_candidates).items() if mid in trie}
         sub = Trie((mid, trie.sequences[mid]) for mid in proposed)
-        # A beam as wide as the candidate set is exhaustive: every candidate gets its exact probability.
-        lora = dict(decoder.search(question, sub, k=len(sub), beam_size=len(sub))) if len(sub) else {}
+        lora = decoder.score(question, sub)  # every candidate's exact probability
         signals = {mid: Signals(math.log(max(lora.get(mid, 0.0), 1e-30)), cos, bm)
                    for mid, (cos, bm) in proposed.items()}
         fused = fuse(signals, cfg.fusion_dense, cfg.fusion_bm25, cfg.fusion_adapter)

@@ -173,6 +173,20 @@ def pick_device(config: Config) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def pick_dtype(config: Config, device: str):
+    """bfloat16 where the hardware computes in it natively: half the weight bytes to read per
+    token, which is what bounds a small model's forward pass on a CPU."""
+    import torch
+
+    if config.dtype != "auto":
+        return getattr(torch, config.dtype)
+    if device.startswith("cuda"):
+        return torch.bfloat16
+    if device == "cpu" and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
 _LOADED: dict[tuple, BaseModel] = {}
 _LOAD_LOCK = threading.Lock()  # a training thread and a query may ask for the model at once
 
@@ -193,12 +207,11 @@ def _load_base(config: Config, paths: Paths) -> BaseModel:
 
     name, path, digest = resolve_model(config, paths)
     device = pick_device(config)
-    key = (str(path), digest, device)
+    dtype = pick_dtype(config, device)
+    key = (str(path), digest, device, dtype)
     if key in _LOADED:
         return _LOADED[key]
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)

@@ -120,6 +120,92 @@ def entities(text: str) -> list[str]:
     return list(dict.fromkeys(out))
 
 
+# Statement -> wh-questions ("Jon visited Paris recently" -> "Where did Jon visit?"). Without a
+# parser: the subject is what precedes the first word that reads as a verb.
+AUXILIARIES = {"is", "was", "are", "were", "am", "has", "have", "had", "will", "can", "could", "would", "should",
+               "does", "did", "do", "may", "might", "must"}
+IRREGULAR_PAST = dict(pair.split(":") for pair in (
+    "went:go had:have made:make took:take got:get saw:see found:find felt:feel gave:give bought:buy "
+    "brought:bring thought:think told:tell said:say met:meet left:leave kept:keep began:begin came:come "
+    "did:do knew:know ran:run wrote:write won:win lost:lose spent:spend sent:send built:build taught:teach "
+    "caught:catch drew:draw drove:drive ate:eat fell:fall heard:hear held:hold led:lead paid:pay sold:sell "
+    "sang:sing sat:sit slept:sleep spoke:speak stood:stand swam:swim threw:throw understood:understand "
+    "wore:wear chose:choose became:become grew:grow forgot:forget rode:ride broke:break hung:hang "
+    "taught:teach fought:fight flew:fly hid:hide shot:shoot struck:strike woke:wake").split())
+CLAUSE_END = {"and", "but", "because", "due", "despite", "which", "who", "while", "after", "before", "since",
+              "so", "as", "where", "when", "that", "with", "for", "to", "in", "at", "on", "from", "of"}
+WH_PAST = ["What did {s} {v}?", "When did {s} {v} {o}?", "Why did {s} {v} {o}?", "Where did {s} {v} {o}?",
+           "Who {past} {o}?", "How did {s} {v} {o}?", "Did {s} {v} {o}?"]
+WH_PRESENT = ["What does {s} {v}?", "Why does {s} {v} {o}?", "Who {pres} {o}?", "How does {s} {v} {o}?",
+              "Does {s} {v} {o}?"]
+WH_AUX = ["What {a} {s} {o1}?", "Why {a} {s} {o}?", "Who {a} {o}?", "When {a} {s} {o}?", "{A} {s} {o}?"]
+WH_COPULA = ["What {a} {s}?", "Who {a} {o}?", "{A} {s} {o}?"]
+
+
+def _zipf(word: str) -> float:
+    from wordfreq import zipf_frequency
+
+    return zipf_frequency(word, "en")
+
+
+def verb_base(word: str) -> tuple[str, str] | None:
+    """(base form, "past" or "present") if `word` reads as an inflected verb, else None."""
+    w = word.lower()
+    if w in IRREGULAR_PAST:
+        return IRREGULAR_PAST[w], "past"
+    if len(w) > 4 and w.endswith("ied"):
+        return w[:-3] + "y", "past"
+    if len(w) > 4 and w.endswith("ed"):
+        stem = w[:-2]
+        options = [stem, stem + "e"] + ([stem[:-1]] if stem[-1] == stem[-2] and stem[-1] not in "lsfz" else [])
+        return max(options, key=_zipf), "past"
+    if len(w) > 4 and w.endswith("ies"):
+        return w[:-3] + "y", "present"
+    if len(w) > 3 and w.endswith("s") and not w.endswith(("ss", "us", "is", "'s", "’s")):
+        base = w[:-2] if w.endswith(("ches", "shes", "xes", "oes", "sses")) else w[:-1]
+        return base, "present"
+    return None
+
+
+def wh_questions(text: str) -> list[str]:
+    """Who / what / when / why questions made from each sentence's subject and verb."""
+    out = []
+    for sentence in re.split(r"(?<=[.!?;])\s+", text):
+        words = WORD.findall(sentence)
+        for v in range(1, min(6, len(words))):
+            w = words[v].lower()
+            named_subject = all(x[:1].isupper() or x.lower() == "and" for x in words[:v])
+            if w in AUXILIARIES or w in IRREGULAR_PAST or w.endswith("ed") or (named_subject and verb_base(w)):
+                break
+        else:
+            continue
+        subject = " ".join(words[:v])
+        if subject.split()[0].lower() in ("my", "our", "we", "he", "she", "they", "it", "his", "her", "their"):
+            subject = subject[0].lower() + subject[1:]
+        rest = []
+        for x in words[v + 1:v + 8]:
+            if x.lower() in CLAUSE_END and rest:
+                break
+            rest.append(x)
+        obj = " ".join(rest)
+        if w in AUXILIARIES:
+            if w in ("has", "have", "had") and not (rest and rest[0].endswith(("ed", "en"))):
+                base, tense = "have", ("past" if w == "had" else "present")
+            else:
+                templates = WH_AUX if rest and rest[0].endswith("ing") else WH_COPULA
+                out += [t.format(a=w, A=w.capitalize(), s=subject, o=obj, o1=rest[0] if rest else "").replace(" ?", "?")
+                        for t in templates]
+                continue
+        else:
+            found = verb_base(w)
+            if found is None:
+                continue
+            base, tense = found
+        templates = WH_PAST if tense == "past" else WH_PRESENT
+        out += [t.format(s=subject, v=base, past=words[v], pres=words[v], o=obj).replace(" ?", "?") for t in templates]
+    return dedupe(q[0].upper() + q[1:] for q in out)
+
+
 def synonyms_of(phrase: str) -> list[str]:
     words = phrase.split()
     out = []
@@ -129,51 +215,65 @@ def synonyms_of(phrase: str) -> list[str]:
     return out
 
 
-def builtin_questions(memory_id: str, text: str, n: int, seed: int = 0) -> list[str]:
-    """About `n` distinct training inputs for one memory, deterministic for (id, text, seed)."""
+QUESTION_KINDS = ("templates", "wh", "keywords", "spans", "id")
+
+
+def builtin_questions(memory_id: str, text: str, n: int, seed: int = 0,
+                      kinds: Iterable[str] = QUESTION_KINDS) -> list[str]:
+    """About `n` distinct training inputs for one memory (the text itself first), deterministic
+    for (id, text, seed). `kinds` picks the sources, drawn from in turn:
+    templates: questions about the phrases after "my", the proper nouns and the ID's topic;
+    wh: who/what/when/why questions from each sentence's subject and verb;
+    keywords: subsets of the content words, sometimes with a synonym, bare or in a frame;
+    spans: the sentences and short word spans of the text (doc-as-query);
+    id: the words of the ID."""
     rng = random.Random(f"{seed}:{memory_id}")
     parts = memory_id.split("_")
-    topic_words = [p for p in parts[1:2] if p not in STOPWORDS]
-    nouns = my_phrases(text)
-    nouns += [s for p in nouns for s in synonyms_of(p)]
-    nouns += [t for t in topic_words if t not in nouns]
-    ents = entities(text)
-    words = content_words(text)
-    syn_words = [s for w in words for s in SYNONYMS.get(w, [])]
-
+    kinds = set(kinds)
     pools: list[list[str]] = []
-    pools.append([TEMPLATES_NOUN[i].format(n=noun) for noun in nouns for i in rng.sample(range(len(TEMPLATES_NOUN)), 4)])
-    pools.append([TEMPLATES_ENTITY[i].format(e=e) for e in ents for i in rng.sample(range(len(TEMPLATES_ENTITY)), 4)])
-    # An entity together with what the memory says about it ("Hannah birthday", "Max's breed?").
-    pools.append([rng.choice(PAIR_TEMPLATES).format(e=e, n=noun) for e in ents for noun in nouns + topic_words])
-    pools.append([t.format(t=topic) for topic in topic_words for t in rng.sample(TEMPLATES_TOPIC, 2)])
-    # Keyword subsets in text order, sometimes with a synonym swapped in, bare or in a question frame.
-    kw = []
-    for _ in range(10):
-        if len(words) >= 2:
-            k = rng.randint(2, min(4, len(words)))
-            idx = sorted(rng.sample(range(len(words)), k))
-            picked = [words[i] for i in idx]
-            if syn_words and rng.random() < 0.5:
-                j = rng.randrange(len(picked))
-                alts = SYNONYMS.get(picked[j])
-                if alts:
-                    picked[j] = rng.choice(alts)
-            phrase = " ".join(picked)
-            kw.append(rng.choice(KEYWORD_FRAMES).format(k=phrase) if rng.random() < 0.5 else phrase)
-    pools.append(kw)
-    sentences = [x.strip() for x in re.split(r"(?<=[.!?;])\s+", text) if len(x.split()) >= 3]
-    pools.append(sentences if len(sentences) > 1 else [])
-    # Spans of the text.
-    tokens = text.split()
-    spans = []
-    for _ in range(4):
-        if len(tokens) > 5:
-            length = rng.randint(3, min(8, len(tokens) - 1))
-            start = rng.randrange(0, len(tokens) - length + 1)
-            spans.append(" ".join(tokens[start:start + length]))
-    pools.append(spans)
-    pools.append([" ".join(parts[1:]), " ".join(parts)])
+    if "templates" in kinds:
+        topic_words = [p for p in parts[1:2] if p not in STOPWORDS]
+        nouns = my_phrases(text)
+        nouns += [s for p in nouns for s in synonyms_of(p)]
+        nouns += [t for t in topic_words if t not in nouns]
+        ents = entities(text)
+        pools.append([TEMPLATES_NOUN[i].format(n=noun) for noun in nouns for i in rng.sample(range(len(TEMPLATES_NOUN)), 4)])
+        pools.append([TEMPLATES_ENTITY[i].format(e=e) for e in ents for i in rng.sample(range(len(TEMPLATES_ENTITY)), 4)])
+        # An entity together with what the memory says about it ("Hannah birthday", "Max's breed?").
+        pools.append([rng.choice(PAIR_TEMPLATES).format(e=e, n=noun) for e in ents for noun in nouns + topic_words])
+        pools.append([t.format(t=topic) for topic in topic_words for t in rng.sample(TEMPLATES_TOPIC, 2)])
+    if "wh" in kinds:
+        pools.append(wh_questions(text))
+    if "keywords" in kinds:
+        words = content_words(text)
+        syn_words = [s for w in words for s in SYNONYMS.get(w, [])]
+        kw = []
+        for _ in range(10):
+            if len(words) >= 2:
+                k = rng.randint(2, min(4, len(words)))
+                idx = sorted(rng.sample(range(len(words)), k))
+                picked = [words[i] for i in idx]
+                if syn_words and rng.random() < 0.5:
+                    j = rng.randrange(len(picked))
+                    alts = SYNONYMS.get(picked[j])
+                    if alts:
+                        picked[j] = rng.choice(alts)
+                phrase = " ".join(picked)
+                kw.append(rng.choice(KEYWORD_FRAMES).format(k=phrase) if rng.random() < 0.5 else phrase)
+        pools.append(kw)
+    if "spans" in kinds:
+        sentences = [x.strip() for x in re.split(r"(?<=[.!?;])\s+", text) if len(x.split()) >= 3]
+        pools.append(sentences if len(sentences) > 1 else [])
+        tokens = text.split()
+        spans = []
+        for _ in range(4):
+            if len(tokens) > 5:
+                length = rng.randint(3, min(8, len(tokens) - 1))
+                start = rng.randrange(0, len(tokens) - length + 1)
+                spans.append(" ".join(tokens[start:start + length]))
+        pools.append(spans)
+    if "id" in kinds:
+        pools.append([" ".join(parts[1:]), " ".join(parts)])
 
     out: list[str] = [text]
     # Round-robin over the pools so every kind is represented even when n is small.

@@ -108,6 +108,77 @@ class RunnerDecoder:
                 h, suffix_kv, suffix_valid = self._step(beams, prompt_kv, suffix_kv, suffix_valid, T)
             return [(mid, math.exp(lp)) for lp, mid in finished[:k]]
 
+    def score(self, question: str, trie: Trie) -> dict[str, float]:
+        """The exact probability of every ID in `trie`, in one forward pass (tree attention).
+
+        The prompt and the trie's nodes go in as one sequence: a node sees the prompt and its
+        own ancestors only, at the position it would have in its ID, so its hidden state is
+        the one decoding would reach there. Only nodes with two or more IDs below are fed (a
+        node with one ID below leads to no further choice). Same numbers as an exhaustive beam
+        search, at the cost of one prompt-sized forward pass: meant for small tries (hybrid
+        decoding's candidates)."""
+        import torch
+
+        if len(trie) == 0:
+            return {}
+        if len(trie) == 1:
+            return {next(iter(trie.sequences)): 1.0}
+        r = self.runner
+        prompt = prompt_ids(self.tokenizer, question)
+        T = len(prompt)
+        # Fed nodes in depth-first order: (token, parent row or -1 for the prompt, depth).
+        tokens, parents, depths, nodes = [], [], [], []
+
+        def visit(node: Node, row: int, depth: int) -> None:
+            for t, child in (node.children or {}).items():
+                if child.count >= 2:
+                    tokens.append(t)
+                    parents.append(row)
+                    depths.append(depth + 1)
+                    nodes.append(child)
+                    visit(child, len(tokens) - 1, depth + 1)
+
+        visit(trie.root, -1, 0)
+        N = len(tokens)
+        ids = torch.tensor([prompt + tokens], device=self.device)
+        pos = torch.tensor([list(range(T)) + [T - 1 + d for d in depths]], device=self.device)
+        mask = torch.zeros(T + N, T + N, dtype=torch.bool)
+        mask[:, :T] = torch.tril(torch.ones(T + N, T, dtype=torch.bool))
+        for j in range(N):
+            mask[T + j, T + j] = True
+            a = parents[j]
+            while a >= 0:
+                mask[T + j, T + a] = True
+                a = parents[a]
+        with torch.inference_mode():
+            x = r.embed(ids)
+            cos, sin = r.rope(x, pos)
+            m = mask.to(self.device)[None, None]
+            for i in range(r.n_layers):
+                x, _ = r.layer(i, x, cos, sin, mask=m)
+            # Hidden state for each branching point: the prompt's last token for the root.
+            branch = [(T - 1, trie.root)] + [(T + j, n) for j, n in enumerate(nodes)]
+            branch = [(row, n) for row, n in branch if n.children and len(n.children) >= 2]
+            allowed = [n.allowed() for _, n in branch]
+            vocab = sorted({t for a in allowed for t in a})
+            col = {t: j for j, t in enumerate(vocab)}
+            logits = r.logits(x[0, [row for row, _ in branch]], torch.tensor(vocab, device=self.device)).float()
+            rows = torch.tensor([b for b, a in enumerate(allowed) for _ in a], device=self.device)
+            cols = torch.tensor([col[t] for a in allowed for t in a], device=self.device)
+            masked = torch.full_like(logits, float("-inf"))
+            masked[rows, cols] = logits[rows, cols]
+            logp = torch.log_softmax(masked, dim=-1).tolist()
+        choice = {id(n): (b, {t: logp[b][col[t]] for t in a}) for b, ((_, n), a) in enumerate(zip(branch, allowed))}
+        out = {}
+        for mid, seq in trie.sequences.items():
+            node, total = trie.root, 0.0
+            for t in seq:
+                if id(node) in choice:
+                    total += choice[id(node)][1][t]
+                node = node.children[t]
+            out[mid] = math.exp(total)
+        return out
+
     def _expand(self, h, beams: list[Beam], beam_size: int) -> list[tuple[float, int, int]]:
         """The best (logp, beam row, token) continuations: logits over the union of the beams'
         allowed children, masked per beam, renormalised, plus each beam's score; one top-k."""
@@ -211,3 +282,7 @@ class GenerateDecoder:
                 seen.add(node.memory_id)
                 hits.append((node.memory_id, math.exp(score)))
         return hits[:k]
+
+    def score(self, question: str, trie: Trie) -> dict[str, float]:
+        """The probability of every ID in `trie`: a beam as wide as the trie is exhaustive."""
+        return dict(self.search(question, trie, k=len(trie), beam_size=len(trie))) if len(trie) else {}
