@@ -9,7 +9,8 @@ and, with --locomo, on the first --memories observations of one LoCoMo conversat
 Model memory is the peak resident set size above the one at the start of the phase (freed heap
 is handed back to the OS first with malloc_trim; Linux: the high-water mark is reset through
 /proc/self/clear_refs; elsewhere a ru_maxrss delta, which only shows growth above the earlier
-peak). Neither decoder takes a batch of questions, so there is no batched throughput.
+peak). The naive decoder takes one question at a time; the engine's hybrid path also answers a batch
+(IPM.ask_many), measured as wall time per question.
 
 Trie part: prefix tries over 10k/100k/1M synthetic `domain_topic_entity` IDs: tokenization,
 build, memory (tracemalloc: the trie is plain Python objects), incremental add/remove, and the
@@ -149,14 +150,14 @@ def run_path(path: str, base, examples, ids, questions, cfg, bars, label: str, h
     from ipm.train import train_adapter
     from ipm.trie import Trie
 
-    out: dict = {}
+    out: dict = {"dtype": str(next(base.model.parameters()).dtype).removeprefix("torch.")}
     cuda = base.device.startswith("cuda")
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     progress = lambda s, t, loss: bars.update(f"{label} {path} train", s, t, f"loss {loss:.3f}")
     with peak_rss(out, "train_peak_rss_mb"):
         t0 = time.perf_counter()
-        result = train_adapter(base, examples, cfg, progress=progress, fast=path == "default")
+        result = train_adapter(base, examples, cfg, progress=progress, fast=path.startswith("default"))
         out["train_seconds"] = round(time.perf_counter() - t0, 3)
         t1 = time.perf_counter()
         trie = Trie((mid, id_token_ids(base.tokenizer, mid)) for mid in ids)  # as the engine builds it
@@ -166,7 +167,7 @@ def run_path(path: str, base, examples, ids, questions, cfg, bars, label: str, h
     if cuda:
         out["train_cuda_peak_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
         torch.cuda.reset_peak_memory_stats()
-    if path == "default":
+    if path.startswith("default"):
         decoder = RunnerDecoder(base.runner(result.model), base.tokenizer, base.device)
     else:
         decoder = GenerateDecoder(result.model, base.tokenizer, base.device)
@@ -186,22 +187,33 @@ def run_path(path: str, base, examples, ids, questions, cfg, bars, label: str, h
         h = out["hybrid"] = {}
         for k in (1, 5):
             bars.update(f"{label} hybrid k={k}", 0, len(questions))
-            lat, ranked = timed_hybrid(lambda q, k: hybrid(decoder, q, trie, k), questions, k)
+            lat, ranked = timed_hybrid(lambda q, k: hybrid(decoder, [q], trie, k)[0], questions, k)
             bars.update(f"{label} hybrid k={k}", len(questions), len(questions))
             h[f"recall@{k}"] = sum(bool(set(r[:k]) & q.gold) for r, q in zip(ranked, questions)) / len(questions)
             h[f"latency_k{k}_p50_ms"] = round(pct(lat, 50), 2)
             h[f"latency_k{k}_p95_ms"] = round(pct(lat, 95), 2)
+        # Batched (IPM.ask_many): all questions in one call, scored 16 per forward pass.
+        t0 = time.perf_counter()
+        batched = hybrid(decoder, [q.question for q in questions], trie, 5)
+        h["batched_ms_per_question"] = round((time.perf_counter() - t0) * 1000 / len(questions), 2)
+        h["batched_recall@1"] = sum(bool({r[0][0]} & q.gold) for r, q in zip(batched, questions) if r) / len(questions)
     return out
 
 
 def model_part(args, cfg, bars) -> dict:
     import ipm
+    from ipm.model import load_base
 
     common.seed_everything(args.seed)
     sets = {}
     with common.home(args.home) as home:
         mem = ipm.open(home, config=cfg)
         base = mem.base()
+        # The straightforward version loads the model as transformers does by default (float32).
+        naive_base = load_base(cfg.updated(dtype=args.naive_dtype), mem.paths)
+        bases = {"naive": naive_base, "default": base}
+        if naive_base.model.dtype != base.model.dtype:  # what the dtype alone is worth
+            bases["default-" + args.naive_dtype] = naive_base
         memories, questions = demo_set(args.memories)
         mem.store.add_many("demo", memories, source="import")
         todo = [("demo", "demo", questions)]
@@ -217,10 +229,11 @@ def model_part(args, cfg, bars) -> dict:
             hybrid = None
             if cfg.decoding == "hybrid":
                 candidates = mem._candidates(mem.store.list(user))
-                hybrid = lambda decoder, q, trie, k, c=candidates: mem._rank(decoder, q, trie, c, k)  # noqa: E731
-            for path in PATHS:
-                d[path] = run_path(path, base, examples, ids, qs, cfg, bars, name, hybrid)
+                hybrid = lambda decoder, qs, trie, k, c=candidates: mem._rank_many(decoder, qs, trie, c, k)  # noqa: E731
+            for path, b in bases.items():
+                d[path] = run_path(path, b, examples, ids, qs, cfg, bars, name, hybrid)
                 gc.collect()
+            d["paths"] = list(bases)
             d["ratio_default_over_naive"] = {k: round(d["default"][k] / d["naive"][k], 3) if d["naive"][k] else None
                                              for k in RATIO_KEYS}
             sets[name] = d
@@ -406,11 +419,13 @@ def load_tokenizer(cfg, home):
 def table(model: dict) -> list[dict]:
     rows = []
     for name, d in model.items():
-        for path in (*PATHS, "ratio_default_over_naive"):
+        paths = d.get("paths", PATHS)
+        for path in (*paths, "ratio_default_over_naive"):
             m = d[path]
             rows.append({"system": f"{name} {path.replace('ratio_default_over_naive', 'default/naive')}",
+                         "dtype": m.get("dtype", ""),
                          "recall@1": m.get("recall@1"), "recall@5": m.get("recall@5"),
-                         "n": d["held_out_questions"] if path in PATHS else None,
+                         "n": d["held_out_questions"] if path in paths else None,
                          "train ex/s": m["examples_per_second"], "index s": m["index_seconds"],
                          **{f"k={k} p{p} ms": m[f"latency_k{k}_p{p}_ms"] for k in (1, 5) for p in (50, 95)},
                          "train peak MB": m["train_peak_rss_mb"], "query peak MB": m["query_peak_rss_mb"]})
@@ -421,7 +436,8 @@ def table(model: dict) -> list[dict]:
                              ("hybrid/naive", {key: round(h[key] / naive[key], 3) for key in h if key.startswith("latency")})):
                 rows.append({"system": f"{name} {label}", "recall@1": m.get("recall@1"), "recall@5": m.get("recall@5"),
                              "n": d["held_out_questions"] if "recall@1" in m else None,
-                             **{f"k={k} p{p} ms": m[f"latency_k{k}_p{p}_ms"] for k in (1, 5) for p in (50, 95)}})
+                             **{f"k={k} p{p} ms": m[f"latency_k{k}_p{p}_ms"] for k in (1, 5) for p in (50, 95)},
+                             "batched ms/question": m.get("batched_ms_per_question")})
     return rows
 
 
@@ -448,9 +464,9 @@ def plot(data: dict, path: Path) -> None:
 
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
     model, trie = data.get("model") or {}, data.get("trie")
-    labels = [f"{name}\n{p}" for name in model for p in PATHS]
-    runs = [model[name][p] for name in model for p in PATHS]
-    axes[0].bar(labels, [r["examples_per_second"] for r in runs], color=["C1", "C0"] * len(model))
+    labels = [f"{name}\n{p}" for name in model for p in model[name].get("paths", PATHS)]
+    runs = [model[name][p] for name in model for p in model[name].get("paths", PATHS)]
+    axes[0].bar(labels, [r["examples_per_second"] for r in runs], color=[f"C{i % 3}" for i in range(len(runs))])
     axes[0].set_title("training examples / s", fontsize=10)
     for j, (key, name) in enumerate((("latency_k1_p50_ms", "k=1 p50"), ("latency_k1_p95_ms", "k=1 p95"),
                                      ("latency_k5_p50_ms", "k=5 p50"), ("latency_k5_p95_ms", "k=5 p95"))):
@@ -487,6 +503,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--trie-queries", type=int, default=500, help="simulated queries per trie size (default 500)")
     p.add_argument("--threads", type=int, default=0,
                    help="torch CPU threads (default 0: torch's choice); 1 avoids thread thrashing on a busy machine")
+    p.add_argument("--naive-dtype", default="float32", choices=("float32", "bfloat16"),
+                   help="dtype of the naive path's base model (default float32, what transformers loads); when it "
+                        "differs from the configured dtype, the default path is also run in it")
     p.add_argument("--skip-model", action="store_true", help="no training or recall: trie part only")
     p.add_argument("--skip-trie", action="store_true", help="model part only")
     args = p.parse_args(argv)
@@ -518,7 +537,8 @@ def main(argv: list[str] | None = None) -> dict:
         h = d["default"].get("hybrid")
         if h:
             print(f"{name}: default path, hybrid decoding (the engine's default): recall@1 {h['recall@1']:.3f}, "
-                  f"k=1 p50 {h['latency_k1_p50_ms']} ms, k=5 p50 {h['latency_k5_p50_ms']} ms")
+                  f"k=1 p50 {h['latency_k1_p50_ms']} ms, k=5 p50 {h['latency_k5_p50_ms']} ms, "
+                  f"batched {h['batched_ms_per_question']} ms/question")
     for n, d in (data["trie"] or {"sizes": {}})["sizes"].items():
         print(f"trie {int(n):>9,} IDs: build {d['build_seconds']} s, {d['trie_mb']} MB, add {d['add_one_us']} µs, "
               f"remove {d['remove_one_us']} µs, constraint {d['beam_constraint_us_per_query']} µs/query "
@@ -527,7 +547,8 @@ def main(argv: list[str] | None = None) -> dict:
              "on held-out questions, no abstention; latency over single warm queries (beam = max(k, config beam))."),
              ("'default, hybrid decoding' is the engine's default query path on the default path's adapter: BM25 and "
               "dense (MiniLM) propose candidates, the adapter scores all of them in one forward pass, the scores "
-              "are fused; its latency includes encoding the question with MiniLM and BM25."),
+              "are fused; its latency includes encoding the question with MiniLM and BM25. 'batched ms/question': "
+              "all held-out questions in one IPM.ask_many-style call (16 per forward pass), wall time / questions."),
              ("train ex/s = examples x epochs / train_adapter wall time (deep copy, LoRA setup and the fast path's "
               "cached lower layers included); index s = that time + trie build. The engine's `train` also decodes "
               "its calibration questions, not counted here."),

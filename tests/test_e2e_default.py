@@ -60,3 +60,18 @@ def test_cli_ask_json_returns_a_stored_memory_verbatim(trained_default):
     assert "personal_pet_max" in [h["id"] for h in data["hits"]]
     scores = [h["score"] for h in data["hits"]]
     assert scores == sorted(scores, reverse=True) and 0 < sum(scores) <= 1.0 + 1e-6
+
+
+def test_cli_asks_several_questions_in_one_batch(trained_default):
+    from typer.testing import CliRunner
+
+    from ipm.cli import app
+
+    home, mem, _ = trained_default
+    questions = ["What did I say about max?", "What is the capital of France?"]
+    res = CliRunner().invoke(app, ["ask", *questions, "-k", "2", "--json", "--home", str(home)])
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.stdout)
+    assert [a["question"] for a in data] == questions
+    one = mem.ask(questions[0], k=2, log=False)
+    assert [h["id"] for h in data[0]["hits"]] == [h.id for h in one.hits]

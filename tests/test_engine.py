@@ -51,6 +51,29 @@ def test_hits_are_always_live_ids(trained, decoding):
         assert {h.id for h in a.candidates} <= set(MEMORIES)
 
 
+def test_ask_many_answers_like_ask_one_by_one(mem, memories_file, tiny_config, decoding):
+    # float32, so that batched and single forward passes agree to rounding
+    mem.config = tiny_config.updated(dtype="float32", decoding=decoding)
+    mem.import_(memories_file)
+    mem.train()
+    trained = mem
+    questions = ["what is my dog called?", "Which medicine can't I take?", "where does my sister live?",
+                 "what car do I drive?", "x"]
+    batch = trained.ask_many(questions, k=3)
+    assert [a.question for a in batch] == questions
+    for q, a in zip(questions, batch):
+        one = trained.ask(q, k=3)
+        assert a.abstained == one.abstained
+        assert [h.id for h in a.candidates] == [h.id for h in one.candidates]
+        for h, o in zip(a.candidates, one.candidates):
+            assert h.score == pytest.approx(o.score, rel=1e-3, abs=1e-6) and h.text == o.text
+    assert trained.ask_many([], k=3) == []
+    logged = len(trained.log())
+    with pytest.raises(InvalidInput):
+        trained.ask_many(["fine", "   "], k=3)
+    assert len(trained.log()) == logged  # a bad question in the batch: nothing asked, nothing logged
+
+
 def test_forget_takes_effect_at_once(trained, decoding):
     trained.reconfigure(decoding=decoding)
     trained.ask("warm up", k=1)  # the retrievers and trie exist before the forget

@@ -84,6 +84,21 @@ def test_tree_scoring_gives_every_id_its_exact_probability_in_one_pass(lora_mode
     assert set(GenerateDecoder(model, tok).score(question, trie)) == set(subset)
 
 
+def test_batched_tree_scoring_equals_one_question_at_a_time(lora_model):
+    model, tok = lora_model
+    decoder = RunnerDecoder(Runner(model), tok)
+    items = [("what is my dog called?", IDS), ("a much longer question about my sister and where she works now", IDS[2:6]),
+             ("x", IDS[:1]), ("sushi?", ["food_favorite_sushi", "work_job_acme"]), ("nothing", [])]
+    items = [(q, Trie((m, id_token_ids(tok, m)) for m in ids)) for q, ids in items]
+    batched = decoder.score_many(items)
+    assert batched[2] == {"personal_pet_max": 1.0} and batched[4] == {}
+    for (q, trie), got in zip(items, batched):
+        one = decoder.score(q, trie)
+        assert set(got) == set(one)
+        for mid in one:
+            assert got[mid] == pytest.approx(one[mid], rel=1e-4, abs=1e-7)
+
+
 def test_top1_equals_best_exact_id_with_a_small_beam(lora_model):
     model, tok = lora_model
     trie = Trie((m, id_token_ids(tok, m)) for m in IDS)

@@ -82,10 +82,11 @@ def test_health_needs_no_key(live):
 @pytest.mark.parametrize("method,path", [
     ("GET", "/memories"), ("POST", "/memories"), ("GET", "/memories/personal_pet_max"),
     ("PUT", "/memories/personal_pet_max"), ("DELETE", "/memories/personal_pet_max"),
-    ("GET", "/memories/personal_pet_max/history"), ("POST", "/import"), ("POST", "/ask"), ("POST", "/train"),
+    ("GET", "/memories/personal_pet_max/history"), ("POST", "/import"), ("POST", "/ask"), ("POST", "/ask/batch"),
+    ("POST", "/train"),
     ("GET", "/train/abc"), ("GET", "/status"), ("GET", "/log")])
 def test_every_route_but_health_needs_a_known_key(live, method, path):
-    body = {"text": "x", "question": "x"} if method in ("POST", "PUT") else None
+    body = {"text": "x", "question": "x", "questions": ["x"]} if method in ("POST", "PUT") else None
     for headers in [{}, {"Authorization": "Bearer nope"}, {"X-API-Key": "KEY-ALICE"}, {"Authorization": "key-alice"},
                     {"Authorization": "Basic a2V5LWFsaWNlOg=="}, {"X-API-Key": ""}]:
         with httpx.Client(base_url=live.url, headers=headers) as c:
@@ -130,6 +131,12 @@ def test_namespaces_are_isolated_even_with_identical_ids_and_texts(live, alice, 
     assert alice.get("/memories/health_allergy_secret").json()["text"] == "Alice is allergic to kiwis."
     hits = alice.post("/ask", json={"question": "My dog Rex is a beagle.", "k": 3}).json()["hits"]
     assert [h["id"] for h in hits][:1] == ["personal_pet_rex"]
+    batch = alice.post("/ask/batch", json={"questions": ["My dog Rex is a beagle.", "Alice is allergic to kiwis."],
+                                            "k": 3}).json()
+    assert [a["question"] for a in batch] == ["My dog Rex is a beagle.", "Alice is allergic to kiwis."]
+    assert batch[0]["hits"] == hits
+    batch = bob.post("/ask/batch", json={"questions": ["Alice is allergic to kiwis."], "k": 5}).json()
+    assert all(h["id"] != "health_allergy_secret" for h in batch[0]["hits"])
     # A second key of the same namespace sees the same memories.
     with client(live, "key-alice-2") as alice2:
         assert alice2.get("/memories/health_allergy_secret").status_code == 200
@@ -208,6 +215,8 @@ def test_validation_errors_are_4xx_with_a_message(live, alice):
         ("POST", "/ask", {"question": "q", "k": 101}),
         ("POST", "/ask", {"question": "q" * 1001}), ("POST", "/ask", {"question": "   "}),
         ("POST", "/ask", {"question": "q", "k": "many"}), ("GET", "/log?limit=0", None), ("GET", "/log?limit=x", None),
+        ("POST", "/ask/batch", {"questions": []}), ("POST", "/ask/batch", {"questions": ["q", "  "]}),
+        ("POST", "/ask/batch", {"questions": "q"}), ("POST", "/ask/batch", {"questions": ["q"] * 257}),
     ]
     before = alice.get("/memories").json()
     for method, path, body in cases:

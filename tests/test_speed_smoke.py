@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+
+import pytest
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -45,6 +47,11 @@ def test_speed_smoke(tiny_model, tmp_path, monkeypatch):
         assert run["train_peak_rss_mb"] >= 0 and run["query_peak_rss_mb"] >= 0
     assert demo["naive"]["adapter_metrics"]["path"] == "naive" and demo["default"]["adapter_metrics"]["path"] == "fast"
     assert demo["ratio_default_over_naive"]["examples_per_second"] > 0
+    hybrid = demo["default"]["hybrid"]  # the engine's default query path, single and batched
+    for key in ("latency_k1_p50_ms", "latency_k5_p95_ms", "batched_ms_per_question"):
+        assert hybrid[key] > 0, key
+    assert 0.0 <= hybrid["recall@1"] <= hybrid["recall@5"] <= 1.0
+    assert 0.0 <= hybrid["batched_recall@1"] <= 1.0
 
     trie = data["trie"]
     assert trie["vocab_size"] > 0 and trie["sizes"]["1000"]["ids"] == 1000

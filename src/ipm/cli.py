@@ -132,20 +132,25 @@ def train(user: str = User, home: Optional[Path] = Home, config: Optional[Path] 
 
 
 @app.command()
-def ask(question: str, k: int = typer.Option(1, "-k", "--k", help="How many hits."),
+def ask(questions: List[str] = typer.Argument(..., metavar="QUESTION...", help="One or more questions."),
+        k: int = typer.Option(1, "-k", "--k", help="How many hits."),
         decoding: Optional[str] = Decoding, user: str = User, home: Optional[Path] = Home, json_out: bool = Json):
-    """Recall the memory that answers a question (or say there is none)."""
-    a = _open(home, decoding=decoding).ask(question, k=k, user=user)
+    """Recall the memory that answers a question (or say there is none). Several questions are
+    answered in one batch; --json then prints a list."""
+    answers = _open(home, decoding=decoding).ask_many(questions, k=k, user=user)
     if json_out:
-        _print_json(a.to_dict())
+        _print_json(answers[0].to_dict() if len(answers) == 1 else [a.to_dict() for a in answers])
         return
-    if a.abstained and not a.hits:
-        out.print("[yellow]no memory[/yellow] answers that")
-        return
-    for h in a.hits:
-        tag = " [dim](pending: not trained yet)[/dim]" if h.pending else ""
-        out.print(f"[bold]{h.id}[/bold] [dim]{h.score:.3f}[/dim]{tag}")
-        out.print(f"  {h.text}", markup=False, highlight=False)
+    for a in answers:
+        if len(answers) > 1:
+            out.print(f"[cyan]{a.question}[/cyan]", highlight=False)
+        if a.abstained and not a.hits:
+            out.print("[yellow]no memory[/yellow] answers that")
+            continue
+        for h in a.hits:
+            tag = " [dim](pending: not trained yet)[/dim]" if h.pending else ""
+            out.print(f"[bold]{h.id}[/bold] [dim]{h.score:.3f}[/dim]{tag}")
+            out.print(f"  {h.text}", markup=False, highlight=False)
 
 
 @app.command()

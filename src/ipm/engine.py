@@ -89,6 +89,9 @@ class _Serving:
     embeddings: dict = field(default_factory=dict)  # text sha256 -> MiniLM embedding, reused across resyncs
 
 
+ASK_BATCH = 16  # questions per forward pass in ask_many (hybrid decoding)
+
+
 def read_records(path: str | Path) -> tuple[object, str]:
     """Load an import file: a JSON document, or JSON lines (returned as [(line, record)])."""
     path = Path(path)
@@ -360,14 +363,15 @@ class IPM:
         calibration, done = {}, 0
         for mode, candidates in modes.items():
             top1, off = [], []
-            for question, gold in cal:
-                hits = self._rank(decoder, question, trie, candidates, k=1)
-                p = hits[0][1] if hits else 0.0
-                if gold:
-                    top1.append((p, bool(hits) and hits[0][0] == gold))
-                else:
-                    off.append(p)
-                done += 1
+            for b in range(0, len(cal), ASK_BATCH):
+                chunk = cal[b:b + ASK_BATCH]
+                for (_, gold), hits in zip(chunk, self._rank_many(decoder, [q for q, _ in chunk], trie, candidates, k=1)):
+                    p = hits[0][1] if hits else 0.0
+                    if gold:
+                        top1.append((p, bool(hits) and hits[0][0] == gold))
+                    else:
+                        off.append(p)
+                done += len(chunk)
                 if progress:
                     progress("calibrate", done, len(cal) * len(modes), None)
             calibration[mode] = calibrate(top1, off)
@@ -421,16 +425,28 @@ class IPM:
     def _rank(self, decoder, question: str, trie: Trie, candidates: Candidates | None,
               k: int) -> list[tuple[str, float, Signals | None]]:
         """The top-k (id, score, signals) under the configured decoding (see Config.decoding)."""
+        return self._rank_many(decoder, [question], trie, candidates, k)[0]
+
+    def _rank_many(self, decoder, questions: list[str], trie: Trie, candidates: Candidates | None,
+                   k: int) -> list[list[tuple[str, float, Signals | None]]]:
+        """`_rank` for several questions; hybrid decoding scores them in batched forward passes."""
         cfg = self.config
         if candidates is None:
-            return [(mid, p, None) for mid, p in decoder.search(question, trie, k=k, beam_size=max(k, cfg.beam_size))]
-        proposed = {mid: v for mid, v in candidates(question, cfg.hybrid_candidates).items() if mid in trie}
-        sub = Trie((mid, trie.sequences[mid]) for mid in proposed)
-        lora = decoder.score(question, sub)  # every candidate's exact probability
-        signals = {mid: Signals(math.log(max(lora.get(mid, 0.0), 1e-30)), cos, bm)
-                   for mid, (cos, bm) in proposed.items()}
-        fused = fuse(signals, cfg.fusion_dense, cfg.fusion_bm25, cfg.fusion_adapter)
-        return [(mid, p, signals[mid]) for mid, p in fused[:k]]
+            return [[(mid, p, None) for mid, p in decoder.search(q, trie, k=k, beam_size=max(k, cfg.beam_size))]
+                    for q in questions]
+        proposed = [{mid: v for mid, v in candidates(q, cfg.hybrid_candidates).items() if mid in trie}
+                    for q in questions]
+        subs = [Trie((mid, trie.sequences[mid]) for mid in p) for p in proposed]
+        out = []
+        for b in range(0, len(questions), ASK_BATCH):
+            # every candidate's exact probability, for a batch of questions per forward pass
+            scored = decoder.score_many(list(zip(questions[b:b + ASK_BATCH], subs[b:b + ASK_BATCH])))
+            for lora, prop in zip(scored, proposed[b:b + ASK_BATCH]):
+                signals = {mid: Signals(math.log(max(lora.get(mid, 0.0), 1e-30)), cos, bm)
+                           for mid, (cos, bm) in prop.items()}
+                fused = fuse(signals, cfg.fusion_dense, cfg.fusion_bm25, cfg.fusion_adapter)
+                out.append([(mid, p, signals[mid]) for mid, p in fused[:k]])
+        return out
 
     def _serve(self, user: str) -> _Serving:
         """The serving state of `user`, refreshed if a new version was trained or memories changed."""
@@ -498,32 +514,47 @@ class IPM:
 
     def ask(self, question: str, k: int = 1, user: str = DEFAULT_USER, log: bool = True) -> Answer:
         """Recall up to `k` memories for a question, or abstain ("no memory")."""
-        check_question(question)
+        return self.ask_many([question], k=k, user=user, log=log)[0]
+
+    def ask_many(self, questions: list[str], k: int = 1, user: str = DEFAULT_USER, log: bool = True) -> list[Answer]:
+        """`ask` for several questions at once: under hybrid decoding the adapter scores them in
+        batches (more questions per second than one by one). Each Answer's `seconds` is the
+        wall time of the whole call."""
+        for question in questions:
+            check_question(question)
         if not 1 <= k <= 100:
             raise InvalidInput("k must be between 1 and 100")
         t0 = time.perf_counter()
         with self._lock:
             s = self._serve(check_namespace(user))
-            found = []
-            if s.adapter is not None and len(s.trie):
+            found = [[] for _ in questions]
+            if s.adapter is not None and len(s.trie) and questions:
                 self._model.set_adapter(s.adapter)
-                found = self._rank(self._decoder, question, s.trie, s.candidates, k)
-            texts = self.store.get_many(user, [mid for mid, _, _ in found])
+                found = self._rank_many(self._decoder, list(questions), s.trie, s.candidates, k)
+            texts = self.store.get_many(user, sorted({mid for f in found for mid, _, _ in f}))
             # The trie only holds live IDs, and the store is checked again here: a memory
             # forgotten by another process since the trie was synced is never returned.
-            hits = [Hit(mid, texts[mid].text, p, signals=sig) for mid, p, sig in found if mid in texts]
-            pending = self._pending_hits(question, user, s, k)
-        abstained = not hits or hits[0].score < s.threshold
+            ranked = [[Hit(mid, texts[mid].text, p, signals=sig) for mid, p, sig in f if mid in texts] for f in found]
+            pending = [self._pending_hits(q, user, s, k) for q in questions]
+        answers = [self._answer(q, hits, pend, s.threshold, k) for q, hits, pend in zip(questions, ranked, pending)]
+        seconds = time.perf_counter() - t0
+        for answer in answers:
+            answer.seconds = seconds
+            if log:
+                self.store.log(user, "ask", [h.id for h in answer.hits], abstained=answer.abstained)
+        return answers
+
+    @staticmethod
+    def _answer(question: str, hits: list[Hit], pending: list[Hit], threshold: float, k: int) -> Answer:
+        """Abstain below the threshold; memories not indexed yet compete by lexical match."""
+        abstained = not hits or hits[0].score < threshold
         answer_hits = [] if abstained else hits
         if pending and (abstained or pending[0].score > answer_hits[0].score):
             answer_hits = (pending + answer_hits)[:k]
             abstained = False
         elif pending:  # pending hits take the last places, after at least the top indexed hit
             answer_hits = (answer_hits[:max(1, k - len(pending))] + pending)[:k]
-        answer = Answer(question, abstained, answer_hits, hits if abstained else answer_hits, time.perf_counter() - t0)
-        if log:
-            self.store.log(user, "ask", [h.id for h in answer_hits], abstained=abstained)
-        return answer
+        return Answer(question, abstained, answer_hits, hits if abstained else answer_hits)
 
     def _pending_hits(self, question: str, user: str, s: _Serving, k: int) -> list[Hit]:
         """Memories added (or changed) since the last training are not in the adapter yet:

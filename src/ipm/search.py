@@ -117,66 +117,55 @@ class RunnerDecoder:
         node with one ID below leads to no further choice). Same numbers as an exhaustive beam
         search, at the cost of one prompt-sized forward pass: meant for small tries (hybrid
         decoding's candidates)."""
+        return self.score_many([(question, trie)])[0]
+
+    def score_many(self, items: list[tuple[str, Trie]]) -> list[dict[str, float]]:
+        """`score` for several (question, trie) pairs in one batched forward pass."""
         import torch
 
-        if len(trie) == 0:
-            return {}
-        if len(trie) == 1:
-            return {next(iter(trie.sequences)): 1.0}
+        out: list[dict[str, float] | None] = [None] * len(items)
+        trees = []
+        for i, (question, trie) in enumerate(items):
+            if len(trie) <= 1:
+                out[i] = {mid: 1.0 for mid in trie.sequences}
+            else:
+                trees.append((i, _Tree(prompt_ids(self.tokenizer, question), trie)))
+        if not trees:
+            return out
         r = self.runner
-        prompt = prompt_ids(self.tokenizer, question)
-        T = len(prompt)
-        # Fed nodes in depth-first order: (token, parent row or -1 for the prompt, depth).
-        tokens, parents, depths, nodes = [], [], [], []
-
-        def visit(node: Node, row: int, depth: int) -> None:
-            for t, child in (node.children or {}).items():
-                if child.count >= 2:
-                    tokens.append(t)
-                    parents.append(row)
-                    depths.append(depth + 1)
-                    nodes.append(child)
-                    visit(child, len(tokens) - 1, depth + 1)
-
-        visit(trie.root, -1, 0)
-        N = len(tokens)
-        ids = torch.tensor([prompt + tokens], device=self.device)
-        pos = torch.tensor([list(range(T)) + [T - 1 + d for d in depths]], device=self.device)
-        mask = torch.zeros(T + N, T + N, dtype=torch.bool)
-        mask[:, :T] = torch.tril(torch.ones(T + N, T, dtype=torch.bool))
-        for j in range(N):
-            mask[T + j, T + j] = True
-            a = parents[j]
-            while a >= 0:
-                mask[T + j, T + a] = True
-                a = parents[a]
+        L = max(t.length for _, t in trees)
+        pad = self.tokenizer.eos_token_id
+        ids = torch.full((len(trees), L), pad, dtype=torch.long)
+        pos = torch.zeros(len(trees), L, dtype=torch.long)
+        mask = torch.eye(L, dtype=torch.bool).repeat(len(trees), 1, 1)  # padding sees itself only
+        for b, (_, t) in enumerate(trees):
+            ids[b, :t.length] = torch.tensor(t.tokens)
+            pos[b, :t.length] = torch.tensor(t.positions)
+            mask[b, :t.length, :t.length] = t.mask
         with torch.inference_mode():
-            x = r.embed(ids)
-            cos, sin = r.rope(x, pos)
-            m = mask.to(self.device)[None, None]
+            x = r.embed(ids.to(self.device))
+            cos, sin = r.rope(x, pos.to(self.device))
+            m = mask.to(self.device)[:, None]
             for i in range(r.n_layers):
                 x, _ = r.layer(i, x, cos, sin, mask=m)
-            # Hidden state for each branching point: the prompt's last token for the root.
-            branch = [(T - 1, trie.root)] + [(T + j, n) for j, n in enumerate(nodes)]
-            branch = [(row, n) for row, n in branch if n.children and len(n.children) >= 2]
-            allowed = [n.allowed() for _, n in branch]
-            vocab = sorted({t for a in allowed for t in a})
-            col = {t: j for j, t in enumerate(vocab)}
-            logits = r.logits(x[0, [row for row, _ in branch]], torch.tensor(vocab, device=self.device)).float()
-            rows = torch.tensor([b for b, a in enumerate(allowed) for _ in a], device=self.device)
-            cols = torch.tensor([col[t] for a in allowed for t in a], device=self.device)
+            rows = [(b, row) for b, (_, t) in enumerate(trees) for row in t.branch_rows]
+            allowed = [a for _, t in trees for a in t.allowed]
+            vocab = sorted({tok for a in allowed for tok in a})
+            col = {tok: j for j, tok in enumerate(vocab)}
+            h = x[torch.tensor([b for b, _ in rows]), torch.tensor([row for _, row in rows])]
+            logits = r.logits(h, torch.tensor(vocab, device=self.device)).float()
+            ri = torch.tensor([j for j, a in enumerate(allowed) for _ in a], device=self.device)
+            ci = torch.tensor([col[tok] for a in allowed for tok in a], device=self.device)
             masked = torch.full_like(logits, float("-inf"))
-            masked[rows, cols] = logits[rows, cols]
+            masked[ri, ci] = logits[ri, ci]
             logp = torch.log_softmax(masked, dim=-1).tolist()
-        choice = {id(n): (b, {t: logp[b][col[t]] for t in a}) for b, ((_, n), a) in enumerate(zip(branch, allowed))}
-        out = {}
-        for mid, seq in trie.sequences.items():
-            node, total = trie.root, 0.0
-            for t in seq:
-                if id(node) in choice:
-                    total += choice[id(node)][1][t]
-                node = node.children[t]
-            out[mid] = math.exp(total)
+        j = 0
+        for i, t in trees:
+            choices = {}
+            for node, a in zip(t.branch_nodes, t.allowed):
+                choices[id(node)] = {tok: logp[j][col[tok]] for tok in a}
+                j += 1
+            out[i] = t.probabilities(choices)
         return out
 
     def _expand(self, h, beams: list[Beam], beam_size: int) -> list[tuple[float, int, int]]:
@@ -242,6 +231,61 @@ class RunnerDecoder:
         return h, out_kv, torch.cat([old_valid, new_valid], dim=1)
 
 
+class _Tree:
+    """One question's tree-attention input: the prompt, then the trie nodes with two or more
+    IDs below, each seeing the prompt and its ancestors at the position it has in its ID."""
+
+    def __init__(self, prompt: list[int], trie: Trie):
+        import torch
+
+        self.trie = trie
+        T = len(prompt)
+        nodes, parents, depths, tokens = [], [], [], []
+
+        def visit(node: Node, row: int, depth: int) -> None:
+            for tok, child in (node.children or {}).items():
+                if child.count >= 2:
+                    tokens.append(tok)
+                    parents.append(row)
+                    depths.append(depth + 1)
+                    nodes.append(child)
+                    visit(child, len(tokens) - 1, depth + 1)
+
+        visit(trie.root, -1, 0)
+        N = len(tokens)
+        self.length = T + N
+        self.tokens = prompt + tokens
+        self.positions = list(range(T)) + [T - 1 + d for d in depths]
+        mask = torch.zeros(T + N, T + N, dtype=torch.bool)
+        mask[:, :T] = torch.tril(torch.ones(T + N, T, dtype=torch.bool))
+        for j in range(N):
+            mask[T + j, T + j] = True
+            a = parents[j]
+            while a >= 0:
+                mask[T + j, T + a] = True
+                a = parents[a]
+        self.mask = mask
+        # The branching points and the row whose hidden state chooses among their children:
+        # the prompt's last token for the root.
+        branch = [(T - 1, trie.root)] + [(T + j, n) for j, n in enumerate(nodes)]
+        branch = [(row, n) for row, n in branch if n.children and len(n.children) >= 2]
+        self.branch_rows = [row for row, _ in branch]
+        self.branch_nodes = [n for _, n in branch]
+        self.allowed = [n.allowed() for n in self.branch_nodes]
+
+    def probabilities(self, choices: dict[int, dict[int, float]]) -> dict[str, float]:
+        """Each ID's probability: the sum of its choices' log-probabilities, exponentiated."""
+        out = {}
+        for mid, seq in self.trie.sequences.items():
+            node, total = self.trie.root, 0.0
+            for tok in seq:
+                if id(node) in choices:
+                    total += choices[id(node)][tok]
+                node = node.children[tok]
+            out[mid] = math.exp(total)
+        return out
+
+
 class GenerateDecoder:
     """Constrained beam search through `model.generate` (works for any HF causal LM)."""
 
@@ -286,3 +330,6 @@ class GenerateDecoder:
     def score(self, question: str, trie: Trie) -> dict[str, float]:
         """The probability of every ID in `trie`: a beam as wide as the trie is exhaustive."""
         return dict(self.search(question, trie, k=len(trie), beam_size=len(trie))) if len(trie) else {}
+
+    def score_many(self, items: list[tuple[str, Trie]]) -> list[dict[str, float]]:
+        return [self.score(q, trie) for q, trie in items]

@@ -76,6 +76,12 @@ class AskIn(_In):
     k: int = Field(1, description="How many hits at most.", json_schema_extra={"minimum": 1, "maximum": 100})
 
 
+class AskManyIn(_In):
+    questions: list[str] = Field(min_length=1, max_length=256, description="Questions, answered in one batch.",
+                                 json_schema_extra={"items": _QUESTION_SCHEMA})
+    k: int = Field(1, description="How many hits at most.", json_schema_extra={"minimum": 1, "maximum": 100})
+
+
 class VersionOut(BaseModel):
     version: int
     text: str
@@ -563,6 +569,12 @@ def create_app(mem: IPM, api_keys: dict[str, str]) -> FastAPI:
     def ask(body: AskIn, user: str = User):
         """Recall up to k memories for a question, or abstain (`abstained: true`, no hits)."""
         return mem.ask(body.question, k=body.k, user=user).to_dict()
+
+    @app.post("/ask/batch", response_model=list[AnswerOut], response_model_exclude_none=True,
+              responses=_err(401, 413, 422, 503), tags=["recall"])
+    def ask_many(body: AskManyIn, user: str = User):
+        """`/ask` for up to 256 questions at once, scored in batches: one answer per question, in order."""
+        return [a.to_dict() for a in mem.ask_many(body.questions, k=body.k, user=user)]
 
     @app.post("/train", status_code=202, response_model=TrainJobOut, response_model_exclude_unset=True,
               responses=_err(401, 409, 422), tags=["training"])
