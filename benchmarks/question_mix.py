@@ -2,6 +2,7 @@
 
     python benchmarks/question_mix.py                       # conv-26 observations, every mix
     python benchmarks/question_mix.py --mixes default,all --conversations 2
+    python benchmarks/question_mix.py --mixes default,wh --collate      # re-tabulate kept results
 
 Each mix trains a fresh index on the same memories with only those sources of training inputs
 (every mix also trains on the memory's own text), then benchmarks/locomo.py scores it on the
@@ -13,6 +14,7 @@ full LoCoMo output goes to results/question-mix/<mix>/.
 
 from __future__ import annotations
 
+import json
 import tempfile
 from pathlib import Path
 
@@ -50,6 +52,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--limit-memories", type=int, default=None, metavar="N",
                    help="keep only the first N memories of each conversation (smoke tests)")
     p.add_argument("--out-of-scope", type=int, default=50, metavar="N")
+    p.add_argument("--collate", action="store_true",
+                   help="train nothing: tabulate the mixes' results already in <out-dir>/question-mix/")
     args = p.parse_args(argv)
     mixes = [m for m in args.mixes.split(",") if m]
     unknown = set(mixes) - set(MIXES)
@@ -71,9 +75,15 @@ def main(argv: list[str] | None = None) -> dict:
             value = getattr(args, flag)
             if value is not None:
                 sub += ["--" + flag.replace("_", "-"), str(value)]
-        print(f"== mix {name}: locomo.py {' '.join(sub)}", flush=True)
-        with tempfile.TemporaryDirectory(prefix="ipm-mix-") as tmp:
-            d = locomo.main(sub + ["--home", str(Path(tmp) / "home")])
+        kept = Path(args.out_dir) / "question-mix" / name / f"locomo-{args.variant}.json"
+        if args.collate:
+            if not kept.is_file():
+                p.error(f"--collate: no results for mix {name} ({kept})")
+            d = json.loads(kept.read_text(encoding="utf-8"))
+        else:
+            print(f"== mix {name}: locomo.py {' '.join(sub)}", flush=True)
+            with tempfile.TemporaryDirectory(prefix="ipm-mix-") as tmp:
+                d = locomo.main(sub + ["--home", str(Path(tmp) / "home")])
         o = d["overall"]
         examples = sum(r.get("train_examples", 0) for r in d["per_conversation"].values())
         among = adapter_among_candidates(d.get("fusion_sweep") or {})

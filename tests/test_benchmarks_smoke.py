@@ -139,3 +139,8 @@ def test_question_mix_smoke(tiny_model, tmp_path, monkeypatch):
         check_metrics(run["overall"]["ipm-hybrid"])
         check_metrics(run["overall"]["ipm-pure"])
     assert (tmp_path / "results" / "question-mix" / "wh" / "locomo-observations.json").is_file()
+    # --collate re-tabulates the kept results without training
+    (tmp_path / "results" / "question-mix.json").unlink()
+    mix.main(files + tiny_args(tiny_model, tmp_path) + ["--mixes", "wh", "--collate"])
+    again = json.loads((tmp_path / "results" / "question-mix.json").read_text())
+    assert again["mixes"]["wh"]["overall"] == wh["overall"]

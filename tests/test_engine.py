@@ -68,6 +68,10 @@ def test_ask_many_answers_like_ask_one_by_one(mem, memories_file, tiny_config, d
         for h, o in zip(a.candidates, one.candidates):
             assert h.score == pytest.approx(o.score, rel=1e-3, abs=1e-6) and h.text == o.text
     assert trained.ask_many([], k=3) == []
+    with pytest.raises(InvalidInput, match="list"):
+        trained.ask_many("what is my dog called?")
+    with pytest.raises(InvalidInput, match="query-time"):
+        trained.reconfigure(dtype="float32")
     logged = len(trained.log())
     with pytest.raises(InvalidInput):
         trained.ask_many(["fine", "   "], k=3)

@@ -107,7 +107,7 @@ def train(user: str = User, home: Optional[Path] = Home, config: Optional[Path] 
     plus replayed questions of the others) when an index exists, else on every memory."""
     mem = _open(home, config, base_model=base_model, epochs=epochs, lora_r=lora_r, lora_layers=lora_layers,
                 questions_per_memory=questions_per_memory, question_source=question_source, seed=seed,
-                question_kinds=[k.strip() for k in question_kinds.split(",")] if question_kinds else None)
+                question_kinds=None if question_kinds is None else [k.strip() for k in question_kinds.split(",") if k.strip()])
     with _progress() as bar:
         tasks = {}
 

@@ -44,7 +44,7 @@ class Config:
     questions_per_memory: int = 24
     question_source: str = "builtin"
     # Which kinds of built-in questions to draw from (questions.QUESTION_KINDS): "templates",
-    # "wh", "keywords", "spans", "id". benchmarks/locomo.py --question-kinds compares mixes.
+    # "wh", "keywords", "spans", "id". benchmarks/question_mix.py compares mixes.
     question_kinds: list[str] = field(default_factory=lambda: ["templates", "keywords", "spans", "id"])
     llm_questions_per_memory: int = 4
     # Incremental training (`train(full=False)`, the default when an index exists): continue

@@ -90,6 +90,8 @@ class _Serving:
 
 
 ASK_BATCH = 16  # questions per forward pass in ask_many (hybrid decoding)
+QUERY_OPTIONS = {"decoding", "hybrid_candidates", "fusion_adapter", "fusion_dense", "fusion_bm25", "beam_size",
+                 "max_k", "abstain_threshold"}
 
 
 def read_records(path: str | Path) -> tuple[object, str]:
@@ -245,6 +247,10 @@ class IPM:
     def reconfigure(self, **overrides) -> Config:
         """Change query-time options (decoding, fusion weights, beam size, threshold) of an open
         engine; the next `ask` uses them. Returns the new config."""
+        other = set(overrides) - QUERY_OPTIONS
+        if other:
+            raise InvalidInput(f"only query-time options can change on an open engine ({', '.join(sorted(QUERY_OPTIONS))}); "
+                               f"not {', '.join(sorted(other))}: open it with that config instead")
         with self._lock:
             self.config = self.config.updated(**overrides)
             for s in self._serving.values():
@@ -390,7 +396,8 @@ class IPM:
                 "ids": {m.id: m.sha256 for m in memories},
                 "threshold": calibration[self.config.decoding]["threshold"],
                 "config": self.config.to_dict(),
-                "metrics": {**result.metrics, "calibration": calibration, "incremental": incremental, "total_seconds": round(time.perf_counter() - t0, 2),
+                "metrics": {**result.metrics, "dtype": str(next(base.model.parameters()).dtype).removeprefix("torch."),
+                            "calibration": calibration, "incremental": incremental, "total_seconds": round(time.perf_counter() - t0, 2),
                             "memories": len(memories), "calibration_examples": len(calib)},
             }
             final = index_dir.commit_version(root, name, tmp, manifest)
@@ -520,6 +527,8 @@ class IPM:
         """`ask` for several questions at once: under hybrid decoding the adapter scores them in
         batches (more questions per second than one by one). Each Answer's `seconds` is the
         wall time of the whole call."""
+        if not isinstance(questions, (list, tuple)):
+            raise InvalidInput("ask_many takes a list of questions")
         for question in questions:
             check_question(question)
         if not 1 <= k <= 100:

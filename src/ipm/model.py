@@ -182,9 +182,23 @@ def pick_dtype(config: Config, device: str):
         return getattr(torch, config.dtype)
     if device.startswith("cuda"):
         return torch.bfloat16
-    if device == "cpu" and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+    if device.split(":")[0] == "cpu" and _cpu_has_native_bf16():
         return torch.bfloat16
     return torch.float32
+
+
+def _cpu_has_native_bf16() -> bool:
+    """True where the CPU computes in bf16 itself (AVX512-BF16 or AMX-BF16, read from
+    /proc/cpuinfo); elsewhere bf16 is emulated and no faster than float32."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    except OSError:
+        pass
+    return False
 
 
 _LOADED: dict[tuple, BaseModel] = {}

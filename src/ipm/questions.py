@@ -131,7 +131,7 @@ IRREGULAR_PAST = dict(pair.split(":") for pair in (
     "caught:catch drew:draw drove:drive ate:eat fell:fall heard:hear held:hold led:lead paid:pay sold:sell "
     "sang:sing sat:sit slept:sleep spoke:speak stood:stand swam:swim threw:throw understood:understand "
     "wore:wear chose:choose became:become grew:grow forgot:forget rode:ride broke:break hung:hang "
-    "taught:teach fought:fight flew:fly hid:hide shot:shoot struck:strike woke:wake").split())
+    "fought:fight flew:fly hid:hide shot:shoot struck:strike woke:wake").split())
 CLAUSE_END = {"and", "but", "because", "due", "despite", "which", "who", "while", "after", "before", "since",
               "so", "as", "where", "when", "that", "with", "for", "to", "in", "at", "on", "from", "of"}
 WH_PAST = ["What did {s} {v}?", "When did {s} {v} {o}?", "Why did {s} {v} {o}?", "Where did {s} {v} {o}?",
@@ -174,7 +174,8 @@ def wh_questions(text: str) -> list[str]:
         words = WORD.findall(sentence)
         for v in range(1, min(6, len(words))):
             w = words[v].lower()
-            named_subject = all(x[:1].isupper() or x.lower() == "and" for x in words[:v])
+            named_subject = words[0].lower() not in STOPWORDS and all(x[:1].isupper() or x.lower() == "and"
+                                                                      for x in words[:v])
             if w in AUXILIARIES or w in IRREGULAR_PAST or w.endswith("ed") or (named_subject and verb_base(w)):
                 break
         else:
@@ -216,10 +217,11 @@ def synonyms_of(phrase: str) -> list[str]:
 
 
 QUESTION_KINDS = ("templates", "wh", "keywords", "spans", "id")
+DEFAULT_QUESTION_KINDS = ("templates", "keywords", "spans", "id")  # Config.question_kinds' default
 
 
 def builtin_questions(memory_id: str, text: str, n: int, seed: int = 0,
-                      kinds: Iterable[str] = QUESTION_KINDS) -> list[str]:
+                      kinds: Iterable[str] = DEFAULT_QUESTION_KINDS) -> list[str]:
     """About `n` distinct training inputs for one memory (the text itself first), deterministic
     for (id, text, seed). `kinds` picks the sources, drawn from in turn:
     templates: questions about the phrases after "my", the proper nouns and the ID's topic;

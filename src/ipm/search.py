@@ -10,8 +10,10 @@ question and shared by every beam.
 Two decoders share this contract: `RunnerDecoder` (Llama-family models, fast path) and
 `GenerateDecoder` (any HF causal LM, via `generate` with `prefix_allowed_tokens_fn`).
 
-Hybrid decoding runs the same search over a small trie of the IDs that BM25 and dense
-retrieval propose, and `fuse` combines the model's probabilities with their scores.
+Hybrid decoding scores every ID of a small trie (the IDs that BM25 and dense retrieval
+propose) in one forward pass with a tree-shaped attention mask (`RunnerDecoder.score`): the
+same probabilities an exhaustive beam search gives. `fuse` combines them with the retrievers'
+scores.
 """
 
 from __future__ import annotations
