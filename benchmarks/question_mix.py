@@ -1,8 +1,8 @@
 """Which training questions make the adapter find the right memory? One LoCoMo run per mix.
 
     python benchmarks/question_mix.py                       # conv-26 observations, every mix
-    python benchmarks/question_mix.py --mixes default,all --conversations 2
-    python benchmarks/question_mix.py --mixes default,wh --collate      # re-tabulate kept results
+    python benchmarks/question_mix.py --mixes no-wh,all --conversations 2
+    python benchmarks/question_mix.py --mixes no-wh,wh --collate        # re-tabulate kept results
 
 Each mix trains a fresh index on the same memories with only those sources of training inputs
 (every mix also trains on the memory's own text), then benchmarks/locomo.py scores it on the
@@ -21,7 +21,7 @@ from pathlib import Path
 import common
 import locomo
 
-# name -> (question_kinds, question_source); None keeps the ipm.Config default.
+# name -> (question_kinds, question_source). "all" is the ipm.Config default.
 MIXES = {
     "text": ("", "builtin"),  # the memory's own text only
     "spans": ("spans", "builtin"),  # doc-as-query: sentences and word spans
@@ -29,7 +29,7 @@ MIXES = {
     "templates": ("templates", "builtin"),
     "wh": ("wh", "builtin"),
     "llm": ("", "llm"),  # base-model-written questions, few-shot, filtered
-    "default": (None, None),
+    "no-wh": ("templates,keywords,spans,id", "builtin"),  # the default before the wh kind
     "all": ("templates,wh,keywords,spans,id", "builtin"),
     "all+llm": ("templates,wh,keywords,spans,id", "both"),
 }
@@ -65,10 +65,7 @@ def main(argv: list[str] | None = None) -> dict:
         kinds, source = MIXES[name]
         sub = [str(x) for x in args.paths] + ["--variant", args.variant, "--conversations", str(args.conversations),
                                                "--seed", str(args.seed), "--out-of-scope", str(args.out_of_scope), "--out-dir", str(Path(args.out_dir) / "question-mix" / name)]
-        if kinds is not None:
-            sub += ["--question-kinds", kinds]
-        if source is not None:
-            sub += ["--question-source", source]
+        sub += ["--question-kinds", kinds, "--question-source", source]
         if args.limit_memories:
             sub += ["--limit-memories", str(args.limit_memories)]
         for flag in ("base_model", "epochs", "questions_per_memory", "lora_layers", "id_scheme"):
@@ -106,7 +103,7 @@ def main(argv: list[str] | None = None) -> dict:
              ("recall@k and MRR: hybrid decoding (the default) with the configured fusion weights; "
               "pure = the adapter alone over every ID; adapter among candidates = the adapter alone ranking hybrid "
               "decoding's BM25 + dense candidates."),
-             "Every mix also trains on the memory's own text; 'default' is ipm.Config's question_kinds."]
+             "Every mix also trains on the memory's own text; 'all' is ipm.Config's default."]
     rows += [common.row(name, metrics) for name, metrics in bl.items()]
     common.write_results("question-mix", data, rows, args.out_dir, args.json, notes=notes,
                          title=f"Question mix ablation (LoCoMo {args.variant})")

@@ -217,7 +217,7 @@ def synonyms_of(phrase: str) -> list[str]:
 
 
 QUESTION_KINDS = ("templates", "wh", "keywords", "spans", "id")
-DEFAULT_QUESTION_KINDS = ("templates", "keywords", "spans", "id")  # Config.question_kinds' default
+DEFAULT_QUESTION_KINDS = QUESTION_KINDS  # Config.question_kinds' default
 
 
 def builtin_questions(memory_id: str, text: str, n: int, seed: int = 0,
