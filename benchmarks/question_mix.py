@@ -86,7 +86,8 @@ def main(argv: list[str] | None = None) -> dict:
         among = adapter_among_candidates(d.get("fusion_sweep") or {})
         runs[name] = {"question_kinds": d["config"]["question_kinds"], "question_source": d["config"]["question_source"],
                       "train_examples": examples, "train_seconds": sum(d["train_seconds"].values()),
-                      "overall": o, "adapter_among_candidates": among}
+                      "overall": o, "adapter_among_candidates": among,
+                      "commit": d["run"]["git_commit"], "command": d["run"]["command"]}
         rows.append(common.row(f"ipm hybrid, mix {name}", o["ipm-hybrid"],
                                **{"kinds": "+".join(d["config"]["question_kinds"]) or "(text only)",
                                   "source": d["config"]["question_source"], "train examples": examples,
@@ -103,7 +104,8 @@ def main(argv: list[str] | None = None) -> dict:
              ("recall@k and MRR: hybrid decoding (the default) with the configured fusion weights; "
               "pure = the adapter alone over every ID; adapter among candidates = the adapter alone ranking hybrid "
               "decoding's BM25 + dense candidates."),
-             "Every mix also trains on the memory's own text; 'all' is ipm.Config's default."]
+             "Every mix also trains on the memory's own text; 'all' is ipm.Config's default.",
+             "HEAD when each mix started (all ran in one process started at the first): " + ", ".join(sorted({r["commit"][:7] for r in runs.values()})) + "."]
     rows += [common.row(name, metrics) for name, metrics in bl.items()]
     common.write_results("question-mix", data, rows, args.out_dir, args.json, notes=notes,
                          title=f"Question mix ablation (LoCoMo {args.variant})")
