@@ -118,27 +118,14 @@ def locomo_set(path: Path, n: int, mem, user: str):
     return questions
 
 
-def timed_queries(decoder, trie, questions, k: int, beam_size: int) -> tuple[list[float], list[list[str]]]:
-    """Single warm queries: latencies in ms and the returned IDs."""
-    decoder.search(questions[0].question, trie, k=k, beam_size=beam_size)  # warm-up, not counted
+def timed_queries(rank, questions) -> tuple[list[float], list[list[str]]]:
+    """Single warm queries through `rank(question) -> [id, ...]`: latencies in ms and the IDs."""
+    rank(questions[0].question)  # warm-up, not counted
     lat, ranked = [], []
     for q in questions:
         t0 = time.perf_counter()
-        hits = decoder.search(q.question, trie, k=k, beam_size=beam_size)
+        ranked.append(rank(q.question))
         lat.append((time.perf_counter() - t0) * 1000)
-        ranked.append([mid for mid, _ in hits])
-    return lat, ranked
-
-
-def timed_hybrid(rank, questions, k: int) -> tuple[list[float], list[list[str]]]:
-    """Like timed_queries, through the engine's hybrid ranking (retrievers + adapter + fusion)."""
-    rank(questions[0].question, k)
-    lat, ranked = [], []
-    for q in questions:
-        t0 = time.perf_counter()
-        hits = rank(q.question, k)
-        lat.append((time.perf_counter() - t0) * 1000)
-        ranked.append([mid for mid, _, _ in hits])
     return lat, ranked
 
 
@@ -174,7 +161,8 @@ def run_path(path: str, base, examples, ids, questions, cfg, bars, label: str, h
     with peak_rss(out, "query_peak_rss_mb"):
         for k in (1, 5):
             bars.update(f"{label} {path} k={k}", 0, len(questions))
-            lat, ranked = timed_queries(decoder, trie, questions, k, max(k, cfg.beam_size))
+            lat, ranked = timed_queries(
+                lambda q, k=k: [mid for mid, _ in decoder.search(q, trie, k=k, beam_size=max(k, cfg.beam_size))], questions)
             bars.update(f"{label} {path} k={k}", len(questions), len(questions))
             out[f"recall@{k}"] = sum(bool(set(r[:k]) & q.gold) for r, q in zip(ranked, questions)) / len(questions)
             out[f"latency_k{k}_p50_ms"] = round(pct(lat, 50), 2)
@@ -187,7 +175,7 @@ def run_path(path: str, base, examples, ids, questions, cfg, bars, label: str, h
         h = out["hybrid"] = {}
         for k in (1, 5):
             bars.update(f"{label} hybrid k={k}", 0, len(questions))
-            lat, ranked = timed_hybrid(lambda q, k: hybrid(decoder, [q], trie, k)[0], questions, k)
+            lat, ranked = timed_queries(lambda q, k=k: [mid for mid, _, _ in hybrid(decoder, [q], trie, k)[0]], questions)
             bars.update(f"{label} hybrid k={k}", len(questions), len(questions))
             h[f"recall@{k}"] = sum(bool(set(r[:k]) & q.gold) for r, q in zip(ranked, questions)) / len(questions)
             h[f"latency_k{k}_p50_ms"] = round(pct(lat, 50), 2)

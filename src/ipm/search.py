@@ -151,16 +151,10 @@ class RunnerDecoder:
             for i in range(r.n_layers):
                 x, _ = r.layer(i, x, cos, sin, mask=m)
             rows = [(b, row) for b, (_, t) in enumerate(trees) for row in t.branch_rows]
-            allowed = [a for _, t in trees for a in t.allowed]
-            vocab = sorted({tok for a in allowed for tok in a})
-            col = {tok: j for j, tok in enumerate(vocab)}
             h = x[torch.tensor([b for b, _ in rows]), torch.tensor([row for _, row in rows])]
-            logits = r.logits(h, torch.tensor(vocab, device=self.device)).float()
-            ri = torch.tensor([j for j, a in enumerate(allowed) for _ in a], device=self.device)
-            ci = torch.tensor([col[tok] for a in allowed for tok in a], device=self.device)
-            masked = torch.full_like(logits, float("-inf"))
-            masked[ri, ci] = logits[ri, ci]
-            logp = torch.log_softmax(masked, dim=-1).tolist()
+            logp, vocab = self._allowed_logp(h, [a for _, t in trees for a in t.allowed])
+            logp = logp.tolist()
+        col = {tok: j for j, tok in enumerate(vocab)}
         j = 0
         for i, t in trees:
             choices = {}
@@ -176,18 +170,26 @@ class RunnerDecoder:
         import torch
 
         allowed = [b.node.allowed() for b in beams]
-        vocab = sorted({t for a in allowed for t in a})
-        col = {t: j for j, t in enumerate(vocab)}
-        logits = self.runner.logits(h, torch.tensor(vocab, device=self.device)).float()
-        rows = torch.tensor([bi for bi, a in enumerate(allowed) for _ in a], device=self.device)
-        cols = torch.tensor([col[t] for a in allowed for t in a], device=self.device)
-        masked = torch.full_like(logits, float("-inf"))
-        masked[rows, cols] = logits[rows, cols]
-        logp = torch.log_softmax(masked, dim=-1) + torch.tensor([b.logp for b in beams], device=self.device)[:, None]
-        n = min(beam_size, len(cols))
+        logp, vocab = self._allowed_logp(h, allowed)
+        logp = logp + torch.tensor([b.logp for b in beams], device=self.device)[:, None]
+        n = min(beam_size, sum(len(a) for a in allowed))
         values, flat = torch.topk(logp.flatten(), n)
         width = len(vocab)
         return [(v, i // width, vocab[i % width]) for v, i in zip(values.tolist(), flat.tolist())]
+
+    def _allowed_logp(self, h, allowed: list[list[int]]):
+        """Log-probabilities of each row's allowed tokens, renormalised over them: a (rows,
+        vocab) tensor over the union `vocab` of the allowed tokens, -inf where not allowed."""
+        import torch
+
+        vocab = sorted({t for a in allowed for t in a})
+        col = {t: j for j, t in enumerate(vocab)}
+        logits = self.runner.logits(h, torch.tensor(vocab, device=self.device)).float()
+        rows = torch.tensor([r for r, a in enumerate(allowed) for _ in a], device=self.device)
+        cols = torch.tensor([col[t] for a in allowed for t in a], device=self.device)
+        masked = torch.full_like(logits, float("-inf"))
+        masked[rows, cols] = logits[rows, cols]
+        return torch.log_softmax(masked, dim=-1), vocab
 
     def _step(self, beams, prompt_kv, suffix_kv, suffix_valid, prompt_len):
         """Feed each beam's new tokens (right-padded) on top of its parent's keys/values."""
