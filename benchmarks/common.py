@@ -49,7 +49,23 @@ def parser(description: str) -> argparse.ArgumentParser:
     g.add_argument("--decoding", choices=("pure", "hybrid"), default=None)
     g.add_argument("--id-scheme", choices=("salient", "lexicon"), default=None,
                    help="how IDs are minted for memories given without one")
+    g.add_argument("--set", action="append", default=[], metavar="KEY=JSON", dest="overrides",
+                   help="any other ipm.Config field, e.g. --set lora_r=64 --set learning_rate=3e-4 (repeatable)")
     return p
+
+
+def overrides(pairs: list[str]) -> dict:
+    """`--set KEY=JSON` pairs as a dict (a value that is not JSON is taken as a string)."""
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--set expects KEY=VALUE, got {pair!r}")
+        try:
+            out[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip()] = value
+    return out
 
 
 def config(args: argparse.Namespace):
@@ -60,7 +76,8 @@ def config(args: argparse.Namespace):
                                 questions_per_memory=args.questions_per_memory, lora_layers=args.lora_layers,
                                 decoding=args.decoding, id_scheme=args.id_scheme, question_source=args.question_source,
                                 question_kinds=None if args.question_kinds is None else
-                                [k for k in args.question_kinds.split(",") if k])
+                                [k for k in args.question_kinds.split(",") if k]
+                                ).updated(**overrides(getattr(args, "overrides", [])))
 
 
 DECODINGS = ("hybrid", "pure")
@@ -153,7 +170,8 @@ def _version(package: str) -> str | None:
 
 
 def _git_commit() -> str | None:
-    """The checked-out commit, read from .git directly (no git binary needed)."""
+    """The checked-out commit, read from .git directly (no git binary needed); where the tree
+    travelled without .git (a lent GPU machine), the IPM_BENCH_COMMIT environment variable."""
     git = REPO / ".git"
     try:
         head = (git / "HEAD").read_text().strip()
@@ -167,7 +185,7 @@ def _git_commit() -> str | None:
                 return line.split()[0]
     except OSError:
         pass
-    return None
+    return os.environ.get("IPM_BENCH_COMMIT")
 
 
 def command(script: str, argv: list[str] | None) -> list[str]:

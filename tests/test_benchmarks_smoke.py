@@ -131,8 +131,8 @@ def test_question_mix_smoke(tiny_model, tmp_path, monkeypatch):
     mix.main(files + tiny_args(tiny_model, tmp_path) + ["--mixes", "text,wh", "--limit-memories", "15",
                                                         "--out-of-scope", "5"])
     data = check_files(tmp_path / "results", "question-mix")
-    text, wh = data["mixes"]["text"], data["mixes"]["wh"]
-    assert text["question_kinds"] == [] and wh["question_kinds"] == ["wh"]
+    text, wh = data["variants"]["text"], data["variants"]["wh"]
+    assert text["config"]["question_kinds"] == [] and wh["config"]["question_kinds"] == ["wh"]
     # The text-only mix trains on one input per memory; wh questions add more.
     assert text["train_examples"] == 15 < wh["train_examples"]
     for run in (text, wh):
@@ -143,4 +143,23 @@ def test_question_mix_smoke(tiny_model, tmp_path, monkeypatch):
     (tmp_path / "results" / "question-mix.json").unlink()
     mix.main(files + tiny_args(tiny_model, tmp_path) + ["--mixes", "wh", "--collate"])
     again = json.loads((tmp_path / "results" / "question-mix.json").read_text())
-    assert again["mixes"]["wh"]["overall"] == wh["overall"]
+    assert again["variants"]["wh"]["overall"] == wh["overall"]
+
+
+def test_recipe_smoke(tiny_model, tmp_path, monkeypatch):
+    need(SHARED / "locomo" / "conv-26.json")
+    load("locomo", monkeypatch)
+    recipe = load("recipe", monkeypatch)
+    files = [str(SHARED / "locomo" / "conv-26.json")]
+    # --set applies to every recipe; a recipe's own override wins over it.
+    recipe.main(files + tiny_args(tiny_model, tmp_path) + ["--recipes", "default,r8", "--limit-memories", "12",
+                                                           "--out-of-scope", "5", "--set", "lora_r=4"])
+    data = check_files(tmp_path / "results", "recipe")
+    default, r8 = data["variants"]["default"], data["variants"]["r8"]
+    assert default["config"]["lora_r"] == 4 and (r8["config"]["lora_r"], r8["config"]["lora_alpha"]) == (8, 16)
+    assert default["train_examples"] == r8["train_examples"] > 12
+    for run in (default, r8):
+        check_metrics(run["overall"]["ipm-hybrid"])
+    assert "| ipm hybrid, r8 |" in (tmp_path / "results" / "recipe.md").read_text()
+    with pytest.raises(SystemExit):
+        recipe.main(files + tiny_args(tiny_model, tmp_path) + ["--recipes", "nope"])

