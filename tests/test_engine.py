@@ -67,6 +67,10 @@ def test_ask_many_answers_like_ask_one_by_one(mem, memories_file, tiny_config, d
         assert [h.id for h in a.candidates] == [h.id for h in one.candidates]
         for h, o in zip(a.candidates, one.candidates):
             assert h.score == pytest.approx(o.score, rel=1e-3, abs=1e-6) and h.text == o.text
+    asks = [e for e in trained.log() if e.action == "ask"]
+    batch_events = asks[-2 * len(questions):-len(questions)]  # the batch, before the one-by-one asks
+    assert [e.ids for e in batch_events] == [[h.id for h in a.hits] for a in batch]
+    assert [e.detail["abstained"] for e in batch_events] == [a.abstained for a in batch]
     assert trained.ask_many([], k=3) == []
     with pytest.raises(InvalidInput, match="list"):
         trained.ask_many("what is my dog called?")

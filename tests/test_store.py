@@ -93,6 +93,15 @@ def test_questions_need_existing_memories(store):
     assert store.add_questions("u", [("note_a_b", "q1?"), ("note_a_b", "q1?")]) == 1
 
 
+def test_log_many_is_one_transaction(store):
+    store.log_many("u", "ask", [(["a_b_c"], {"abstained": False}), ([], {"abstained": True})])
+    assert [(e.ids, e.detail) for e in store.events("u")] == [(["a_b_c"], {"abstained": False}),
+                                                              ([], {"abstained": True})]
+    with pytest.raises(TypeError):  # the second entry cannot be written: neither is
+        store.log_many("u", "ask", [(["x_y_z"], {}), ([], {"bad": object()})])
+    assert len(store.events("u")) == 2
+
+
 def test_event_log_records_every_write(store):
     store.add("u", "a", "note_a_b")
     store.update("u", "note_a_b", "b")

@@ -441,8 +441,7 @@ class IPM:
         if candidates is None:
             return [[(mid, p, None) for mid, p in decoder.search(q, trie, k=k, beam_size=max(k, cfg.beam_size))]
                     for q in questions]
-        proposed = [{mid: v for mid, v in candidates(q, cfg.hybrid_candidates).items() if mid in trie}
-                    for q in questions]
+        proposed = [{mid: v for mid, v in c.items() if mid in trie} for c in candidates.many(questions, cfg.hybrid_candidates)]
         subs = [Trie((mid, trie.sequences[mid]) for mid in p) for p in proposed]
         out = []
         for b in range(0, len(questions), ASK_BATCH):
@@ -549,8 +548,8 @@ class IPM:
         seconds = time.perf_counter() - t0
         for answer in answers:
             answer.seconds = seconds
-            if log:
-                self.store.log(user, "ask", [h.id for h in answer.hits], abstained=answer.abstained)
+        if log:
+            self.store.log_many(user, "ask", [([h.id for h in a.hits], {"abstained": a.abstained}) for a in answers])
         return answers
 
     @staticmethod

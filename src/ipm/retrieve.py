@@ -81,7 +81,11 @@ class Dense:
 
     def scores(self, question: str) -> list[float]:
         """The cosine similarity of every memory (in `ids` order) to one question."""
-        return (self.encoder.encode([question]) @ self.emb.T)[0].tolist()
+        return self.scores_many([question])[0]
+
+    def scores_many(self, questions: list[str]) -> list[list[float]]:
+        """`scores` for several questions, encoded in one batch."""
+        return (self.encoder.encode(questions) @ self.emb.T).tolist()
 
 
 RETRIEVERS = {"bm25": BM25, "dense": Dense}
@@ -98,10 +102,16 @@ class Candidates:
 
     def __call__(self, question: str, n: int) -> dict[str, tuple[float, float]]:
         """{id: (cosine, bm25 / best bm25)} for the union of each retriever's top n."""
-        cos = self.dense.scores(question)
-        bm = self.bm25.scores(question)
-        best = max(bm) if bm else 0.0
-        top = set(heapq.nlargest(n, range(len(cos)), key=cos.__getitem__))
-        if best > 0:
-            top |= set(heapq.nlargest(n, (i for i in range(len(bm)) if bm[i] > 0), key=bm.__getitem__))
-        return {self.ids[i]: (cos[i], bm[i] / best if best > 0 else 0.0) for i in sorted(top)}
+        return self.many([question], n)[0]
+
+    def many(self, questions: list[str], n: int) -> list[dict[str, tuple[float, float]]]:
+        """`self(question, n)` for several questions; MiniLM encodes them in one batch."""
+        out = []
+        for question, cos in zip(questions, self.dense.scores_many(questions) if questions else []):
+            bm = self.bm25.scores(question)
+            best = max(bm) if bm else 0.0
+            top = set(heapq.nlargest(n, range(len(cos)), key=cos.__getitem__))
+            if best > 0:
+                top |= set(heapq.nlargest(n, (i for i in range(len(bm)) if bm[i] > 0), key=bm.__getitem__))
+            out.append({self.ids[i]: (cos[i], bm[i] / best if best > 0 else 0.0) for i in sorted(top)})
+        return out

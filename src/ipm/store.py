@@ -197,8 +197,13 @@ class Store:
         )
 
     def log(self, namespace: str, action: str, ids: Iterable[str] = (), **detail) -> None:
+        self.log_many(namespace, action, [(ids, detail)])
+
+    def log_many(self, namespace: str, action: str, entries: Iterable[tuple[Iterable[str], dict]]) -> None:
+        """Several events of one action, (ids, detail) each, in one transaction (a batch of asks)."""
         with self._write() as db:
-            self._log(db, namespace, action, ids, **detail)
+            for ids, detail in entries:
+                self._log(db, namespace, action, ids, **detail)
 
     def generation(self, namespace: str) -> int:
         """A number that changes whenever the namespace's memories change (not on asks)."""
