@@ -95,7 +95,8 @@ def run_variants(p, args, command: list[str], bench: str, variants: dict[str, li
                       "adapter_among_candidates": among, "commit": d["run"]["git_commit"],
                       "cuda": d["run"]["machine"].get("cuda"), "command": d["run"]["command"]}
         rows.append(common.row(f"ipm hybrid, {name}", o["ipm-hybrid"],
-                               **describe(d["config"]), **{"train examples": examples,
+                               **describe(d["config"]), **{"machine": runs[name]["cuda"] or "CPU",
+                               "train examples": examples,
                                "train s": round(runs[name]["train_seconds"]),
                                "pure recall@1 %": o["ipm-pure"]["recall@1"], "pure recall@5 %": o["ipm-pure"]["recall@5"],
                                "adapter among candidates recall@1 %": among["recall@1"] if among else None}))
