@@ -50,7 +50,8 @@ def parser(description: str) -> argparse.ArgumentParser:
     g.add_argument("--id-scheme", choices=("salient", "lexicon"), default=None,
                    help="how IDs are minted for memories given without one")
     g.add_argument("--set", action="append", default=[], metavar="KEY=JSON", dest="overrides",
-                   help="any other ipm.Config field, e.g. --set lora_r=64 --set learning_rate=3e-4 (repeatable)")
+                   help="any ipm.Config field, the value as JSON: --set lora_r=64 --set 'question_kinds=[\"wh\"]' "
+                        "(repeatable; wins over the flags above)")
     return p
 
 
@@ -68,16 +69,35 @@ def overrides(pairs: list[str]) -> dict:
     return out
 
 
+# The config flags of `parser` (attribute names), in the order a benchmark forwards them.
+CONFIG_FLAGS = ("base_model", "epochs", "questions_per_memory", "question_kinds", "question_source", "lora_layers",
+                "decoding", "id_scheme")
+
+
+def config_argv(args: argparse.Namespace) -> list[str]:
+    """The config flags that were given, as command-line arguments for another benchmark."""
+    out = [a for f in CONFIG_FLAGS if getattr(args, f) is not None for a in ("--" + f.replace("_", "-"), str(getattr(args, f)))]
+    return out + [a for pair in args.overrides for a in ("--set", pair)]
+
+
 def config(args: argparse.Namespace):
-    """ipm.Config defaults, with the seed and whatever overrides were given on the command line."""
+    """ipm.Config defaults, with the seed and whatever overrides were given on the command line
+    (`--set` last, so it wins over a named flag)."""
     import ipm
 
-    return ipm.Config().updated(seed=args.seed, base_model=args.base_model, epochs=args.epochs,
-                                questions_per_memory=args.questions_per_memory, lora_layers=args.lora_layers,
-                                decoding=args.decoding, id_scheme=args.id_scheme, question_source=args.question_source,
-                                question_kinds=None if args.question_kinds is None else
-                                [k for k in args.question_kinds.split(",") if k]
-                                ).updated(**overrides(getattr(args, "overrides", [])))
+    extra = overrides(getattr(args, "overrides", []))
+    if "seed" in extra:
+        raise SystemExit("use --seed, not --set seed=...: the seed also seeds the benchmark's own sampling")
+    try:
+        return ipm.Config().updated(seed=args.seed, base_model=args.base_model, epochs=args.epochs,
+                                    questions_per_memory=args.questions_per_memory, lora_layers=args.lora_layers,
+                                    decoding=args.decoding, id_scheme=args.id_scheme,
+                                    question_source=args.question_source,
+                                    question_kinds=None if args.question_kinds is None else
+                                    [k for k in args.question_kinds.split(",") if k]
+                                    ).updated(**extra)
+    except ipm.InvalidInput as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 DECODINGS = ("hybrid", "pure")
@@ -170,8 +190,11 @@ def _version(package: str) -> str | None:
 
 
 def _git_commit() -> str | None:
-    """The checked-out commit, read from .git directly (no git binary needed); where the tree
-    travelled without .git (a lent GPU machine), the IPM_BENCH_COMMIT environment variable."""
+    """The checked-out commit: the IPM_BENCH_COMMIT environment variable if set (a copy of the
+    tree on a lent GPU machine, whose .git may be absent or stale), else read from .git
+    directly (no git binary needed)."""
+    if os.environ.get("IPM_BENCH_COMMIT"):
+        return os.environ["IPM_BENCH_COMMIT"]
     git = REPO / ".git"
     try:
         head = (git / "HEAD").read_text().strip()
@@ -185,7 +208,7 @@ def _git_commit() -> str | None:
                 return line.split()[0]
     except OSError:
         pass
-    return os.environ.get("IPM_BENCH_COMMIT")
+    return None
 
 
 def command(script: str, argv: list[str] | None) -> list[str]:

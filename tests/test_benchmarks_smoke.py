@@ -128,8 +128,9 @@ def test_question_mix_smoke(tiny_model, tmp_path, monkeypatch):
     load("locomo", monkeypatch)
     mix = load("question_mix", monkeypatch)
     files = [str(SHARED / "locomo" / "conv-26.json"), str(SHARED / "locomo" / "conv-30.json")]
+    # a mix's own question kinds win over the ones given for every mix
     mix.main(files + tiny_args(tiny_model, tmp_path) + ["--mixes", "text,wh", "--limit-memories", "15",
-                                                        "--out-of-scope", "5"])
+                                                        "--out-of-scope", "5", "--question-kinds", "keywords"])
     data = check_files(tmp_path / "results", "question-mix")
     text, wh = data["variants"]["text"], data["variants"]["wh"]
     assert text["config"]["question_kinds"] == [] and wh["config"]["question_kinds"] == ["wh"]
@@ -161,5 +162,6 @@ def test_recipe_smoke(tiny_model, tmp_path, monkeypatch):
     for run in (default, r8):
         check_metrics(run["overall"]["ipm-hybrid"])
     assert "| ipm hybrid, r8 |" in (tmp_path / "results" / "recipe.md").read_text()
-    with pytest.raises(SystemExit):
-        recipe.main(files + tiny_args(tiny_model, tmp_path) + ["--recipes", "nope"])
+    for bad in (["--recipes", "nope"], ["--recipes", ","], ["--set", "lora_r=x"], ["--set", "seed=3"]):
+        with pytest.raises(SystemExit):
+            recipe.main(files + tiny_args(tiny_model, tmp_path) + bad)

@@ -548,7 +548,7 @@ class IPM:
         seconds = time.perf_counter() - t0
         for answer in answers:
             answer.seconds = seconds
-        if log:
+        if log and answers:
             self.store.log_many(user, "ask", [([h.id for h in a.hits], {"abstained": a.abstained}) for a in answers])
         return answers
 
