@@ -11,7 +11,6 @@ what it finished; each variant's full LoCoMo output goes to <out-dir>/<bench>/<n
 from __future__ import annotations
 
 import json
-import tempfile
 from pathlib import Path
 
 import common
@@ -64,13 +63,10 @@ def main(argv: list[str] | None, *, script: str, doc: str, bench: str, variants:
             if not kept.is_file():
                 p.error(f"--collate: no results for {name} ({kept})")
             d = json.loads(kept.read_text(encoding="utf-8"))
-        elif args.home is not None:
-            print(f"== {name}: locomo.py {' '.join(sub)}", flush=True)
-            d = locomo.main(sub + ["--home", str(Path(args.home) / name)])
         else:
             print(f"== {name}: locomo.py {' '.join(sub)}", flush=True)
-            with tempfile.TemporaryDirectory(prefix=f"ipm-{bench}-") as tmp:
-                d = locomo.main(sub + ["--home", str(Path(tmp) / "home")])
+            with common.home(Path(args.home) / name if args.home is not None else None) as home:
+                d = locomo.main(sub + ["--home", str(home)])
         o = d["overall"]
         examples = sum(r.get("train_examples", 0) for r in d["per_conversation"].values())
         among = adapter_among_candidates(d.get("fusion_sweep") or {})

@@ -79,12 +79,8 @@ class Dense:
         top = torch.topk(q @ self.emb.T, k=min(k, len(self.ids)), dim=1).indices.tolist()
         return [[self.ids[i] for i in row] for row in top]
 
-    def scores(self, question: str) -> list[float]:
-        """The cosine similarity of every memory (in `ids` order) to one question."""
-        return self.scores_many([question])[0]
-
     def scores_many(self, questions: list[str]) -> list[list[float]]:
-        """`scores` for several questions, encoded in one batch."""
+        """The cosine similarity of every memory (in `ids` order) to each question, encoded in one batch."""
         return (self.encoder.encode(questions) @ self.emb.T).tolist()
 
 
@@ -100,12 +96,9 @@ class Candidates:
         self.bm25 = BM25(ids, texts)
         self.dense = Dense(ids, texts, encoder, embeddings)
 
-    def __call__(self, question: str, n: int) -> dict[str, tuple[float, float]]:
-        """{id: (cosine, bm25 / best bm25)} for the union of each retriever's top n."""
-        return self.many([question], n)[0]
-
     def many(self, questions: list[str], n: int) -> list[dict[str, tuple[float, float]]]:
-        """`self(question, n)` for several questions; MiniLM encodes them in one batch."""
+        """For each question, {id: (cosine, bm25 / best bm25)} over the union of each retriever's
+        top n; MiniLM encodes the questions in one batch."""
         out = []
         for question, cos in zip(questions, self.dense.scores_many(questions) if questions else []):
             bm = self.bm25.scores(question)
