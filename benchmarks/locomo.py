@@ -17,6 +17,11 @@ reported on all, so the choice of a default uses no question of the others.
 
     python benchmarks/locomo.py --variant observations   # all five shared conversations
     python benchmarks/locomo.py --variant turns --baselines-only
+
+The results are rewritten after each conversation, so a run cut short keeps what it finished.
+`--reuse` takes a conversation's result from earlier runs instead of training it again, when
+they ran it with the same variant, configuration, seed, memory limit and decodings: a long run
+can be made in pieces (or resumed) and still be scored and fused as one.
 """
 
 from __future__ import annotations
@@ -197,6 +202,9 @@ def main(argv: list[str] | None = None) -> dict:
                    help="IPM decodings to score on each trained index, comma-separated (default %(default)s)")
     p.add_argument("--tune-on", default="conv-26,conv-30,conv-41",
                    help="conversations on which the fusion sweep picks its weights (default %(default)s)")
+    p.add_argument("--reuse", nargs="+", type=Path, default=[], metavar="RESULTS",
+                   help="results JSON of earlier runs of this benchmark: a conversation they ran with the same "
+                        "variant, configuration, seed, memory limit and decodings is taken from them, not trained again")
     args = p.parse_args(argv)
     args.decodings = [d for d in args.decodings.split(",") if d]
     if not set(args.decodings) <= {"pure", "hybrid"}:
@@ -217,14 +225,58 @@ def main(argv: list[str] | None = None) -> dict:
     evaluated = list(convs)[: args.conversations]
     ipm_systems = tuple(f"ipm-{d}" for d in args.decodings)
     systems = BASELINES if args.baselines_only else ipm_systems if args.no_baselines else (*ipm_systems, *BASELINES)
-    per_conv = {}
+    reused = reusable(args.reuse, args, cfg, systems)
+    per_conv, data = {}, {}
     with common.home(args.home) as home, common.Bars() as bars:
         mem = ipm.open(home, config=cfg)
         for conv_id in evaluated:
-            others = [c for cid, c in convs.items() if cid != conv_id]
-            per_conv[conv_id] = run_conversation(mem, conv_id, convs[conv_id], others, args, bars)
+            if conv_id in reused:
+                per_conv[conv_id] = reused[conv_id]
+                print(f"{conv_id}: reused from {reused[conv_id]['reused_from']['file']}", flush=True)
+            else:
+                others = [c for cid, c in convs.items() if cid != conv_id]
+                per_conv[conv_id] = run_conversation(mem, conv_id, convs[conv_id], others, args, bars)
+            data = write(per_conv, evaluated, systems, args, cfg, info)
         mem.store.close()
+    return data
 
+
+def reusable(paths: list[Path], args, cfg, systems: tuple[str, ...]) -> dict:
+    """Per-conversation results of earlier runs that this run would reproduce: same variant,
+    configuration, seed, memory limit and systems (the first file listed wins). Their candidate
+    scores come from the .json.gz written beside each file; where they are missing, the
+    conversation is run again."""
+    want = json.loads(json.dumps(cfg.to_dict()))
+    out: dict = {}
+    for path in paths:
+        try:
+            old = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"--reuse {path}: cannot read it as a results file ({e})")
+        if old.get("benchmark", "").split("-baselines")[0] != f"locomo-{args.variant}":
+            raise SystemExit(f"--reuse {path}: it is not a LoCoMo {args.variant} result")
+        same = (old.get("config") == want, old.get("seed") == args.seed,
+                old.get("limit_memories") == args.limit_memories)
+        if not all(same):
+            print(f"--reuse {path}: not reused, it ran with another configuration, seed or memory limit", flush=True)
+            continue
+        scores_file = Path(path).with_name(f"{old['benchmark']}-candidates.json.gz")
+        scores = {}
+        if scores_file.exists():
+            with gzip.open(scores_file, "rt", encoding="utf-8") as f:
+                scores = json.load(f)
+        for conv_id, result in old.get("per_conversation", {}).items():
+            hybrid = "ipm-hybrid" in systems
+            if conv_id in out or not set(systems) <= set(result) or (hybrid and conv_id not in scores):
+                continue
+            run = old.get("run", {})
+            out[conv_id] = {**result, "candidate_scores": scores.get(conv_id, []),
+                            "reused_from": {"file": str(path), "commit": run.get("git_commit"), "utc": run.get("utc")}}
+    return out
+
+
+def write(per_conv: dict, evaluated: list[str], systems: tuple[str, ...], args, cfg, info: dict) -> dict:
+    """Score and write the results of the conversations finished so far."""
     overall = {s: micro([r[s] for r in per_conv.values()]) for s in systems}
     skipped = sum(r["skipped_no_gold"] for r in per_conv.values())
     for o in overall.values():
@@ -235,27 +287,28 @@ def main(argv: list[str] | None = None) -> dict:
     configured = (cfg.fusion_adapter, cfg.fusion_dense, cfg.fusion_bm25)
     fusion = {} if args.baselines_only else sweep(per_conv, args.tune_on.split(","), configured)
     # Every candidate's scores, for re-analysis; too bulky for the results JSON.
-    scores = {c: r.pop("candidate_scores") for c, r in per_conv.items() if "candidate_scores" in r}
+    scores = {c: r["candidate_scores"] for c, r in per_conv.items() if r.get("candidate_scores")}
     if scores:
         Path(args.out_dir).mkdir(parents=True, exist_ok=True)
         with gzip.open(Path(args.out_dir) / f"{name}-candidates.json.gz", "wt", encoding="utf-8") as f:
             json.dump(scores, f)
     data = {
         "benchmark": name, "seed": args.seed, "variant": args.variant, "inputs": [str(p) for p in args.paths],
-        "conversations": evaluated, "categories": CATEGORIES, "limit_memories": args.limit_memories,
-        "baselines_only": args.baselines_only,
+        "conversations": list(per_conv), "planned": evaluated, "categories": CATEGORIES,
+        "limit_memories": args.limit_memories, "baselines_only": args.baselines_only,
         **{k: sum(r[k] for r in per_conv.values())
            for k in ("memories", "questions", "skipped_no_gold", "skipped_no_evidence", "out_of_scope_questions")},
         "train_seconds": {c: r.get("train_seconds") for c, r in per_conv.items()},
         "config": cfg.to_dict(),
         "overall": overall,
         "fusion_sweep": fusion,
-        "per_conversation": per_conv,
+        "per_conversation": {c: {k: v for k, v in r.items() if k != "candidate_scores"} for c, r in per_conv.items()},
         "run": info,
     }
     limit = f", {args.limit_memories} memories per conversation" if args.limit_memories else ""
+    done = "" if len(per_conv) == len(evaluated) else f", {len(per_conv)} of {len(evaluated)} conversations so far"
     common.write_results(name, data, table(overall), args.out_dir, args.json, notes=notes(data),
-                         title=f"LoCoMo retrieval recall ({args.variant}{limit})",
+                         title=f"LoCoMo retrieval recall ({args.variant}{limit}{done})",
                          tables=[("Fusion weights (hybrid decoding)", sweep_table(fusion))] if fusion else [])
     return data
 
@@ -304,6 +357,10 @@ def notes(d: dict) -> list[str]:
         out.append(f"Hybrid fusion weights (adapter, dense, bm25) chosen on {', '.join(f['tune_on'])} "
                    f"({f['n_tune']} questions): {f['chosen']}, recall@1 {100 * chosen['tune']['recall@1']:.1f} "
                    f"there{rest}. The ipm-hybrid row uses the configured weights {f['configured']}.")
+    reused = {c: r["reused_from"] for c, r in d["per_conversation"].items() if "reused_from" in r}
+    if reused:
+        out.append("Taken from earlier runs with the same configuration (--reuse): " + "; ".join(
+            f"{c} from {r['file']} (commit {str(r['commit'])[:7]}, {str(r['utc'])[:10]})" for c, r in reused.items()) + ".")
     if not d["baselines_only"]:
         out.append(f"IPM training: {sum(d['train_seconds'].values()):.0f} s in all; "
                    f"{d['out_of_scope_questions']} out-of-scope questions from the other conversations.")

@@ -107,6 +107,31 @@ def test_locomo_smoke(tiny_model, tmp_path, monkeypatch):
     assert sweep["chosen"][0] > 0 and "Fusion weights" in (tmp_path / "results" / "locomo-observations.md").read_text()
     assert (tmp_path / "results" / "locomo-observations-candidates.json.gz").stat().st_size > 0
 
+    # --reuse: conv-26 comes from the run above, untrained; conv-30 is trained; both are scored as one run.
+    first = tmp_path / "results" / "locomo-observations.json"
+    again = tmp_path / "again"
+    args = tiny_args(tiny_model, tmp_path)
+    args[args.index("--home") + 1], args[args.index("--out-dir") + 1] = str(tmp_path / "home2"), str(again)
+    both = locomo.main(files + args + ["--variant", "observations", "--conversations", "2", "--limit-memories", "20",
+                                       "--out-of-scope", "10", "--reuse", str(first)])
+    old, new = data["per_conversation"]["conv-26"], both["per_conversation"]["conv-26"]
+    assert new.pop("reused_from")["file"] == str(first) and new == old
+    assert both["conversations"] == ["conv-26", "conv-30"] and both["per_conversation"]["conv-30"]["train_seconds"] > 0
+    assert both["overall"]["ipm-hybrid"] == locomo.micro(
+        [both["per_conversation"][c]["ipm-hybrid"] for c in ("conv-26", "conv-30")]) | {
+        "skipped_as_misses": both["overall"]["ipm-hybrid"]["skipped_as_misses"]}
+    assert both["fusion_sweep"]["n_tune"] == sum(both["per_conversation"][c]["questions"] for c in ("conv-26", "conv-30"))
+    assert "reuse" in (again / "locomo-observations.md").read_text()
+    # Another configuration is never reused.
+    import argparse
+
+    from ipm.config import Config
+
+    ns = argparse.Namespace(variant="observations", seed=0, limit_memories=20)
+    cfg = Config(**{**data["config"], "epochs": data["config"]["epochs"] + 1})
+    assert locomo.reusable([first], ns, cfg, ("ipm-hybrid",)) == {}
+    assert set(locomo.reusable([first], ns, Config(**data["config"]), ("ipm-hybrid",))) == {"conv-26"}
+
 
 def test_incremental_smoke(tiny_model, tmp_path, monkeypatch):
     incremental = load("incremental", monkeypatch)
