@@ -28,8 +28,11 @@ RECIPES = {
     "layers_all": {"lora_layers": 0},
     "q12": {"questions_per_memory": 12},
     "q48": {"questions_per_memory": 48},
+    "hardneg": {"hard_negatives": 10},
+    "hardneg_w3": {"hard_negatives": 10, "hard_negative_weight": 3.0},
 }
-SHOWN = ("epochs", "learning_rate", "lora_r", "lora_layers", "questions_per_memory")
+SHOWN = ("epochs", "learning_rate", "lora_r", "lora_layers", "questions_per_memory", "hard_negatives",
+         "hard_negative_weight")
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -7,6 +7,7 @@ import pytest
 import ipm
 from ipm import index as index_dir
 from ipm.errors import IndexMissing, InvalidInput, NotFound, TrainingError
+from ipm.train import Example
 from tests.conftest import MEMORIES
 
 
@@ -314,3 +315,19 @@ def test_ids_are_minted_with_the_configured_scheme(mem, home, tiny_config, tmp_p
     assert lexicon.add(fact, user="other").id == "note_caroline_lgbtq"
     with pytest.raises(InvalidInput, match="id_scheme"):
         tiny_config.updated(id_scheme="random")
+
+
+def test_hard_negatives_from_the_retrievers_train_and_recall(home, memories_file, tiny_config, tmp_path):
+    mem = ipm.open(home, config=tiny_config.updated(hard_negatives=2, epochs=20), cache=tmp_path / "cache")
+    mem.import_(memories_file)
+    manifest = mem.train()
+    assert manifest["config"]["hard_negatives"] == 2 and manifest["metrics"]["hard_negative_choices"] > 0
+    mem.reconfigure(decoding="pure")
+    for mid, text in MEMORIES.items():
+        assert mem.ask(text, k=1).candidates[0].id == mid
+    negs = mem._with_negatives([Example(MEMORIES["work_job_acme"], "work_job_acme")],
+                               mem._candidates(mem.list()))
+    assert negs[0].negatives and "work_job_acme" not in negs[0].negatives
+    assert set(negs[0].negatives) < set(MEMORIES)
+    with pytest.raises(InvalidInput, match="hard_negatives"):
+        tiny_config.updated(hard_negatives=-1)

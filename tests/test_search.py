@@ -143,3 +143,40 @@ def test_fuse_is_a_distribution_and_each_weight_counts():
     assert fuse(sig, 0, 8)[0][0] == "g_h_i"
     assert fuse(sig, 0, 0, lora_weight=0)[0][1] == pytest.approx(1 / 3)
     assert fuse({}, 1, 1) == []
+
+
+def test_hard_negative_choices_are_the_tokens_where_ids_part():
+    from ipm.train import _choices
+
+    col = torch.arange(20)
+    gold = [5, 6, 7, 2]
+    negatives = [[5, 6, 8, 2], [5, 9, 2], [4, 2], [5, 6, 7, 3, 2]]
+    assert _choices(gold, negatives, col) == [[4, 5], [6, 9], [7, 8], [2, 3]]
+    assert _choices(gold, [], col) == [None] * 4
+    assert _choices(gold, [[4, 2]], col) == [[4, 5], None, None, None]
+
+
+def test_hard_negative_loss_is_minus_log_of_the_hybrid_score(lora_model):
+    """The hard-negative term of the training loss is what hybrid decoding scores: -log P(right
+    ID among the candidates), spread over the tokens where they part (a mean, as the loss is)."""
+    from ipm.train import _choices, _fast_loss
+
+    model, tok = lora_model
+    runner = Runner(model)
+    seqs = {m: id_token_ids(tok, m) for m in IDS}
+    vocab = sorted({t for s in seqs.values() for t in s})
+    col = torch.full((len(tok),), -1, dtype=torch.long)
+    col[torch.tensor(vocab)] = torch.arange(len(vocab))
+    question, gold = "where does my sister live?", "family_sister_anna"
+    negatives = ["family_sister_anna_2", "food_favorite_sushi", "personal_pet_max"]
+    p = prompt_ids(tok, question)
+    example = [(p + seqs[gold], len(p))]
+    choices = [_choices(seqs[gold], [seqs[n] for n in negatives], col)]
+    with torch.no_grad():
+        lower = [runner.hidden(torch.tensor([example[0][0]]), 0, 2)[0]]
+        plain = _fast_loss(runner, example, lower, 2, torch.tensor(vocab), col, "cpu")
+        hard = _fast_loss(runner, example, lower, 2, torch.tensor(vocab), col, "cpu", choices, 0.5)
+    parts = sum(c is not None for c in choices[0])
+    p_gold = RunnerDecoder(runner, tok).score(question, Trie((m, seqs[m]) for m in [gold, *negatives]))[gold]
+    assert parts >= 2
+    assert (hard - plain).item() == pytest.approx(0.5 * -math.log(p_gold) / parts, rel=1e-4)

@@ -52,6 +52,12 @@ class Config:
     # from the current adapter on the new or changed memories' questions, plus this many
     # replayed questions of already indexed memories per new question.
     replay_ratio: float = 1.0
+    # Hard negatives: for each training question, the IDs BM25 and dense retrieval each
+    # rank in their top `hard_negatives` (0 = off). Besides the loss over every ID token, the
+    # adapter is then also trained to pick the right ID's next token among those candidates'
+    # (the choice hybrid decoding puts to it), weighted by `hard_negative_weight`.
+    hard_negatives: int = 0
+    hard_negative_weight: float = 1.0
     # Share of generated questions kept out of training to calibrate the abstention threshold.
     calibration_fraction: float = 0.1
     # Recall. "pure": the adapter ranks every live ID (beam search over the whole trie).
@@ -127,6 +133,8 @@ class Config:
         for name in ("lora_r", "epochs", "batch_size", "beam_size", "questions_per_memory", "hybrid_candidates"):
             if getattr(self, name) < 1:
                 raise InvalidInput(f"config option {name} must be at least 1")
+        if self.hard_negatives < 0 or self.hard_negative_weight < 0:
+            raise InvalidInput("hard_negatives and hard_negative_weight must be at least 0")
         if self.replay_ratio < 0:
             raise InvalidInput("replay_ratio must be at least 0")
         if not 0 <= self.calibration_fraction < 0.5:

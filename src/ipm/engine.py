@@ -14,7 +14,7 @@ import math
 import random
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -297,6 +297,15 @@ class IPM:
             train += [Example(q, m.id) for q in dict.fromkeys(fixed + generated[n_cal:])]
         return train, calib
 
+    def _with_negatives(self, examples: list[Example], candidates: Candidates, chunk: int = 512) -> list[Example]:
+        """The examples, each with the other IDs the retrievers propose for its question."""
+        out = []
+        for b in range(0, len(examples), chunk):
+            part = examples[b:b + chunk]
+            for e, proposed in zip(part, candidates.many([e.question for e in part], self.config.hard_negatives)):
+                out.append(replace(e, negatives=tuple(mid for mid in proposed if mid != e.memory_id)))
+        return out
+
     def _incremental_from(self, user: str, base: BaseModel) -> tuple[Path, dict] | None:
         """The current version and its manifest, if a new one can continue from its adapter."""
         root = self.paths.index_root(user)
@@ -353,18 +362,22 @@ class IPM:
                            "new_examples": len(train), "replayed_examples": len(replay)}
             known = old
             train = train + replay
+        # Hybrid decoding's retrievers (where the dense model is installed): they propose the
+        # hard negatives, and calibration scores hybrid decoding through them.
+        try:
+            candidates = self._candidates(memories)
+        except InvalidInput:
+            if self.config.decoding == "hybrid" or self.config.hard_negatives:
+                raise
+            candidates = None
+        if self.config.hard_negatives:
+            train = self._with_negatives(train, candidates)
         result = train_adapter(base, train, self.config, lambda s, t, l: progress and progress("train", s, t, l),
                                init_from=prev[0] if prev else None)
         trie = Trie((m.id, id_token_ids(base.tokenizer, m.id)) for m in memories)
         decoder = self._make_decoder(base, result.model)
-        # Calibrate the abstention threshold for both decodings, so either can serve this index
-        # (hybrid only where the dense model is installed).
-        modes = {"pure": None}
-        try:
-            modes["hybrid"] = self._candidates(memories)
-        except InvalidInput:
-            if self.config.decoding == "hybrid":
-                raise
+        # Calibrate the abstention threshold for both decodings, so either can serve this index.
+        modes = {"pure": None} | ({"hybrid": candidates} if candidates is not None else {})
         cal = [(ex.question, ex.memory_id) for ex in calib[:150]] + [(q, None) for q in OFF_TOPIC]
         calibration, done = {}, 0
         for mode, candidates in modes.items():

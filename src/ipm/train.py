@@ -5,6 +5,11 @@ layers. The frozen layers below see the same input every epoch, so their output 
 once per example and reused; each step then runs only the top layers, and the loss is taken
 over the ID-token vocabulary only, at the ID positions only.
 
+With hard negatives (`Config.hard_negatives`), each example also carries the IDs the
+retrievers propose for its question, and a second loss asks, at each token where the right ID
+and those candidates part ways, for the right branch among theirs only: the choice hybrid
+decoding puts to the adapter, learnt on the confusions the retrievers actually make.
+
 Naive path (`fast=False`, or a model the runner does not know): LoRA on every layer, full
 forward with full-vocabulary loss, through the model's own `forward`.
 """
@@ -30,6 +35,7 @@ Progress = Callable[[int, int, float], None]  # (step, total_steps, loss)
 class Example:
     question: str
     memory_id: str
+    negatives: tuple[str, ...] = ()  # IDs the retrievers confuse with it (hard negatives)
 
 
 @dataclass
@@ -94,7 +100,7 @@ def train_adapter(base: BaseModel, examples: list[Example], config: Config,
             raise TrainingError(f"the adapter in {init_from} does not fit this LoRA configuration")
     params = [p for p in peft_model.parameters() if p.requires_grad]
 
-    id_seqs = {e.memory_id: id_token_ids(tok, e.memory_id) for e in examples}
+    id_seqs = {mid: id_token_ids(tok, mid) for e in examples for mid in (e.memory_id, *e.negatives)}
     seqs = []  # (input_ids, n_prompt)
     for e in examples:
         p = prompt_ids(tok, e.question)
@@ -116,6 +122,7 @@ def train_adapter(base: BaseModel, examples: list[Example], config: Config,
         col[torch.tensor(vocab)] = torch.arange(len(vocab))
         vocab_t = torch.tensor(vocab, device=device)
         cached = _lower_hidden(runner, seqs, split, device)
+        choices = [_choices(id_seqs[e.memory_id], [id_seqs[n] for n in e.negatives], col) for e in examples]
         t_cache = time.perf_counter() - t0
     peft_model.train()
     step = 0
@@ -123,7 +130,8 @@ def train_adapter(base: BaseModel, examples: list[Example], config: Config,
         for batch in _length_bucketed_batches(seqs, config.batch_size, rng):
             with autocast:
                 if fast:
-                    loss = _fast_loss(runner, [seqs[i] for i in batch], [cached[i] for i in batch], split, vocab_t, col, device)
+                    loss = _fast_loss(runner, [seqs[i] for i in batch], [cached[i] for i in batch], split, vocab_t, col,
+                                      device, [choices[i] for i in batch], config.hard_negative_weight)
                 else:
                     loss = _naive_loss(peft_model, [seqs[i] for i in batch], tok, device)
             loss.backward()
@@ -144,6 +152,7 @@ def train_adapter(base: BaseModel, examples: list[Example], config: Config,
     }
     if fast:
         metrics["cache_seconds"] = round(t_cache, 2)
+        metrics["hard_negative_choices"] = sum(c is not None for cs in choices for c in cs)
     return TrainResult(peft_model, metrics)
 
 
@@ -202,7 +211,17 @@ def _targets(seqs):
     return rows, pos, toks
 
 
-def _fast_loss(runner: Runner, seqs, hiddens, split, vocab_t, col, device):
+def _choices(gold: list[int], negatives: list[list[int]], col) -> list[list[int] | None]:
+    """For each token of the gold ID: the ID-vocabulary columns of the tokens that continue
+    its prefix in the gold ID or a negative, where there is more than one (else None)."""
+    out = []
+    for j in range(len(gold)):
+        allowed = {gold[j]} | {n[j] for n in negatives if len(n) > j and n[:j] == gold[:j]}
+        out.append(sorted(int(col[t]) for t in allowed) if len(allowed) > 1 else None)
+    return out
+
+
+def _fast_loss(runner: Runner, seqs, hiddens, split, vocab_t, col, device, choices=None, hard_weight: float = 0.0):
     import torch
     import torch.nn.functional as F
 
@@ -213,7 +232,18 @@ def _fast_loss(runner: Runner, seqs, hiddens, split, vocab_t, col, device):
     h = runner.hidden(None, split, None, x=x)  # right padding is harmless under a causal mask
     rows, pos, toks = _targets(seqs)
     logits = runner.logits(h[rows, pos], vocab_t).float()
-    return F.cross_entropy(logits, col[torch.tensor(toks)].to(device))
+    target = col[torch.tensor(toks)].to(device)
+    loss = F.cross_entropy(logits, target)
+    # _targets walks every example's ID tokens in order, as _choices lists them.
+    flat = [c for cs in (choices or []) for c in cs]
+    picked = [i for i, c in enumerate(flat) if c is not None]
+    if hard_weight > 0 and picked:
+        mask = torch.ones(len(picked), logits.shape[1], dtype=torch.bool, device=device)
+        for r, i in enumerate(picked):
+            mask[r, flat[i]] = False
+        restricted = logits[picked].masked_fill(mask, float("-inf"))
+        loss = loss + hard_weight * F.cross_entropy(restricted, target[picked])
+    return loss
 
 
 def _naive_loss(model, seqs, tok, device):
