@@ -101,6 +101,41 @@ def micro(parts: list[dict]) -> dict:
     return out
 
 
+# -- ID-scheme comparison ----------------------------------------------------------------
+def cluster_ids(texts: list[str], seed: int) -> list[str]:
+    """Topic-prefixed IDs, `{topic}_{person}_{rarest word}`: the topic is the most distinctive
+    word of the memory's cluster (k-means over MiniLM embeddings, k = √n), so the trie's first
+    token says what the fact is about. Minted here, for the comparison of ID schemes; the
+    engine mints `Config.id_scheme` IDs itself."""
+    import math
+    from collections import Counter
+
+    from ipm import ids
+    from ipm.retrieve import load_dense_encoder
+    from sklearn.cluster import KMeans
+
+    k = max(2, round(math.sqrt(len(texts))))
+    emb = load_dense_encoder().encode(texts).cpu().numpy()
+    cluster = KMeans(n_clusters=k, n_init=4, random_state=seed).fit_predict(emb).tolist()
+    subjects = [ids._subject(t) for t in texts]
+    names = {s for s in subjects if s}
+    words = [set(ids._rarest(t, 1000, names)) for t in texts]  # content words, names left out
+    in_clusters = Counter(w for c in range(k) for w in set().union(*(ws for ws, cl in zip(words, cluster) if cl == c)))
+    label = {}
+    for c in range(k):
+        counts = Counter(w for ws, cl in zip(words, cluster) if cl == c for w in ws)
+        label[c] = max(counts, key=lambda w: (counts[w] * math.log(1 + k / in_clusters[w]), -ids._zipf(w), w),
+                       default="misc")
+    taken: set[str] = set()
+    out = []
+    for text, c, subject in zip(texts, cluster, subjects):
+        parts = [label[c]] + ([subject] if subject else []) + ids._rarest(text, 2, {label[c], subject})
+        base = "_".join(parts[:3] + ["note"] * (3 - len(parts[:3])))[:ids.MAX_ID_LENGTH - 4].strip("_")
+        out.append(ids._unique(ids.validate_id(base), taken))
+        taken.add(out[-1])
+    return out
+
+
 # -- one conversation --------------------------------------------------------------------
 def run_conversation(mem, conv_id: str, conv: dict, others: list[dict], args, bars) -> dict:
     """Load one conversation's memories into namespace `conv_id`, train, evaluate every system."""
@@ -110,7 +145,8 @@ def run_conversation(mem, conv_id: str, conv: dict, others: list[dict], args, ba
     mems = memories(conv, args.variant)[: args.limit_memories]
     if mem.store.count(conv_id):
         raise SystemExit(f"namespace {conv_id!r} already has memories; use a fresh --home")
-    added = mem.store.add_many(conv_id, [NewMemory(text) for text, _ in mems], source="import")
+    given = cluster_ids([text for text, _ in mems], args.seed) if args.ids == "cluster" else [None] * len(mems)
+    added = mem.store.add_many(conv_id, [NewMemory(text, mid) for (text, _), mid in zip(mems, given)], source="import")
     turns_of = {m.id: ids for m, (_, ids) in zip(added, mems)}
     questions, no_evidence, skipped = [], 0, 0
     for q in qa_items(conv):
@@ -202,6 +238,9 @@ def main(argv: list[str] | None = None) -> dict:
                    help="IPM decodings to score on each trained index, comma-separated (default %(default)s)")
     p.add_argument("--tune-on", default="conv-26,conv-30,conv-41",
                    help="conversations on which the fusion sweep picks its weights (default %(default)s)")
+    p.add_argument("--ids", choices=("engine", "cluster"), default="engine",
+                   help="memory IDs: minted by the engine (Config.id_scheme), or topic-cluster-prefixed "
+                        "(cluster_ids, for the ID-scheme comparison) (default %(default)s)")
     p.add_argument("--reuse", nargs="+", type=Path, default=[], metavar="RESULTS",
                    help="results JSON of earlier runs of this benchmark: a conversation they ran with the same "
                         "variant, configuration, seed, memory limit and decodings is taken from them, not trained again")

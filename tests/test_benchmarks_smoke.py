@@ -190,3 +190,18 @@ def test_recipe_smoke(tiny_model, tmp_path, monkeypatch):
     for bad in (["--recipes", "nope"], ["--recipes", ","], ["--set", "lora_r=x"], ["--set", "seed=3"]):
         with pytest.raises(SystemExit):
             recipe.main(files + tiny_args(tiny_model, tmp_path) + bad)
+
+
+def test_cluster_ids_are_valid_unique_and_topic_first(monkeypatch):
+    need(SHARED / "locomo" / "conv-26.json")
+    locomo = load("locomo", monkeypatch)
+    from ipm.ids import validate_id
+
+    texts = [t for t, _ in locomo.memories(json.loads((SHARED / "locomo" / "conv-26.json").read_text()),
+                                           "observations")][:60]
+    ids = locomo.cluster_ids(texts, 0)
+    assert len(set(ids)) == len(ids) == 60 and all(validate_id(i) for i in ids)
+    assert ids == locomo.cluster_ids(texts, 0)  # deterministic
+    topics = {i.split("_")[0] for i in ids}
+    assert 2 <= len(topics) <= 8  # k = √60 clusters, each labelled by one word
+    assert ids[0].split("_")[1] == "caroline"  # then who the fact is about
