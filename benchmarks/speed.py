@@ -158,7 +158,7 @@ def run_path(path: str, base, examples, ids, questions, cfg, bars, label: str, h
         runner = base.runner(result.model)
         if path == "default" and cfg.serve_int8 and base.device == "cpu":  # as the engine serves it
             runner = runner.int8(base.int8_layers)
-            out["serving"] = "int8 layers, adapter merged"
+            out["serving"] = "int8 layers, LoRA in float32"
         decoder = RunnerDecoder(runner, base.tokenizer, base.device)
     else:
         decoder = GenerateDecoder(result.model, base.tokenizer, base.device)

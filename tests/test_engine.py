@@ -333,7 +333,7 @@ def test_hard_negatives_from_the_retrievers_train_and_recall(home, memories_file
         tiny_config.updated(hard_negatives=-1)
 
 
-def test_serving_on_cpu_is_int8_with_the_adapter_merged(trained, home, tiny_config, tmp_path):
+def test_serving_on_cpu_is_int8_and_carries_the_adapter(trained, home, tiny_config, tmp_path):
     import torch
 
     from ipm.model import prompt_ids
@@ -342,7 +342,8 @@ def test_serving_on_cpu_is_int8_with_the_adapter_merged(trained, home, tiny_conf
     s = trained._serving["default"]
     runner = s.decoder.runner
     assert runner.quantized
-    assert isinstance(runner.layers[-1].self_attn.q_proj, torch.ao.nn.quantized.dynamic.Linear)
+    assert isinstance(runner.layers[-1].self_attn.q_proj.base, torch.ao.nn.quantized.dynamic.Linear)
+    assert isinstance(runner.layers[0].self_attn.q_proj, torch.ao.nn.quantized.dynamic.Linear)
     assert runner.layers[0] is trained._base.int8_layers[0]  # layers without LoRA are shared
     trained._model.set_adapter(s.adapter)
     lora = trained._base.runner(trained._model)

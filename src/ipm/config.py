@@ -80,8 +80,9 @@ class Config:
     # The LoRA weights are always trained in float32.
     device: str = "auto"
     dtype: str = "auto"
-    # Serve (and calibrate) on a CPU with int8 decoder layers, the adapter merged in
-    # (model.Runner.int8): about 3x faster a forward pass than bf16. Training is unchanged.
+    # Serve (and calibrate) on a CPU with int8 decoder layers, the adapter's update kept
+    # beside them in float32 (model.Runner.int8): a forward pass about 3x faster than in bf16.
+    # Training is unchanged.
     serve_int8: bool = True
     threads: int = 0  # 0 = torch default
     # Store: text size limit, and how IDs are minted for memories added without one

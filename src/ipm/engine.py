@@ -87,7 +87,7 @@ class _Serving:
     pending: set[str] = field(default_factory=set)  # live IDs the adapter was not trained on
     candidates: Candidates | None = None
     embeddings: dict = field(default_factory=dict)  # text sha256 -> MiniLM embedding, reused across resyncs
-    decoder: object = None  # over the shared PEFT model, or an int8 copy with this adapter merged
+    decoder: object = None  # over the shared PEFT model, or an int8 copy carrying this adapter
 
 
 ASK_BATCH = 16  # questions per forward pass in ask_many (hybrid decoding)
@@ -426,7 +426,7 @@ class IPM:
     # -- recall ------------------------------------------------------------------------
     def _make_decoder(self, base: BaseModel, model, int8: bool = False):
         """A decoder over `model`; with `int8` (and `serve_int8`, on a CPU) over an int8 copy of
-        its layers with the active adapter merged in, so it no longer follows set_adapter."""
+        its layers carrying the active adapter, so it no longer follows set_adapter."""
         runner = base.runner(model)
         if runner is None:
             return GenerateDecoder(model, base.tokenizer, base.device)
