@@ -155,11 +155,7 @@ def run_path(path: str, base, examples, ids, questions, cfg, bars, label: str, h
         out["train_cuda_peak_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
         torch.cuda.reset_peak_memory_stats()
     if path.startswith("default"):
-        runner = base.runner(result.model)
-        if path == "default" and cfg.serve_int8 and base.device == "cpu":  # as the engine serves it
-            runner = runner.int8(base.int8_layers)
-            out["serving"] = "int8 layers, LoRA in float32"
-        decoder = RunnerDecoder(runner, base.tokenizer, base.device)
+        decoder = RunnerDecoder(base.runner(result.model), base.tokenizer, base.device)
     else:
         decoder = GenerateDecoder(result.model, base.tokenizer, base.device)
     with peak_rss(out, "query_peak_rss_mb"):
@@ -415,7 +411,7 @@ def table(model: dict) -> list[dict]:
         for path in (*paths, "ratio_default_over_naive"):
             m = d[path]
             rows.append({"system": f"{name} {path.replace('ratio_default_over_naive', 'default/naive')}",
-                         "dtype": m.get("dtype", "") + (", int8 serving" if m.get("serving") else ""),
+                         "dtype": m.get("dtype", ""),
                          "recall@1": m.get("recall@1"), "recall@5": m.get("recall@5"),
                          "n": d["held_out_questions"] if path in paths else None,
                          "train ex/s": m["examples_per_second"], "index s": m["index_seconds"],

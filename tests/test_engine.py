@@ -331,29 +331,3 @@ def test_hard_negatives_from_the_retrievers_train_and_recall(home, memories_file
     assert set(negs[0].negatives) < set(MEMORIES)
     with pytest.raises(InvalidInput, match="hard_negatives"):
         tiny_config.updated(hard_negatives=-1)
-
-
-def test_serving_on_cpu_is_int8_and_carries_the_adapter(trained, home, tiny_config, tmp_path):
-    import torch
-
-    from ipm.model import prompt_ids
-
-    trained.ask("what is my dog called?")
-    s = trained._serving["default"]
-    runner = s.decoder.runner
-    assert runner.quantized
-    assert isinstance(runner.layers[-1].self_attn.q_proj.base, torch.ao.nn.quantized.dynamic.Linear)
-    assert isinstance(runner.layers[0].self_attn.q_proj, torch.ao.nn.quantized.dynamic.Linear)
-    assert runner.layers[0] is trained._base.int8_layers[0]  # layers without LoRA are shared
-    trained._model.set_adapter(s.adapter)
-    lora = trained._base.runner(trained._model)
-    ids = torch.tensor([prompt_ids(trained._base.tokenizer, "what is my dog called?")])
-    with torch.inference_mode():
-        out = {name: r.logits(r.hidden(ids))[0, -1] for name, r in
-               (("int8", runner), ("lora", lora), ("base", trained._base.runner()))}
-    # int8 follows the trained adapter, not the bare base model
-    assert (out["int8"] - out["lora"]).norm() < 0.25 * (out["base"] - out["lora"]).norm()
-    # An index is calibrated as it is served, and serve_int8 = false serves the float model.
-    plain = ipm.open(home, config=tiny_config.updated(serve_int8=False), cache=tmp_path / "cache")
-    plain.ask("what is my dog called?")
-    assert not plain._serving["default"].decoder.runner.quantized

@@ -80,10 +80,6 @@ class Config:
     # The LoRA weights are always trained in float32.
     device: str = "auto"
     dtype: str = "auto"
-    # Serve (and calibrate) on a CPU with int8 decoder layers, the adapter's update kept
-    # beside them in float32 (model.Runner.int8): a forward pass about 3x faster than in bf16.
-    # Training is unchanged.
-    serve_int8: bool = True
     threads: int = 0  # 0 = torch default
     # Store: text size limit, and how IDs are minted for memories added without one
     # ("salient" or "lexicon", see ids.py). On LoCoMo conv-26, salient IDs took the adapter

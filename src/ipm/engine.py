@@ -87,7 +87,6 @@ class _Serving:
     pending: set[str] = field(default_factory=set)  # live IDs the adapter was not trained on
     candidates: Candidates | None = None
     embeddings: dict = field(default_factory=dict)  # text sha256 -> MiniLM embedding, reused across resyncs
-    decoder: object = None  # over the shared PEFT model, or an int8 copy carrying this adapter
 
 
 ASK_BATCH = 16  # questions per forward pass in ask_many (hybrid decoding)
@@ -185,6 +184,7 @@ class IPM:
         self._lock = threading.RLock()
         self._base: BaseModel | None = None
         self._model = None  # PEFT model holding every namespace's adapter (serving only)
+        self._decoder = None
 
     # -- memories ----------------------------------------------------------------------
     def add(self, text: str, id: str | None = None, questions: Iterable[str] = (), user: str = DEFAULT_USER) -> Memory:
@@ -375,7 +375,7 @@ class IPM:
         result = train_adapter(base, train, self.config, lambda s, t, l: progress and progress("train", s, t, l),
                                init_from=prev[0] if prev else None)
         trie = Trie((m.id, id_token_ids(base.tokenizer, m.id)) for m in memories)
-        decoder = self._make_decoder(base, result.model, int8=True)  # as it will be served
+        decoder = self._make_decoder(base, result.model)
         # Calibrate the abstention threshold for both decodings, so either can serve this index.
         modes = {"pure": None} | ({"hybrid": candidates} if candidates is not None else {})
         cal = [(ex.question, ex.memory_id) for ex in calib[:150]] + [(q, None) for q in OFF_TOPIC]
@@ -424,15 +424,11 @@ class IPM:
         return manifest
 
     # -- recall ------------------------------------------------------------------------
-    def _make_decoder(self, base: BaseModel, model, int8: bool = False):
-        """A decoder over `model`; with `int8` (and `serve_int8`, on a CPU) over an int8 copy of
-        its layers carrying the active adapter, so it no longer follows set_adapter."""
+    def _make_decoder(self, base: BaseModel, model):
         runner = base.runner(model)
-        if runner is None:
-            return GenerateDecoder(model, base.tokenizer, base.device)
-        if int8 and self.config.serve_int8 and base.device == "cpu":
-            runner = runner.int8(base.int8_layers)
-        return RunnerDecoder(runner, base.tokenizer, base.device)
+        if runner is not None:
+            return RunnerDecoder(runner, base.tokenizer, base.device)
+        return GenerateDecoder(model, base.tokenizer, base.device)
 
     def _candidates(self, memories: list[Memory], embeddings: dict | None = None) -> Candidates:
         """BM25 and dense retrieval over `memories`, encoding only texts not in `embeddings`."""
@@ -490,6 +486,7 @@ class IPM:
             if self._model is None:
                 self._base = base
                 self._model = PeftModel.from_pretrained(copy.deepcopy(base.model), version_dir, adapter_name=adapter)
+                self._decoder = self._make_decoder(base, self._model)
             else:
                 if base is not self._base:
                     raise ModelError("all namespaces served by one process must use the same base model")
@@ -499,7 +496,6 @@ class IPM:
                 self._model.delete_adapter(s.adapter)
             self._model.eval()
             s.version, s.adapter = version_dir.name, adapter
-            s.decoder = self._make_decoder(base, self._model, int8=True)
             s.indexed = manifest["ids"]
             s.calibration = manifest["metrics"]["calibration"]
             if "threshold" in s.calibration:  # format of indexes trained before hybrid decoding
@@ -554,8 +550,8 @@ class IPM:
             s = self._serve(check_namespace(user))
             found = [[] for _ in questions]
             if s.adapter is not None and len(s.trie) and questions:
-                self._model.set_adapter(s.adapter)  # for a decoder over the shared PEFT model
-                found = self._rank_many(s.decoder, list(questions), s.trie, s.candidates, k)
+                self._model.set_adapter(s.adapter)
+                found = self._rank_many(self._decoder, list(questions), s.trie, s.candidates, k)
             texts = self.store.get_many(user, sorted({mid for f in found for mid, _, _ in f}))
             # The trie only holds live IDs, and the store is checked again here: a memory
             # forgotten by another process since the trie was synced is never returned.

@@ -12,8 +12,6 @@ search over a trie), and logits for a chosen subset of the vocabulary only.
 
 from __future__ import annotations
 
-import copy
-import functools
 import hashlib
 import importlib.util
 import json
@@ -22,7 +20,7 @@ import os
 import shutil
 import threading
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from .config import Config, Paths
@@ -142,7 +140,6 @@ class BaseModel:
     tokenizer: object
     model: object
     device: str
-    int8_layers: dict = field(default_factory=dict, repr=False)  # Runner.int8's shared layers
 
     @property
     def eos_id(self) -> int:
@@ -264,8 +261,6 @@ def id_token_ids(tokenizer, memory_id: str) -> list[int]:
 class Runner:
     """Forward pass of a Llama-family decoder over its own (possibly LoRA-wrapped) modules."""
 
-    quantized = False  # int8 layers (see int8)
-
     def __init__(self, model):
         inner = model
         # A PEFT model wraps the HF model; the decoder modules are shared, LoRA included.
@@ -339,78 +334,7 @@ class Runner:
         """Logits of the final hidden states `h` (..., H), over `token_ids` only if given."""
         h = self.norm(h)
         w = self.lm_head.weight if token_ids is None else self.lm_head.weight[token_ids]
-        return h @ w.T.to(h.dtype)
-
-    def int8(self, shared: dict | None = None) -> "Runner":
-        """A copy of this runner for CPU serving, whose decoder layers are int8: each layer is
-        copied in float32 and its linear layers quantized (weights int8 per output channel,
-        activations quantized on the fly), the active LoRA update kept in float32 beside them.
-        A forward pass on a CPU is about 3x faster than in bf16. Layers without LoRA are the base model's own and
-        the same for every adapter: they are taken from (and added to) `shared`, by index."""
-        shared = {} if shared is None else shared
-        out = copy.copy(self)
-        out.quantized = True
-        out.layers = [shared[i] if i in shared else _int8_layer(layer) for i, layer in enumerate(self.layers)]
-        for i, (layer, q) in enumerate(zip(self.layers, out.layers)):
-            if not _has_lora(layer):
-                shared.setdefault(i, q)
-        embed, norm = self.embed, copy.deepcopy(self.norm).float()
-        out.embed = lambda ids: embed(ids).float()
-        out.norm = norm
-        return out  # rotary tables follow their input's dtype: float32 here, as the layers
-
-
-def _has_lora(module) -> bool:
-    from peft.tuners.lora import LoraLayer
-
-    return any(isinstance(m, LoraLayer) and m.active_adapters for m in module.modules())
-
-
-def _int8_layer(layer):
-    """A float32 copy of a decoder layer with int8 linear layers; a LoRA-wrapped one keeps its
-    active update beside it in float32 (see _int8_lora_linear)."""
-    import torch
-    from peft.tuners.lora import LoraLayer
-
-    layer = copy.deepcopy(layer).float()
-    updates = {}
-    for name, module in list(layer.named_modules()):
-        if isinstance(module, LoraLayer):
-            pairs = [(module.lora_A[a].weight * module.scaling[a], module.lora_B[a].weight)
-                     for a in module.active_adapters if a in module.lora_A]
-            if pairs:
-                updates[name] = (torch.cat([a for a, _ in pairs]), torch.cat([b for _, b in pairs], dim=1))
-            _replace(layer, name, module.get_base_layer())
-    with warnings.catch_warnings():  # torch.ao.quantization is deprecated in favour of torchao, not removed
-        warnings.simplefilter("ignore")
-        layer = torch.ao.quantization.quantize_dynamic(
-            layer, {torch.nn.Linear: torch.ao.quantization.per_channel_dynamic_qconfig}, dtype=torch.qint8)
-    for name, (a, b) in updates.items():
-        _replace(layer, name, _int8_lora_linear()(layer.get_submodule(name), a, b))
-    return layer
-
-
-def _replace(root, name: str, module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, child, module)
-
-
-@functools.cache
-def _int8_lora_linear():
-    """An int8 linear layer plus a LoRA update kept in float32, x·Aᵀ·Bᵀ (A scaled). Merged into
-    the weights, the update would drown in their int8 rounding: it is small next to them."""
-    import torch
-
-    class Int8LoRALinear(torch.nn.Module):
-        def __init__(self, base, a, b):
-            super().__init__()
-            self.base = base
-            self.a, self.b = torch.nn.Parameter(a, requires_grad=False), torch.nn.Parameter(b, requires_grad=False)
-
-        def forward(self, x):
-            return self.base(x) + (x @ self.a.T) @ self.b.T
-
-    return Int8LoRALinear
+        return h @ w.T
 
 
 def _rotate_half(x):

@@ -122,13 +122,9 @@ class RunnerDecoder:
         return self.score_many([(question, trie)])[0]
 
     def score_many(self, items: list[tuple[str, Trie]]) -> list[dict[str, float]]:
-        """`score` for several (question, trie) pairs in one batched forward pass. Over int8
-        layers, one pass per question: they quantize a pass's activations with one scale, so a
-        batch would make each question's scores depend on the others'."""
+        """`score` for several (question, trie) pairs in one batched forward pass."""
         import torch
 
-        if self.runner.quantized and len(items) > 1:
-            return [self.score_many([item])[0] for item in items]
         out: list[dict[str, float] | None] = [None] * len(items)
         trees = []
         for i, (question, trie) in enumerate(items):
