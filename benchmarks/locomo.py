@@ -282,10 +282,11 @@ def main(argv: list[str] | None = None) -> dict:
 
 def reusable(paths: list[Path], args, cfg, systems: tuple[str, ...]) -> dict:
     """Per-conversation results of earlier runs that this run would reproduce: same variant,
-    configuration, seed, memory limit and systems (the first file listed wins). Their candidate
+    configuration, seed, IDs, memory limit and systems (the first file listed wins). Their candidate
     scores come from the .json.gz written beside each file; where they are missing, the
     conversation is run again."""
     want = json.loads(json.dumps(cfg.to_dict()))
+    defaults = json.loads(json.dumps(type(cfg)().to_dict()))
     out: dict = {}
     for path in paths:
         try:
@@ -294,10 +295,13 @@ def reusable(paths: list[Path], args, cfg, systems: tuple[str, ...]) -> dict:
             raise SystemExit(f"--reuse {path}: cannot read it as a results file ({e})")
         if old.get("benchmark", "").split("-baselines")[0] != f"locomo-{args.variant}":
             raise SystemExit(f"--reuse {path}: it is not a LoCoMo {args.variant} result")
-        same = (old.get("config") == want, old.get("seed") == args.seed,
+        # A field added to Config since that run is taken to have behaved as its default then
+        # (new options are introduced off), so it matches where this run keeps the default.
+        config = {**{k: v for k, v in defaults.items() if want.get(k) == v}, **old.get("config", {})}
+        same = (config == want, old.get("seed") == args.seed, old.get("ids", "engine") == args.ids,
                 old.get("limit_memories") == args.limit_memories)
         if not all(same):
-            print(f"--reuse {path}: not reused, it ran with another configuration, seed or memory limit", flush=True)
+            print(f"--reuse {path}: not reused, it ran with another configuration, seed, IDs or memory limit", flush=True)
             continue
         scores_file = Path(path).with_name(f"{old['benchmark']}-candidates.json.gz")
         scores = {}
@@ -334,7 +338,7 @@ def write(per_conv: dict, evaluated: list[str], systems: tuple[str, ...], args, 
     data = {
         "benchmark": name, "seed": args.seed, "variant": args.variant, "inputs": [str(p) for p in args.paths],
         "conversations": list(per_conv), "planned": evaluated, "categories": CATEGORIES,
-        "limit_memories": args.limit_memories, "baselines_only": args.baselines_only,
+        "limit_memories": args.limit_memories, "ids": args.ids, "baselines_only": args.baselines_only,
         **{k: sum(r[k] for r in per_conv.values())
            for k in ("memories", "questions", "skipped_no_gold", "skipped_no_evidence", "out_of_scope_questions")},
         "train_seconds": {c: r.get("train_seconds") for c, r in per_conv.items()},

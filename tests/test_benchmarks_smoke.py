@@ -127,10 +127,21 @@ def test_locomo_smoke(tiny_model, tmp_path, monkeypatch):
 
     from ipm.config import Config
 
-    ns = argparse.Namespace(variant="observations", seed=0, limit_memories=20)
+    ns = argparse.Namespace(variant="observations", seed=0, limit_memories=20, ids="engine")
     cfg = Config(**{**data["config"], "epochs": data["config"]["epochs"] + 1})
     assert locomo.reusable([first], ns, cfg, ("ipm-hybrid",)) == {}
+    assert locomo.reusable([first], argparse.Namespace(**{**vars(ns), "ids": "cluster"}), Config(**data["config"]),
+                           ("ipm-hybrid",)) == {}
     assert set(locomo.reusable([first], ns, Config(**data["config"]), ("ipm-hybrid",))) == {"conv-26"}
+    # A run from before a Config field existed matches where this run keeps the field's default.
+    older = tmp_path / "older" / "locomo-observations.json"
+    older.parent.mkdir()
+    (tmp_path / "older" / "locomo-observations-candidates.json.gz").write_bytes(
+        (tmp_path / "results" / "locomo-observations-candidates.json.gz").read_bytes())
+    old_config = {k: v for k, v in data["config"].items() if k != "hard_negatives"}
+    older.write_text(json.dumps({**data, "config": old_config}))
+    assert set(locomo.reusable([older], ns, Config(**data["config"]), ("ipm-hybrid",))) == {"conv-26"}
+    assert locomo.reusable([older], ns, Config(**{**data["config"], "hard_negatives": 3}), ("ipm-hybrid",)) == {}
 
 
 def test_incremental_smoke(tiny_model, tmp_path, monkeypatch):
