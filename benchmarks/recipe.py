@@ -35,9 +35,17 @@ SHOWN = ("epochs", "learning_rate", "lora_r", "lora_layers", "questions_per_memo
          "hard_negative_weight")
 
 
+def describe(config: dict) -> dict:
+    """The shown fields of a run's config; a field added since a run is shown at its default,
+    which is how that run behaved."""
+    from ipm import Config
+
+    return {k: config.get(k, getattr(Config(), k)) for k in SHOWN}
+
+
 def main(argv: list[str] | None = None) -> dict:
     return variants.main(argv, script=__file__, doc=__doc__, bench="recipe", variants=RECIPES, what="recipes",
-                         describe=lambda c: {k: c[k] for k in SHOWN}, title="Training recipe ablation (LoCoMo)",
+                         describe=describe, title="Training recipe ablation (LoCoMo)",
                          notes=["lora_layers 0 = LoRA in every layer; otherwise in the top N layers (the fast path)."])
 
 
