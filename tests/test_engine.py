@@ -83,6 +83,33 @@ def test_ask_many_answers_like_ask_one_by_one(mem, memories_file, tiny_config, d
     assert len(trained.log()) == logged  # a bad question in the batch: nothing asked, nothing logged
 
 
+def test_a_long_batch_lets_other_callers_in_between_forward_passes(mem, memories_file, tiny_config):
+    from ipm.engine import ASK_BATCH
+
+    mem.config = tiny_config.updated(dtype="float32")  # batched and single passes agree to rounding
+    mem.import_(memories_file)
+    mem.train()
+    trained = mem
+
+    class CountingLock:
+        def __init__(self, lock):
+            self.lock, self.taken = lock, 0
+
+        def __enter__(self):
+            self.taken += 1
+            return self.lock.__enter__()
+
+        def __exit__(self, *exc):
+            return self.lock.__exit__(*exc)
+
+    questions = [f"what is my dog called? ({i})" for i in range(2 * ASK_BATCH + 1)]
+    single = [trained.ask(q, k=2) for q in questions[-2:]]
+    trained._lock = CountingLock(trained._lock)
+    batch = trained.ask_many(questions, k=2)
+    assert trained._lock.taken == 3 and len(batch) == len(questions)
+    assert [[h.id for h in a.candidates] for a in batch[-2:]] == [[h.id for h in a.candidates] for a in single]
+
+
 def test_forget_takes_effect_at_once(trained, decoding):
     trained.reconfigure(decoding=decoding)
     trained.ask("warm up", k=1)  # the retrievers and trie exist before the forget

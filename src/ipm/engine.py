@@ -545,19 +545,27 @@ class IPM:
             check_question(question)
         if not 1 <= k <= 100:
             raise InvalidInput("k must be between 1 and 100")
+        check_namespace(user)
         t0 = time.perf_counter()
-        with self._lock:
-            s = self._serve(check_namespace(user))
-            found = [[] for _ in questions]
-            if s.adapter is not None and len(s.trie) and questions:
-                self._model.set_adapter(s.adapter)
-                found = self._rank_many(self._decoder, list(questions), s.trie, s.candidates, k)
-            texts = self.store.get_many(user, sorted({mid for f in found for mid, _, _ in f}))
-            # The trie only holds live IDs, and the store is checked again here: a memory
-            # forgotten by another process since the trie was synced is never returned.
-            ranked = [[Hit(mid, texts[mid].text, p, signals=sig) for mid, p, sig in f if mid in texts] for f in found]
-            pending = [self._pending_hits(q, user, s, k) for q in questions]
-        answers = [self._answer(q, hits, pend, s.threshold, k) for q, hits, pend in zip(questions, ranked, pending)]
+        answers = []
+        # The engine is locked one forward pass's worth of questions at a time, so a long batch
+        # does not hold up other callers' asks until it is done.
+        for b in range(0, len(questions), ASK_BATCH):
+            chunk = list(questions[b:b + ASK_BATCH])
+            with self._lock:
+                s = self._serve(user)
+                found = [[] for _ in chunk]
+                if s.adapter is not None and len(s.trie):
+                    self._model.set_adapter(s.adapter)
+                    found = self._rank_many(self._decoder, chunk, s.trie, s.candidates, k)
+                texts = self.store.get_many(user, sorted({mid for f in found for mid, _, _ in f}))
+                # The trie only holds live IDs, and the store is checked again here: a memory
+                # forgotten by another process since the trie was synced is never returned.
+                ranked = [[Hit(mid, texts[mid].text, p, signals=sig) for mid, p, sig in f if mid in texts]
+                          for f in found]
+                pending = [self._pending_hits(q, user, s, k) for q in chunk]
+                threshold = s.threshold
+            answers += [self._answer(q, hits, pend, threshold, k) for q, hits, pend in zip(chunk, ranked, pending)]
         seconds = time.perf_counter() - t0
         for answer in answers:
             answer.seconds = seconds
