@@ -20,8 +20,8 @@ reported on all, so the choice of a default uses no question of the others.
 
 The results are rewritten after each conversation, so a run cut short keeps what it finished.
 `--reuse` takes a conversation's result from earlier runs instead of training it again, when
-they ran it with the same variant, configuration, seed, memory limit and decodings: a long run
-can be made in pieces (or resumed) and still be scored and fused as one.
+they ran it with the same variant, configuration, seed, ID source (`--ids`), memory limit and
+decodings: a long run can be made in pieces (or resumed) and still be scored and fused as one.
 """
 
 from __future__ import annotations
@@ -89,7 +89,9 @@ def micro(parts: list[dict]) -> dict:
     n = sum(p["n"] for p in parts)
     out = {"n": n}
     for key in dict.fromkeys(k for p in parts for k, v in p.items() if isinstance(v, (int, float)) and k != "n"):
-        out[key] = sum(p[key] * p["n"] for p in parts if key in p) / n if n else 0.0
+        having = [p for p in parts if key in p]  # a metric added since a reused run is not diluted
+        m = sum(p["n"] for p in having)
+        out[key] = sum(p[key] * p["n"] for p in having) / m if m else 0.0
     cats = sorted({c for p in parts for c in p.get("by_category", {})})
     if cats:
         out["by_category"] = {c: micro([p["by_category"][c] for p in parts if c in p.get("by_category", {})])
@@ -103,37 +105,18 @@ def micro(parts: list[dict]) -> dict:
 
 # -- ID-scheme comparison ----------------------------------------------------------------
 def cluster_ids(texts: list[str], seed: int) -> list[str]:
-    """Topic-prefixed IDs, `{topic}_{person}_{rarest word}`: the topic is the most distinctive
-    word of the memory's cluster (k-means over MiniLM embeddings, k = √n), so the trie's first
-    token says what the fact is about. Minted here, for the comparison of ID schemes; the
-    engine mints `Config.id_scheme` IDs itself."""
+    """Topic-prefixed IDs (ipm.ids.topic_prefixed_ids) over k-means clusters (k = √n) of the
+    texts' MiniLM embeddings: the third ID scheme of the comparison, minted here because the
+    engine's store mints one memory at a time, without the others' embeddings."""
     import math
-    from collections import Counter
 
-    from ipm import ids
+    from ipm.ids import topic_prefixed_ids
     from ipm.retrieve import load_dense_encoder
     from sklearn.cluster import KMeans
 
     k = max(2, round(math.sqrt(len(texts))))
     emb = load_dense_encoder().encode(texts).cpu().numpy()
-    cluster = KMeans(n_clusters=k, n_init=4, random_state=seed).fit_predict(emb).tolist()
-    subjects = [ids._subject(t) for t in texts]
-    names = {s for s in subjects if s}
-    words = [set(ids._rarest(t, 1000, names)) for t in texts]  # content words, names left out
-    in_clusters = Counter(w for c in range(k) for w in set().union(*(ws for ws, cl in zip(words, cluster) if cl == c)))
-    label = {}
-    for c in range(k):
-        counts = Counter(w for ws, cl in zip(words, cluster) if cl == c for w in ws)
-        label[c] = max(counts, key=lambda w: (counts[w] * math.log(1 + k / in_clusters[w]), -ids._zipf(w), w),
-                       default="misc")
-    taken: set[str] = set()
-    out = []
-    for text, c, subject in zip(texts, cluster, subjects):
-        parts = [label[c]] + ([subject] if subject else []) + ids._rarest(text, 2, {label[c], subject})
-        base = "_".join(parts[:3] + ["note"] * (3 - len(parts[:3])))[:ids.MAX_ID_LENGTH - 4].strip("_")
-        out.append(ids._unique(ids.validate_id(base), taken))
-        taken.add(out[-1])
-    return out
+    return topic_prefixed_ids(texts, KMeans(n_clusters=k, n_init=4, random_state=seed).fit_predict(emb).tolist())
 
 
 # -- one conversation --------------------------------------------------------------------
@@ -243,8 +226,11 @@ def main(argv: list[str] | None = None) -> dict:
                         "(cluster_ids, for the ID-scheme comparison) (default %(default)s)")
     p.add_argument("--reuse", nargs="+", type=Path, default=[], metavar="RESULTS",
                    help="results JSON of earlier runs of this benchmark: a conversation they ran with the same "
-                        "variant, configuration, seed, memory limit and decodings is taken from them, not trained again")
+                        "variant, configuration, seed, --ids, memory limit and decodings is taken from them, "
+                        "not trained again")
     args = p.parse_args(argv)
+    if args.conversations is not None and args.conversations < 1:
+        p.error("--conversations takes 1 or more")
     args.decodings = [d for d in args.decodings.split(",") if d]
     if not set(args.decodings) <= {"pure", "hybrid"}:
         p.error("--decodings takes pure and/or hybrid")
@@ -313,7 +299,8 @@ def reusable(paths: list[Path], args, cfg, systems: tuple[str, ...]) -> dict:
             if conv_id in out or not set(systems) <= set(result) or (hybrid and conv_id not in scores):
                 continue
             run = old.get("run", {})
-            out[conv_id] = {**result, "candidate_scores": scores.get(conv_id, []),
+            kept = scores.get(conv_id, []) if "ipm-hybrid" in result else []
+            out[conv_id] = {**result, "candidate_scores": kept,
                             "reused_from": {"file": str(path), "commit": run.get("git_commit"), "utc": run.get("utc")}}
     return out
 
@@ -331,14 +318,18 @@ def write(per_conv: dict, evaluated: list[str], systems: tuple[str, ...], args, 
     fusion = {} if args.baselines_only else sweep(per_conv, args.tune_on.split(","), configured)
     # Every candidate's scores, for re-analysis; too bulky for the results JSON.
     scores = {c: r["candidate_scores"] for c, r in per_conv.items() if r.get("candidate_scores")}
+    scores_file = Path(args.out_dir) / f"{name}-candidates.json.gz"
     if scores:
         Path(args.out_dir).mkdir(parents=True, exist_ok=True)
-        with gzip.open(Path(args.out_dir) / f"{name}-candidates.json.gz", "wt", encoding="utf-8") as f:
+        with gzip.open(scores_file, "wt", encoding="utf-8") as f:
             json.dump(scores, f)
+    else:  # never leave an older run's scores beside these results
+        scores_file.unlink(missing_ok=True)
     data = {
         "benchmark": name, "seed": args.seed, "variant": args.variant, "inputs": [str(p) for p in args.paths],
         "conversations": list(per_conv), "planned": evaluated, "categories": CATEGORIES,
-        "limit_memories": args.limit_memories, "ids": args.ids, "baselines_only": args.baselines_only,
+        "limit_memories": args.limit_memories, "ids": args.ids, "out_of_scope": args.out_of_scope,
+        "baselines_only": args.baselines_only,
         **{k: sum(r[k] for r in per_conv.values())
            for k in ("memories", "questions", "skipped_no_gold", "skipped_no_evidence", "out_of_scope_questions")},
         "train_seconds": {c: r.get("train_seconds") for c, r in per_conv.items()},
@@ -404,6 +395,12 @@ def notes(d: dict) -> list[str]:
     if reused:
         out.append("Taken from earlier runs with the same configuration (--reuse): " + "; ".join(
             f"{c} from {r['file']} (commit {str(r['commit'])[:7]}, {str(r['utc'])[:10]})" for c, r in reused.items()) + ".")
+        # Recall does not depend on them, the out-of-scope refusal rate does.
+        odd = {c: r["out_of_scope_questions"] for c, r in d["per_conversation"].items()
+               if r["out_of_scope_questions"] != d["out_of_scope"]}
+        if odd:
+            out.append(f"Out-of-scope questions differ from --out-of-scope {d['out_of_scope']} in "
+                       + ", ".join(f"{c} ({n})" for c, n in odd.items()) + ": refusal rates count what each had.")
     if not d["baselines_only"]:
         out.append(f"IPM training: {sum(d['train_seconds'].values()):.0f} s in all; "
                    f"{d['out_of_scope_questions']} out-of-scope questions from the other conversations.")

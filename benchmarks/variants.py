@@ -63,6 +63,9 @@ def main(argv: list[str] | None, *, script: str, doc: str, bench: str, variants:
             if not kept.is_file():
                 p.error(f"--collate: no results for {name} ({kept})")
             d = json.loads(kept.read_text(encoding="utf-8"))
+            if d.get("planned", d["conversations"]) != d["conversations"]:
+                p.error(f"--collate: {name}'s run was cut short ({len(d['conversations'])} of "
+                        f"{len(d['planned'])} conversations in {kept}); run it again")
         else:
             print(f"== {name}: locomo.py {' '.join(sub)}", flush=True)
             with common.home(Path(args.home) / name if args.home is not None else None) as home:

@@ -189,11 +189,14 @@ def test_abstains_below_threshold(mem, memories_file, tiny_config):
 
 
 def test_naive_training_path_also_works(mem, memories_file, tiny_config):
-    from ipm.train import Example, train_adapter
+    from ipm.train import train_adapter
 
     base = mem.base()
     result = train_adapter(base, [Example(t, m) for m, t in MEMORIES.items()], tiny_config.updated(epochs=2), fast=False)
     assert result.metrics["path"] == "naive" and result.metrics["trained_layers"] == 4
+    with pytest.raises(TrainingError, match="hard negatives need the fast"):
+        train_adapter(base, [Example(t, m) for m, t in MEMORIES.items()], tiny_config.updated(hard_negatives=2),
+                      fast=False)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

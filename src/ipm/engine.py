@@ -380,11 +380,11 @@ class IPM:
         modes = {"pure": None} | ({"hybrid": candidates} if candidates is not None else {})
         cal = [(ex.question, ex.memory_id) for ex in calib[:150]] + [(q, None) for q in OFF_TOPIC]
         calibration, done = {}, 0
-        for mode, candidates in modes.items():
+        for mode, proposer in modes.items():
             top1, off = [], []
             for b in range(0, len(cal), ASK_BATCH):
                 chunk = cal[b:b + ASK_BATCH]
-                for (_, gold), hits in zip(chunk, self._rank_many(decoder, [q for q, _ in chunk], trie, candidates, k=1)):
+                for (_, gold), hits in zip(chunk, self._rank_many(decoder, [q for q, _ in chunk], trie, proposer, k=1)):
                     p = hits[0][1] if hits else 0.0
                     if gold:
                         top1.append((p, bool(hits) and hits[0][0] == gold))

@@ -178,6 +178,37 @@ def _unique(base: str, taken: set[str] | frozenset[str]) -> str:
     return candidate
 
 
+def topic_prefixed_ids(texts: list[str], clusters: list[int]) -> list[str]:
+    """IDs `{topic}_{person}_{rarest word}` for memories grouped into topic clusters (by any
+    clustering, one label per text): the topic is the cluster's most distinctive content word
+    (frequent in it, found in few other clusters; names left out), so an ID's first token says
+    what the fact is about. Deterministic; unique among themselves. The benchmarks compare this
+    scheme with the minted ones (`benchmarks/locomo.py --ids cluster`)."""
+    import math
+    from collections import Counter
+
+    subjects = [_subject(t) for t in texts]
+    names = {s for s in subjects if s}
+    words = [set(_rarest(t, 1000, names)) for t in texts]  # content words, names left out
+    members: dict[int, list[set[str]]] = {}
+    for ws, c in zip(words, clusters):
+        members.setdefault(c, []).append(ws)
+    spread = Counter(w for group in members.values() for w in set().union(*group))
+    label = {}
+    for c, group in members.items():
+        counts = Counter(w for ws in group for w in ws)
+        label[c] = max(counts, key=lambda w: (counts[w] * math.log(1 + len(members) / spread[w]), -_zipf(w), w),
+                       default="misc")
+    taken: set[str] = set()
+    out = []
+    for text, c, subject in zip(texts, clusters, subjects):
+        parts = ([label[c]] + ([subject] if subject else []) + _rarest(text, 2, {label[c], subject}))[:3]
+        base = "_".join(parts + ["note"] * (3 - len(parts)))[:MAX_ID_LENGTH - 4].strip("_")
+        out.append(_unique(validate_id(base), taken))
+        taken.add(out[-1])
+    return out
+
+
 def mint_id(text: str, taken: set[str] | frozenset[str] = frozenset(), scheme: str = "lexicon") -> str:
     """Make a readable, unique ID for a memory text (see the module docstring for the schemes)."""
     if scheme not in ID_SCHEMES:

@@ -88,6 +88,9 @@ def train_adapter(base: BaseModel, examples: list[Example], config: Config,
         fast = Runner.supports(model)
     elif fast and not Runner.supports(model):
         fast = False
+    if config.hard_negatives and not fast:
+        raise TrainingError("hard negatives need the fast training path (Llama, Mistral or Qwen2 models): "
+                            "set hard_negatives = 0 for this base model")
     lcfg, split = lora_config(config, n_layers, fast)
     peft_model = get_peft_model(model, lcfg)
     if init_from is not None:
@@ -236,6 +239,7 @@ def _fast_loss(runner: Runner, seqs, hiddens, split, vocab_t, col, device, choic
     loss = F.cross_entropy(logits, target)
     # _targets walks every example's ID tokens in order, as _choices lists them.
     flat = [c for cs in (choices or []) for c in cs]
+    assert not choices or len(flat) == len(toks), "hard-negative choices out of step with the targets"
     picked = [i for i, c in enumerate(flat) if c is not None]
     if hard_weight > 0 and picked:
         mask = torch.ones(len(picked), logits.shape[1], dtype=torch.bool, device=device)
