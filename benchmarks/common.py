@@ -100,6 +100,14 @@ def config(args: argparse.Namespace):
         raise SystemExit(f"error: {e}") from None
 
 
+def run_config(recorded: dict) -> dict:
+    """A results file's config as JSON, with any ipm.Config field added since that run at its
+    default: new options are introduced off, so that is how the run behaved."""
+    import ipm
+
+    return {**json.loads(json.dumps(ipm.Config().to_dict())), **recorded}
+
+
 DECODINGS = ("hybrid", "pure")
 
 

@@ -272,7 +272,6 @@ def reusable(paths: list[Path], args, cfg, systems: tuple[str, ...]) -> dict:
     scores come from the .json.gz written beside each file; where they are missing, the
     conversation is run again."""
     want = json.loads(json.dumps(cfg.to_dict()))
-    defaults = json.loads(json.dumps(type(cfg)().to_dict()))
     out: dict = {}
     for path in paths:
         try:
@@ -281,10 +280,7 @@ def reusable(paths: list[Path], args, cfg, systems: tuple[str, ...]) -> dict:
             raise SystemExit(f"--reuse {path}: cannot read it as a results file ({e})")
         if old.get("benchmark", "").split("-baselines")[0] != f"locomo-{args.variant}":
             raise SystemExit(f"--reuse {path}: it is not a LoCoMo {args.variant} result")
-        # A field added to Config since that run is taken to have behaved as its default then
-        # (new options are introduced off), so it matches where this run keeps the default.
-        config = {**{k: v for k, v in defaults.items() if want.get(k) == v}, **old.get("config", {})}
-        same = (config == want, old.get("seed") == args.seed, old.get("ids", "engine") == args.ids,
+        same = (common.run_config(old.get("config", {})) == want, old.get("seed") == args.seed, old.get("ids", "engine") == args.ids,
                 old.get("limit_memories") == args.limit_memories)
         if not all(same):
             print(f"--reuse {path}: not reused, it ran with another configuration, seed, IDs or memory limit", flush=True)

@@ -12,6 +12,7 @@ stay untouched for reporting.
 
 from __future__ import annotations
 
+import common
 import variants
 
 # name -> ipm.Config overrides. "default" is ipm.Config as it is.
@@ -36,11 +37,9 @@ SHOWN = ("epochs", "learning_rate", "lora_r", "lora_layers", "questions_per_memo
 
 
 def describe(config: dict) -> dict:
-    """The shown fields of a run's config; a field added since a run is shown at its default,
-    which is how that run behaved."""
-    from ipm import Config
-
-    return {k: config.get(k, getattr(Config(), k)) for k in SHOWN}
+    """The shown fields of a run's config (a field added since the run at its default)."""
+    full = common.run_config(config)
+    return {k: full[k] for k in SHOWN}
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -27,6 +27,7 @@ from typing import Callable
 from .config import Config
 from .errors import TrainingError
 from .model import BaseModel, Runner, id_token_ids, prompt_ids
+from .trie import Trie
 
 Progress = Callable[[int, int, float], None]  # (step, total_steps, loss)
 
@@ -215,12 +216,14 @@ def _targets(seqs):
 
 
 def _choices(gold: list[int], negatives: list[list[int]], col) -> list[list[int] | None]:
-    """For each token of the gold ID: the ID-vocabulary columns of the tokens that continue
-    its prefix in the gold ID or a negative, where there is more than one (else None)."""
+    """For each token of the gold ID: the ID-vocabulary columns of its node's children in a
+    trie of the gold ID and the negatives, where there is more than one (else None)."""
+    node = Trie([("gold", gold), *((str(i), n) for i, n in enumerate(negatives))]).root
     out = []
-    for j in range(len(gold)):
-        allowed = {gold[j]} | {n[j] for n in negatives if len(n) > j and n[:j] == gold[:j]}
-        out.append(sorted(int(col[t]) for t in allowed) if len(allowed) > 1 else None)
+    for t in gold:
+        allowed = node.allowed()
+        out.append(sorted(int(col[a]) for a in allowed) if len(allowed) > 1 else None)
+        node = node.child(t)
     return out
 
 
@@ -243,8 +246,7 @@ def _fast_loss(runner: Runner, seqs, hiddens, split, vocab_t, col, device, choic
     picked = [i for i, c in enumerate(flat) if c is not None]
     if hard_weight > 0 and picked:
         mask = torch.ones(len(picked), logits.shape[1], dtype=torch.bool, device=device)
-        for r, i in enumerate(picked):
-            mask[r, flat[i]] = False
+        mask[[r for r, i in enumerate(picked) for _ in flat[i]], [c for i in picked for c in flat[i]]] = False
         restricted = logits[picked].masked_fill(mask, float("-inf"))
         loss = loss + hard_weight * F.cross_entropy(restricted, target[picked])
     return loss
