@@ -199,6 +199,27 @@ def test_naive_training_path_also_works(mem, memories_file, tiny_config):
                       fast=False)
 
 
+def test_index_is_served_in_the_dtype_it_was_trained_and_calibrated_in(home, mem, memories_file, tiny_config, tmp_path):
+    import torch
+
+    import ipm
+    from ipm.model import pick_dtype
+
+    auto = pick_dtype(tiny_config, "cpu")
+    trained = torch.bfloat16 if auto == torch.float32 else torch.float32
+    mem.config = tiny_config.updated(dtype=str(trained).removeprefix("torch."))
+    mem.import_(memories_file)
+    mem.train()
+    mem.store.close()
+    for dtype, served in (("auto", trained), (str(auto).removeprefix("torch."), auto)):
+        reopened = ipm.open(home, config=tiny_config.updated(dtype=dtype), cache=tmp_path / "cache")
+        try:
+            assert reopened.ask("what is my dog called?", k=1).candidates
+            assert next(reopened._base.model.parameters()).dtype == served
+        finally:
+            reopened.store.close()
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_base_model_dtype_is_configurable_and_lora_trains_in_float32(mem, memories_file, tiny_config, dtype):
     import torch

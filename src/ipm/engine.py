@@ -258,10 +258,10 @@ class IPM:
             return self.config
 
     # -- model -------------------------------------------------------------------------
-    def base(self, base_model: str | None = "config") -> BaseModel:
+    def base(self, base_model: str | None = "config", dtype: str | None = None) -> BaseModel:
+        """The base model (loaded once per process): the configured one, or `base_model` in `dtype`."""
         cfg = self.config if base_model == "config" else self.config.updated(base_model=base_model)
-        b = load_base(cfg, self.paths)
-        return b
+        return load_base(cfg.updated(dtype=dtype) if dtype else cfg, self.paths)
 
     # -- training ----------------------------------------------------------------------
     def training_examples(self, user: str, base: BaseModel | None = None,
@@ -478,7 +478,10 @@ class IPM:
         s = self._serving.setdefault(user, _Serving())
         if version_dir is not None and version_dir.name != s.version:
             manifest = json.loads((version_dir / index_dir.MANIFEST).read_text())
-            base = self.base(manifest["base_model"]["source"])
+            # With dtype "auto", served in the dtype it was trained in: its abstention threshold was
+            # calibrated on scores computed there. A dtype set in the config wins.
+            trained = manifest["metrics"].get("dtype") if self.config.dtype == "auto" else None
+            base = self.base(manifest["base_model"]["source"], trained)
             if base.sha256 != manifest["base_model"]["sha256"]:
                 raise ModelError(f"index {version_dir} was trained on a different base model "
                                  f"({manifest['base_model']['name']}); retrain with `ipm train`")
@@ -489,7 +492,9 @@ class IPM:
                 self._decoder = self._make_decoder(base, self._model)
             else:
                 if base is not self._base:
-                    raise ModelError("all namespaces served by one process must use the same base model")
+                    raise ModelError("all namespaces served by one process must use the same base model in the same "
+                                     f"dtype; {user!r} was trained on {manifest['base_model']['name']} in "
+                                     f"{manifest['metrics'].get('dtype')}: retrain it with this engine's config")
                 self._model.load_adapter(version_dir, adapter_name=adapter)
             self._model.set_adapter(adapter)
             if s.adapter:
