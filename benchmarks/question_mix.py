@@ -25,6 +25,8 @@ MIXES = {
     "no-wh": {"question_kinds": ["templates", "keywords", "spans", "id"], "question_source": "builtin"},  # before wh
     "all": {"question_kinds": ALL, "question_source": "builtin"},
     "all+llm": {"question_kinds": ALL, "question_source": "both"},
+    # keyword subsets with common words swapped for their MiniLM neighbours (questions.RelatedWords)
+    "all+related": {"question_kinds": ALL + ["related"], "question_source": "builtin"},
 }
 
 

@@ -4,7 +4,8 @@ import pytest
 
 from ipm import Config
 from ipm.errors import InvalidInput
-from ipm.questions import QUESTION_KINDS, builtin_questions, keep_generated, verb_base, wh_questions
+from ipm.questions import (DEFAULT_QUESTION_KINDS, QUESTION_KINDS, RelatedWords, builtin_questions, keep_generated,
+                           verb_base, wh_questions)
 
 TEXT = "Jon visited Paris recently. He loved the Louvre and planned a second trip with his sister Anna."
 
@@ -25,7 +26,7 @@ def test_each_kind_draws_only_from_its_source():
     wh = builtin_questions("jon_paris_louvre", TEXT, 24, kinds=["wh"])[1:]
     assert wh and set(wh) <= set(wh_questions(TEXT))
     assert builtin_questions("jon_paris_louvre", TEXT, 24, kinds=[]) == [TEXT]
-    everything = builtin_questions("jon_paris_louvre", TEXT, 200, kinds=QUESTION_KINDS)
+    everything = builtin_questions("jon_paris_louvre", TEXT, 200, kinds=DEFAULT_QUESTION_KINDS)
     assert set(wh) & set(everything) and any(q in TEXT for q in everything[1:])
 
 
@@ -61,3 +62,54 @@ def test_config_checks_question_kinds():
     assert Config().updated(question_kinds=["wh", "spans"]).question_kinds == ["wh", "spans"]
     with pytest.raises(InvalidInput, match="question_kinds"):
         Config().updated(question_kinds=["paraphrases"])
+
+
+NEAR = {"visited": ["toured", "saw"], "loved": ["adored"], "trip": ["journey", "voyage"], "sister": ["sibling", "brother"],
+        "recently": ["lately"], "planned": ["march"], "paris": ["london"], "anna": ["maria"]}
+
+
+def test_related_questions_swap_common_words_for_near_ones_and_keep_names_and_dates():
+    qs = builtin_questions("jon_paris_louvre", TEXT, 200, kinds=["related"], related=lambda w: NEAR.get(w, []))[1:]
+    words = [set(q.lower().strip("?").replace("remind me:", "").split()) for q in qs]
+    assert len(qs) >= 5
+    swapped_in = {x for near in NEAR.values() for x in near}
+    assert all(w & swapped_in for w in words)  # every one says something in other words
+    assert not any(w & {"london", "maria", "march"} for w in words)  # names and months are not swapped
+    assert qs == builtin_questions("jon_paris_louvre", TEXT, 200, kinds=["related"], related=lambda w: NEAR.get(w, []))[1:]
+    assert builtin_questions("jon_paris_louvre", "Paris, 1987.", 24, kinds=["related"], related=lambda w: ["x"]) == \
+        ["Paris, 1987."]
+    with pytest.raises(ValueError, match="related"):
+        builtin_questions("jon_paris_louvre", TEXT, 24, kinds=["related"])
+
+
+class FakeEncoder:
+    """Unit vectors by hand: dog ~ puppy ~ dogs, far from car; counts its calls."""
+
+    VECTORS = {"dog": (1, 0, 0), "dogs": (0.99, 0.1, 0), "puppy": (0.9, 0.3, 0), "canine": (0.8, 0.5, 0),
+               "car": (0, 0, 1), "vehicle": (0, 0.2, 0.98), "the": (1, 0, 0)}
+
+    def __init__(self):
+        import types
+
+        self.model = types.SimpleNamespace(tokenizer=types.SimpleNamespace(vocab={w: i for i, w in enumerate(
+            list(self.VECTORS) + ["##ing", "a1"])}))
+        self.calls = 0
+
+    def encode(self, texts):
+        import torch
+
+        self.calls += 1
+        v = torch.tensor([self.VECTORS.get(t, (0, 1, 0)) for t in texts], dtype=torch.float32)
+        return v / v.norm(dim=1, keepdim=True)
+
+
+def test_related_words_are_near_in_embedding_space_without_inflections_and_cached(tmp_path):
+    enc = FakeEncoder()
+    rw = RelatedWords(enc, tmp_path, k=2, min_cosine=0.6)
+    assert "the" not in rw.words and "##ing" not in rw.words and "a1" not in rw.words  # whole, non-stop words
+    assert rw("dog") == ["puppy", "canine"]  # "dogs" is an inflection, "car" too far
+    assert rw("Car") == ["vehicle"]
+    assert rw("hound") == []  # encoded on the fly: (0, 1, 0) is near nothing in the vocabulary
+    assert list(tmp_path.glob("related-words-*.npy"))
+    calls = enc.calls
+    assert RelatedWords(enc, tmp_path, k=2)("dog") == ["puppy", "canine"] and enc.calls == calls  # from the cache

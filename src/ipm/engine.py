@@ -22,7 +22,7 @@ from . import index as index_dir
 from .config import Config, Paths
 from .errors import IndexMissing, InvalidInput, ModelError, NotFound, TrainingError
 from .model import BaseModel, id_token_ids, load_base, quiet_transformers
-from .questions import OFF_TOPIC, builtin_questions, content_words, llm_questions
+from .questions import OFF_TOPIC, RelatedWords, builtin_questions, content_words, llm_questions
 from .retrieve import Candidates, load_dense_encoder
 from .search import GenerateDecoder, RunnerDecoder, Signals, fuse
 from .store import Memory, NewMemory, Store, check_namespace, check_question
@@ -284,11 +284,14 @@ class IPM:
                     progress(done[0], len(memories))
             extra = llm_questions(base, [(m.id, m.text) for m in memories], cfg.llm_questions_per_memory,
                                   cfg.seed, progress=tick)
+        related = None
+        if "related" in cfg.question_kinds and cfg.question_source != "llm":
+            related = RelatedWords(load_dense_encoder(), self.paths.cache)
         rng = random.Random(cfg.seed)
         train, calib = [], []
         for m in memories:
             generated = [] if cfg.question_source == "llm" else builtin_questions(
-                m.id, m.text, cfg.questions_per_memory, cfg.seed, cfg.question_kinds)[1:]
+                m.id, m.text, cfg.questions_per_memory, cfg.seed, cfg.question_kinds, related)[1:]
             generated += extra.get(m.id, [])
             rng.shuffle(generated)
             n_cal = int(len(generated) * cfg.calibration_fraction)

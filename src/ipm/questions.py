@@ -216,19 +216,84 @@ def synonyms_of(phrase: str) -> list[str]:
     return out
 
 
-QUESTION_KINDS = ("templates", "wh", "keywords", "spans", "id")
-DEFAULT_QUESTION_KINDS = QUESTION_KINDS  # Config.question_kinds' default
+NOT_SWAPPED = set(
+    "january february march april may june july august september october november december "
+    "monday tuesday wednesday thursday friday saturday sunday one two three four five six seven eight nine ten "
+    "eleven twelve twenty thirty forty fifty hundred thousand first second third fourth fifth last next".split())
+
+
+class RelatedWords:
+    """Words near a memory's words in MiniLM's embedding space ("mortgage" -> loan, lending;
+    "counseling" -> therapy), for the `related` question kind: people ask about a memory in
+    their own words, and a hand-made synonym list cannot cover every memory's vocabulary.
+
+    The vocabulary is the dense encoder's whole-word tokens (about 21k); their embeddings are
+    computed once per machine and cached in `cache_dir`."""
+
+    def __init__(self, encoder, cache_dir, k: int = 6, min_cosine: float = 0.6):
+        import hashlib
+        from pathlib import Path
+
+        import numpy as np
+
+        vocab = getattr(encoder.model.tokenizer, "vocab", {})
+        self.words = sorted(w for w in vocab if re.fullmatch(r"[a-z]{3,}", w) and w not in STOPWORDS)
+        digest = hashlib.sha256("\n".join(self.words).encode()).hexdigest()[:12]
+        path = Path(cache_dir) / f"related-words-{digest}.npy"
+        if path.is_file():
+            emb = np.load(path)
+        else:
+            emb = encoder.encode(self.words).cpu().numpy().astype(np.float16)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp.npy")
+            np.save(tmp, emb)
+            tmp.replace(path)
+        self.emb = emb.astype(np.float32)
+        self.index = {w: i for i, w in enumerate(self.words)}
+        self.encoder, self.k, self.min_cosine = encoder, k, min_cosine
+        self._memo: dict[str, list[str]] = {}
+
+    def __call__(self, word: str) -> list[str]:
+        """Up to k words near `word`, nearest first, without its inflections ("dogs" for "dog")."""
+        import numpy as np
+
+        word = word.lower()
+        if word not in self._memo:
+            i = self.index.get(word)
+            v = self.emb[i] if i is not None else self.encoder.encode([word]).cpu().numpy()[0]
+            sims = self.emb @ v
+            out = []
+            for j in np.argsort(-sims)[: 4 * self.k]:
+                w = self.words[j]
+                if sims[j] < self.min_cosine or len(out) == self.k:
+                    break
+                if not _same_stem(w, word):
+                    out.append(w)
+            self._memo[word] = out
+        return self._memo[word]
+
+
+def _same_stem(a: str, b: str) -> bool:
+    n = min(4, len(a), len(b))
+    return a[:n] == b[:n]
+
+
+QUESTION_KINDS = ("templates", "wh", "keywords", "spans", "id", "related")
+DEFAULT_QUESTION_KINDS = ("templates", "wh", "keywords", "spans", "id")  # Config.question_kinds' default
 
 
 def builtin_questions(memory_id: str, text: str, n: int, seed: int = 0,
-                      kinds: Iterable[str] = DEFAULT_QUESTION_KINDS) -> list[str]:
+                      kinds: Iterable[str] = DEFAULT_QUESTION_KINDS,
+                      related: Callable[[str], list[str]] | None = None) -> list[str]:
     """About `n` distinct training inputs for one memory (the text itself first), deterministic
     for (id, text, seed). `kinds` picks the sources, drawn from in turn:
     templates: questions about the phrases after "my", the proper nouns and the ID's topic;
     wh: who/what/when/why questions from each sentence's subject and verb;
     keywords: subsets of the content words, sometimes with a synonym, bare or in a frame;
     spans: the sentences and short word spans of the text (doc-as-query);
-    id: the words of the ID."""
+    id: the words of the ID;
+    related: keyword subsets with words swapped for `related(word)` (a RelatedWords), bare or
+    in a frame: the memory asked about in other words."""
     rng = random.Random(f"{seed}:{memory_id}")
     parts = memory_id.split("_")
     kinds = set(kinds)
@@ -276,6 +341,30 @@ def builtin_questions(memory_id: str, text: str, n: int, seed: int = 0,
         pools.append(spans)
     if "id" in kinds:
         pools.append([" ".join(parts[1:]), " ".join(parts)])
+    if "related" in kinds:
+        if related is None:
+            raise ValueError("the related question kind needs a `related` word source (RelatedWords)")
+        words = list(dict.fromkeys(content_words(text)))
+        # Only common words are swapped: a name, number or date swapped for a near one
+        # ("Samuel" -> David, "July" -> September) would name a different fact.
+        lower = {raw for raw in WORD.findall(text) if raw.islower()}
+        near = {w: [x for x in related(w) if x not in NOT_SWAPPED] for w in words
+                if w in lower and w not in NOT_SWAPPED and not any(c.isdigit() for c in w)}
+        swappable = [w for w in words if near.get(w)]
+        rel = []
+        for _ in range(10 if swappable else 0):
+            k = rng.randint(min(2, len(words)), min(3, len(words)))
+            picked = rng.sample(words, k)
+            if not any(w in swappable for w in picked):
+                picked[rng.randrange(k)] = rng.choice(swappable)
+            # Each word with neighbours is swapped for one (at least one word is): other words.
+            swapped = [rng.choice(near[w]) if near.get(w) and rng.random() < 0.7 else w for w in picked]
+            if swapped == picked:
+                j = next(i for i, w in enumerate(picked) if near.get(w))
+                swapped[j] = rng.choice(near[picked[j]])
+            phrase = " ".join(swapped)
+            rel.append(rng.choice(KEYWORD_FRAMES).format(k=phrase) if rng.random() < 0.5 else phrase)
+        pools.append(rel)
 
     out: list[str] = [text]
     # Round-robin over the pools so every kind is represented even when n is small.
