@@ -4,8 +4,15 @@ import pytest
 
 from ipm import Config
 from ipm.errors import InvalidInput
-from ipm.questions import (DEFAULT_QUESTION_KINDS, QUESTION_KINDS, RelatedWords, builtin_questions, keep_generated,
-                           verb_base, wh_questions)
+from ipm.questions import (
+    DEFAULT_QUESTION_KINDS,
+    QUESTION_KINDS,
+    RelatedWords,
+    builtin_questions,
+    keep_generated,
+    verb_base,
+    wh_questions,
+)
 
 TEXT = "Jon visited Paris recently. He loved the Louvre and planned a second trip with his sister Anna."
 
@@ -60,6 +67,8 @@ def test_model_written_questions_must_name_something_of_the_memory():
 
 def test_config_checks_question_kinds():
     assert Config().updated(question_kinds=["wh", "spans"]).question_kinds == ["wh", "spans"]
+    assert Config().updated(question_kinds=list(QUESTION_KINDS)).question_kinds[-1] == "related"
+    assert Config().question_kinds == list(DEFAULT_QUESTION_KINDS) and "related" not in Config().question_kinds
     with pytest.raises(InvalidInput, match="question_kinds"):
         Config().updated(question_kinds=["paraphrases"])
 
@@ -82,24 +91,25 @@ def test_related_questions_swap_common_words_for_near_ones_and_keep_names_and_da
         builtin_questions("jon_paris_louvre", TEXT, 24, kinds=["related"])
 
 
-class FakeEncoder:
-    """Unit vectors by hand: dog ~ puppy ~ dogs, far from car; counts its calls."""
+VECTORS = {"dog": (1, 0, 0), "dogs": (0.99, 0.1, 0), "puppy": (0.9, 0.3, 0), "canine": (0.8, 0.5, 0),
+           "car": (0, 0, 1), "vehicle": (0, 0.2, 0.98), "the": (1, 0, 0)}
 
-    VECTORS = {"dog": (1, 0, 0), "dogs": (0.99, 0.1, 0), "puppy": (0.9, 0.3, 0), "canine": (0.8, 0.5, 0),
-               "car": (0, 0, 1), "vehicle": (0, 0.2, 0.98), "the": (1, 0, 0)}
+
+class FakeEncoder:
+    """Unit vectors by hand (VECTORS): dog ~ puppy ~ dogs, far from car; counts its calls."""
 
     def __init__(self):
         import types
 
         self.model = types.SimpleNamespace(tokenizer=types.SimpleNamespace(vocab={w: i for i, w in enumerate(
-            list(self.VECTORS) + ["##ing", "a1"])}))
+            list(VECTORS) + ["##ing", "a1"])}))
         self.calls = 0
 
     def encode(self, texts):
         import torch
 
         self.calls += 1
-        v = torch.tensor([self.VECTORS.get(t, (0, 1, 0)) for t in texts], dtype=torch.float32)
+        v = torch.tensor([VECTORS.get(t, (0, 1, 0)) for t in texts], dtype=torch.float32)
         return v / v.norm(dim=1, keepdim=True)
 
 
