@@ -12,8 +12,9 @@ results/question-mix.{json,md,png}; each mix's full LoCoMo output goes to result
 from __future__ import annotations
 
 import variants
+from ipm.questions import DEFAULT_QUESTION_KINDS
 
-ALL = ["templates", "wh", "keywords", "spans", "id"]
+ALL = list(DEFAULT_QUESTION_KINDS)
 # name -> ipm.Config overrides. "all" is the ipm.Config default.
 MIXES = {
     "text": {"question_kinds": [], "question_source": "builtin"},  # the memory's own text only

@@ -199,25 +199,41 @@ def test_naive_training_path_also_works(mem, memories_file, tiny_config):
                       fast=False)
 
 
-def test_index_is_served_in_the_dtype_it_was_trained_and_calibrated_in(home, mem, memories_file, tiny_config, tmp_path):
+def test_an_index_trained_in_float32_is_served_in_float32_and_a_retrain_matches_the_served_copy(
+        home, mem, memories_file, tiny_config, tmp_path):
+    """Its abstention threshold was calibrated on float32 scores: with dtype "auto" it is served
+    in float32; a dtype set explicitly wins; a retrain in a serving process trains on the copy
+    it serves; an index whose manifest names no dtype is served in "auto"'s choice."""
     import torch
 
-    import ipm
     from ipm.model import pick_dtype
 
-    auto = pick_dtype(tiny_config, "cpu")
-    trained = torch.bfloat16 if auto == torch.float32 else torch.float32
-    mem.config = tiny_config.updated(dtype=str(trained).removeprefix("torch."))
+    mem.config = tiny_config.updated(dtype="float32")
     mem.import_(memories_file)
     mem.train()
     mem.store.close()
-    for dtype, served in (("auto", trained), (str(auto).removeprefix("torch."), auto)):
+    for dtype, served in (("auto", torch.float32), ("bfloat16", torch.bfloat16)):
         reopened = ipm.open(home, config=tiny_config.updated(dtype=dtype), cache=tmp_path / "cache")
         try:
             assert reopened.ask("what is my dog called?", k=1).candidates
             assert next(reopened._base.model.parameters()).dtype == served
+            if dtype == "auto":
+                reopened.add("My cat is called Tom.", id="personal_pet_tom")
+                manifest = reopened.train()
+                assert manifest["metrics"]["dtype"] == "float32"
+                assert reopened.ask("what is my cat called?", k=1).candidates
         finally:
             reopened.store.close()
+    version = home_version(mem)
+    manifest = json.loads((version / "manifest.json").read_text())
+    del manifest["metrics"]["dtype"]  # as written before the dtype was recorded
+    (version / "manifest.json").write_text(json.dumps(manifest))
+    reopened = ipm.open(home, config=tiny_config, cache=tmp_path / "cache")
+    try:
+        assert reopened.ask("what is my dog called?", k=1).candidates
+        assert next(reopened._base.model.parameters()).dtype == pick_dtype(tiny_config, "cpu")
+    finally:
+        reopened.store.close()
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -382,3 +398,22 @@ def test_hard_negatives_from_the_retrievers_train_and_recall(home, memories_file
     assert set(negs[0].negatives) < set(MEMORIES)
     with pytest.raises(InvalidInput, match="hard_negatives"):
         tiny_config.updated(hard_negatives=-1)
+
+
+def test_related_question_kind_trains_on_memories_asked_in_other_words(mem, memories_file, tiny_config, monkeypatch):
+    from test_questions import FakeEncoder
+
+    import ipm.engine
+
+    mem.config = tiny_config.updated(question_kinds=["related"])
+    mem.import_(memories_file)
+    monkeypatch.setattr(ipm.engine, "load_dense_encoder", FakeEncoder)
+    train, calib = mem.training_examples("default")
+    dog = {e.question for e in train + calib if e.memory_id == "personal_pet_max"}
+    assert any("puppy" in q or "canine" in q for q in dog)
+
+    def missing():
+        raise InvalidInput("dense retrieval needs `pip install sentence-transformers`")
+    monkeypatch.setattr(ipm.engine, "load_dense_encoder", missing)
+    with pytest.raises(InvalidInput, match="question kind 'related' needs the dense model"):
+        mem.training_examples("default")

@@ -87,7 +87,10 @@ def test_related_questions_swap_common_words_for_near_ones_and_keep_names_and_da
     assert qs == builtin_questions("jon_paris_louvre", TEXT, 200, kinds=["related"], related=lambda w: NEAR.get(w, []))[1:]
     assert builtin_questions("jon_paris_louvre", "Paris, 1987.", 24, kinds=["related"], related=lambda w: ["x"]) == \
         ["Paris, 1987."]
-    with pytest.raises(ValueError, match="related"):
+    sister = builtin_questions("x_y_z", "My sister's car broke down.", 200, kinds=["related"],
+                               related=lambda w: NEAR.get(w, []))[1:]
+    assert any("sibling" in q or "brother" in q for q in sister)  # "sister's" is the common word sister
+    with pytest.raises(InvalidInput, match="related"):
         builtin_questions("jon_paris_louvre", TEXT, 24, kinds=["related"])
 
 
@@ -101,8 +104,9 @@ class FakeEncoder:
     def __init__(self):
         import types
 
-        self.model = types.SimpleNamespace(tokenizer=types.SimpleNamespace(vocab={w: i for i, w in enumerate(
-            list(VECTORS) + ["##ing", "a1"])}))
+        vocab = {w: i for i, w in enumerate(list(VECTORS) + ["##ing", "a1"])}
+        self.model = types.SimpleNamespace(tokenizer=types.SimpleNamespace(get_vocab=lambda: vocab))
+        self.fingerprint = "fake 1"
         self.calls = 0
 
     def encode(self, texts):
@@ -123,3 +127,10 @@ def test_related_words_are_near_in_embedding_space_without_inflections_and_cache
     assert list(tmp_path.glob("related-words-*.npy"))
     calls = enc.calls
     assert RelatedWords(enc, tmp_path, k=2)("dog") == ["puppy", "canine"] and enc.calls == calls  # from the cache
+    enc.fingerprint = "fake 2"  # another encoder: its own vectors, not the cached ones
+    RelatedWords(enc, tmp_path, k=2)
+    assert enc.calls == calls + 1 and len(list(tmp_path.glob("related-words-*.npy"))) == 2
+    empty = FakeEncoder()
+    empty.model.tokenizer.get_vocab = lambda: {"##s": 0, "a": 1}
+    with pytest.raises(InvalidInput, match="vocabulary"):
+        RelatedWords(empty, tmp_path)

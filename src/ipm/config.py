@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from .errors import InvalidInput
+from .questions import DEFAULT_QUESTION_KINDS
 
 MAX_TEXT_BYTES = 65536  # a memory's raw text, UTF-8 encoded
 
@@ -44,9 +45,10 @@ class Config:
     questions_per_memory: int = 24
     question_source: str = "builtin"
     # Which kinds of built-in questions to draw from (questions.QUESTION_KINDS): "templates",
-    # "wh", "keywords", "spans", "id". benchmarks/question_mix.py compares mixes: on LoCoMo
-    # conv-26, adding "wh" took the adapter alone from 24.8 to 30.6 held-out recall@1.
-    question_kinds: list[str] = field(default_factory=lambda: ["templates", "wh", "keywords", "spans", "id"])
+    # "wh", "keywords", "spans", "id", and "related" (off by default; needs the dense model).
+    # benchmarks/question_mix.py compares mixes: on LoCoMo conv-26, adding "wh" took the adapter
+    # alone from 24.8 to 30.6 held-out recall@1; adding "related" changed nothing.
+    question_kinds: list[str] = field(default_factory=lambda: list(DEFAULT_QUESTION_KINDS))
     llm_questions_per_memory: int = 4
     # Incremental training (`train(full=False)`, the default when an index exists): continue
     # from the current adapter on the new or changed memories' questions, plus this many

