@@ -12,6 +12,7 @@ results/question-mix.{json,md,png}; each mix's full LoCoMo output goes to result
 from __future__ import annotations
 
 import variants
+
 from ipm.questions import DEFAULT_QUESTION_KINDS
 
 ALL = list(DEFAULT_QUESTION_KINDS)
