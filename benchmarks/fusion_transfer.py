@@ -13,6 +13,7 @@ Writes results/fusion-transfer.{json,md,png}.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import common
 import locomo
@@ -41,7 +42,12 @@ def recall_at_1(sets: list[list[tuple]], dense: float, bm25: float) -> float:
 
 def main(argv: list[str] | None = None) -> dict:
     p = common.parser(__doc__.split("\n\n")[0])
+    p.add_argument("paths", nargs="*", type=Path, metavar="PATH",
+                   help="LoCoMo conversation files (default ../shared/data/locomo/*.json)")
+    p.add_argument("--limit-memories", type=int, default=None, metavar="N",
+                   help="keep only the first N memories of each conversation (smoke tests)")
     args = p.parse_args(argv)
+    paths = args.paths or sorted((common.SHARED / "locomo").glob("*.json"))
     from ipm import Config
     from ipm.retrieve import load_dense_encoder
 
@@ -50,9 +56,9 @@ def main(argv: list[str] | None = None) -> dict:
     encoder = load_dense_encoder()
     data: dict[str, list[tuple]] = {}
     for variant in ("observations", "turns"):
-        for path in sorted((common.SHARED / "locomo").glob("*.json")):
+        for path in paths:
             conv = json.loads(path.read_text())
-            mems = locomo.memories(conv, variant)
+            mems = locomo.memories(conv, variant)[: args.limit_memories]
             ids = [f"m{i}" for i in range(len(mems))]
             qs = []
             for q in locomo.qa_items(conv):
@@ -67,7 +73,7 @@ def main(argv: list[str] | None = None) -> dict:
     data["demo"] = items([m["id"] for m in demo], [m["text"] for m in demo],
                          [(q["question"], frozenset([q["memory_id"]])) for q in questions if q.get("memory_id")], encoder, n)
     groups = {  # column names end in "%": shown in % by common.markdown_table
-        "LoCoMo obs, tuning 26/30/41 %": [f"observations:{c}" for c in TUNE],
+        "LoCoMo obs, tuning 26/30/41 %": [f"observations:{c}" for c in TUNE if f"observations:{c}" in data],
         "LoCoMo obs, 42/43 %": [k for k in data if k.startswith("observations:") and k.split(":")[1] not in TUNE],
         "LoCoMo turns, five %": [k for k in data if k.startswith("turns:")],
         "demo %": ["demo"],

@@ -216,3 +216,23 @@ def test_cluster_ids_are_valid_unique_and_topic_first(monkeypatch):
     topics = {i.split("_")[0] for i in ids}
     assert 2 <= len(topics) <= 8  # k = √60 clusters, each labelled by one word
     assert ids[0].split("_")[1] == "caroline"  # then who the fact is about
+
+
+def test_fusion_transfer_smoke(tmp_path, monkeypatch):
+    need(SHARED / "locomo" / "conv-26.json")
+    bench = load("fusion_transfer", monkeypatch)
+    out = bench.main([str(SHARED / "locomo" / "conv-26.json"), "--limit-memories", "40",
+                      "--out-dir", str(tmp_path / "results")])
+    data = json.loads((tmp_path / "results" / "fusion-transfer.json").read_text())
+    assert len(data["grid"]) == len(bench.DENSE) * len(bench.BM25) and data["rows"] == out["rows"]
+    # "dense alone" over the candidates is dense retrieval's own top 1, as the baseline scores it
+    from ipm.evaluate import Question, evaluate_baseline
+
+    memories = [json.loads(line) for line in (ROOT / "examples" / "demo" / "memories.jsonl").read_text().splitlines()
+                if line.strip()]
+    questions = [Question(q["question"], frozenset([q["memory_id"]]))
+                 for q in json.loads((ROOT / "examples" / "demo" / "questions.json").read_text()) if q.get("memory_id")]
+    dense = evaluate_baseline("dense", [m["id"] for m in memories], [m["text"] for m in memories], questions)
+    assert out["rows"][0]["system"] == "dense alone" and out["rows"][0]["demo %"] == pytest.approx(dense["recall@1"])
+    best = max(r["demo %"] for r in data["grid"])
+    assert out["rows"][-1]["demo %"] == best
