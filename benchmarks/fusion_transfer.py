@@ -93,10 +93,10 @@ def main(argv: list[str] | None = None) -> dict:
                 **{g: configured[g] for g in groups}}] if configured else []),
             {"system": f"best on demo: dense {best_demo['dense']:g}, bm25 {best_demo['bm25']:g}",
              **{g: best_demo[g] for g in groups}}]
-    notes = [f"recall@1 of BM25 + dense fused without the adapter over hybrid decoding's candidates (top {n} of each); "
-             "ranking = ipm.search.fuse with adapter weight 0.",
-             "The 'best on demo' row is chosen on the demo's own held-out questions: it shows the trade-off, "
-             "and is not a setting to use."]
+    notes = [(f"recall@1 of BM25 + dense fused without the adapter over hybrid decoding's candidates (top {n} of "
+              "each); ranking = ipm.search.fuse with adapter weight 0."),
+             ("The 'best on demo' row is chosen on the demo's own held-out questions: it shows the trade-off, "
+              "and is not a setting to use.")]
     common.write_results("fusion-transfer", {"benchmark": "fusion-transfer", "seed": args.seed, "grid": grid,
                                              "rows": rows, "run": info},
                          rows, args.out_dir, args.json, title="Fusion weights: LoCoMo against the demo set (retrievers only)",
