@@ -23,12 +23,12 @@ BM25 = (0.0, 1.0, 2.0, 4.0, 8.0, 16.0)
 TUNE = ("conv-26", "conv-30", "conv-41")
 
 
-def items(ids: list[str], texts: list[str], questions: list[tuple[str, frozenset]], encoder, n: int) -> list[tuple]:
-    """(candidate features {id: (cosine, bm25 / best)}, gold IDs) per question."""
+def items(ids: list[str], texts: list[str], questions: list, encoder, n: int) -> list[tuple]:
+    """(candidate features {id: (cosine, bm25 / best)}, gold IDs) per ipm.evaluate.Question."""
     from ipm.retrieve import Candidates
 
-    feats = Candidates(ids, texts, encoder).many([q for q, _ in questions], n)
-    return [(f, gold) for f, (_, gold) in zip(feats, questions)]
+    feats = Candidates(ids, texts, encoder).many([q.question for q in questions], n)
+    return [(f, q.gold) for f, q in zip(feats, questions)]
 
 
 def recall_at_1(sets: list[list[tuple]], dense: float, bm25: float) -> float:
@@ -49,6 +49,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     paths = args.paths or sorted((common.SHARED / "locomo").glob("*.json"))
     from ipm import Config
+    from ipm.evaluate import load_questions
     from ipm.retrieve import load_dense_encoder
 
     info = common.run_info(args.seed, common.command(__file__, argv))
@@ -60,18 +61,12 @@ def main(argv: list[str] | None = None) -> dict:
             conv = json.loads(path.read_text())
             mems = locomo.memories(conv, variant)[: args.limit_memories]
             ids = [f"m{i}" for i in range(len(mems))]
-            qs = []
-            for q in locomo.qa_items(conv):
-                evidence = locomo.dia_ids(q["evidence"])
-                gold = frozenset(mid for mid, (_, turns) in zip(ids, mems) if turns & evidence)
-                if gold:
-                    qs.append((q["question"], gold))
+            qs, _, _ = locomo.scored_questions(conv, {mid: turns for mid, (_, turns) in zip(ids, mems)})
             data[f"{variant}:{path.stem}"] = items(ids, [t for t, _ in mems], qs, encoder, n)
             print(f"{variant} {path.stem}: {len(mems)} memories, {len(qs)} questions", flush=True)
     demo = [json.loads(line) for line in (common.REPO / "examples" / "demo" / "memories.jsonl").read_text().splitlines() if line.strip()]
-    questions = json.loads((common.REPO / "examples" / "demo" / "questions.json").read_text())
-    data["demo"] = items([m["id"] for m in demo], [m["text"] for m in demo],
-                         [(q["question"], frozenset([q["memory_id"]])) for q in questions if q.get("memory_id")], encoder, n)
+    questions = [q for q in load_questions(common.REPO / "examples" / "demo" / "questions.json") if q.gold is not None]
+    data["demo"] = items([m["id"] for m in demo], [m["text"] for m in demo], questions, encoder, n)
     groups = {  # column names end in "%": shown in % by common.markdown_table
         "LoCoMo obs, tuning 26/30/41 %": [f"observations:{c}" for c in TUNE if f"observations:{c}" in data],
         "LoCoMo obs, 42/43 %": [k for k in data if k.startswith("observations:") and k.split(":")[1] not in TUNE],

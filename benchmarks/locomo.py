@@ -79,6 +79,25 @@ def qa_items(conv: dict) -> list[dict]:
     return [q for q in conv["qa"] if str(q.get("category")) in CATEGORIES]
 
 
+def scored_questions(conv: dict, turns_of: dict[str, set[str]]) -> tuple[list, int, int]:
+    """The qa questions (categories 1-4) with their gold memories, those made from one of their
+    evidence turns (`turns_of`: memory ID -> its turn IDs); and how many were left out for
+    naming no evidence turn, and for having no memory made from their evidence turns."""
+    from ipm.evaluate import Question
+
+    questions, no_evidence, skipped = [], 0, 0
+    for q in qa_items(conv):
+        evidence = dia_ids(q["evidence"])
+        gold = frozenset(mid for mid, ids in turns_of.items() if ids & evidence)
+        if gold:
+            questions.append(Question(q["question"], gold, str(q["category"])))
+        elif not evidence:  # the data names no evidence turn: unscorable in any variant
+            no_evidence += 1
+        else:  # no memory comes from its evidence turns (e.g. a turn no observation was made of)
+            skipped += 1
+    return questions, no_evidence, skipped
+
+
 # -- aggregation -------------------------------------------------------------------------
 def micro(parts: list[dict]) -> dict:
     """Combine per-conversation metric dicts into one over all their questions. Each rate is a
@@ -130,17 +149,7 @@ def run_conversation(mem, conv_id: str, conv: dict, others: list[dict], args, ba
         raise SystemExit(f"namespace {conv_id!r} already has memories; use a fresh --home")
     given = cluster_ids([text for text, _ in mems], args.seed) if args.ids == "cluster" else [None] * len(mems)
     added = mem.store.add_many(conv_id, [NewMemory(text, mid) for (text, _), mid in zip(mems, given)], source="import")
-    turns_of = {m.id: ids for m, (_, ids) in zip(added, mems)}
-    questions, no_evidence, skipped = [], 0, 0
-    for q in qa_items(conv):
-        evidence = dia_ids(q["evidence"])
-        gold = frozenset(mid for mid, ids in turns_of.items() if ids & evidence)
-        if gold:
-            questions.append(Question(q["question"], gold, str(q["category"])))
-        elif not evidence:  # the data names no evidence turn: unscorable in any variant
-            no_evidence += 1
-        else:  # no memory comes from its evidence turns (e.g. a turn no observation was made of)
-            skipped += 1
+    questions, no_evidence, skipped = scored_questions(conv, {m.id: ids for m, (_, ids) in zip(added, mems)})
     # Out of scope: questions about the other conversations (their people and events).
     pool = [q["question"] for other in others for q in qa_items(other)]
     rng = random.Random(f"{args.seed}:{conv_id}")

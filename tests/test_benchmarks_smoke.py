@@ -226,12 +226,11 @@ def test_fusion_transfer_smoke(tmp_path, monkeypatch):
     data = json.loads((tmp_path / "results" / "fusion-transfer.json").read_text())
     assert len(data["grid"]) == len(bench.DENSE) * len(bench.BM25) and data["rows"] == out["rows"]
     # "dense alone" over the candidates is dense retrieval's own top 1, as the baseline scores it
-    from ipm.evaluate import Question, evaluate_baseline
+    from ipm.evaluate import evaluate_baseline, load_questions
 
     memories = [json.loads(line) for line in (ROOT / "examples" / "demo" / "memories.jsonl").read_text().splitlines()
                 if line.strip()]
-    questions = [Question(q["question"], frozenset([q["memory_id"]]))
-                 for q in json.loads((ROOT / "examples" / "demo" / "questions.json").read_text()) if q.get("memory_id")]
+    questions = load_questions(ROOT / "examples" / "demo" / "questions.json")  # the baseline scores in-scope ones
     dense = evaluate_baseline("dense", [m["id"] for m in memories], [m["text"] for m in memories], questions)
     assert out["rows"][0]["system"] == "dense alone" and out["rows"][0]["demo %"] == pytest.approx(dense["recall@1"])
     best = max(r["demo %"] for r in data["grid"])
