@@ -62,3 +62,42 @@ def test_kill_during_import_writes_all_or_nothing(mem, home, tiny_config, tmp_pa
     assert count in (1, 1 + n), f"a killed import left {count - 1} of {n} records"
     assert again.get("personal_pet_max").text == "My dog's name is Max and he is a beagle."
     assert again.store._conn().execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
+
+def test_model_hash_cache_keeps_entries_other_processes_wrote(tmp_path, monkeypatch):
+    """Two processes hashing different models at once must not drop each other's cache entry."""
+    from ipm import model
+    from ipm.config import Paths
+
+    paths = Paths.at(tmp_path / "home", tmp_path / "cache")
+    a, b = tmp_path / "a.gguf", tmp_path / "b.gguf"
+    a.write_bytes(b"model a")
+    b.write_bytes(b"model b")
+    assert model.model_sha256(a, paths) == model.file_sha256(a)
+    cache_file = paths.models / "hashes.json"
+    real_sha256 = model.file_sha256
+
+    def sha256_while_another_process_writes(path):
+        # Another process adds its entry after this one read the cache, before it writes back.
+        cache_file.write_text(json.dumps(json.loads(cache_file.read_text()) | {"elsewhere": "f" * 64}))
+        return real_sha256(path)
+
+    monkeypatch.setattr(model, "file_sha256", sha256_while_another_process_writes)
+    assert model.model_sha256(b, paths) == real_sha256(b)
+    known = json.loads(cache_file.read_text())
+    assert known["elsewhere"] == "f" * 64
+    assert sorted(known.values()) == sorted([real_sha256(a), real_sha256(b), "f" * 64])
+    assert not list(paths.models.glob("*.tmp*"))
+
+
+def test_model_hash_works_when_the_cache_cannot_be_written(tmp_path):
+    from ipm.config import Paths
+    from ipm.model import file_sha256, model_sha256
+
+    paths = Paths.at(tmp_path / "home", tmp_path / "cache")
+    paths.cache.mkdir()
+    paths.models.write_text("not a directory")  # unwritable even for root
+    a = tmp_path / "a.gguf"
+    a.write_bytes(b"model a")
+    assert model_sha256(a, paths) == file_sha256(a)

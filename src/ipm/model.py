@@ -12,6 +12,7 @@ search over a trie), and logits for a chosen subset of the vocabulary only.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -94,11 +95,21 @@ def model_sha256(path: Path, paths: Paths) -> str:
             h.update(p.name.encode())
             h.update(file_sha256(p).encode())
         digest = h.hexdigest()
+    # Hashing takes seconds, so another process may have added its own entry meanwhile: merge
+    # into what is on disk now, through a temp file of our own (a shared name could be clobbered).
+    try:
+        known = json.loads(cache_file.read_text())
+    except (OSError, ValueError):
+        known = {}
     known[key] = digest
-    cache_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache_file.with_suffix(".tmp")
-    tmp.write_text(json.dumps(known))
-    os.replace(tmp, cache_file)
+    tmp = cache_file.with_name(f"{cache_file.stem}.tmp{os.getpid()}")
+    try:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(known))
+        os.replace(tmp, cache_file)
+    except OSError:  # an unwritable cache costs a re-hash next time, not a failure
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
     return digest
 
 
