@@ -10,6 +10,7 @@ from ipm.questions import (
     RelatedWords,
     builtin_questions,
     keep_generated,
+    related_words,
     verb_base,
     wh_questions,
 )
@@ -134,3 +135,11 @@ def test_related_words_are_near_in_embedding_space_without_inflections_and_cache
     empty.model.tokenizer.get_vocab = lambda: {"##s": 0, "a": 1}
     with pytest.raises(InvalidInput, match="vocabulary"):
         RelatedWords(empty, tmp_path)
+
+
+def test_related_words_are_built_once_per_encoder_and_cache(tmp_path):
+    enc = FakeEncoder()
+    first = related_words(enc, tmp_path)
+    calls = enc.calls
+    assert related_words(enc, tmp_path) is first and enc.calls == calls  # no reload, no re-encode
+    assert related_words(FakeEncoder(), tmp_path) is not first

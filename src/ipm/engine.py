@@ -22,7 +22,7 @@ from . import index as index_dir
 from .config import Config, Paths
 from .errors import IndexMissing, InvalidInput, ModelError, NotFound, TrainingError
 from .model import BaseModel, id_token_ids, load_base, quiet_transformers, resolve_model
-from .questions import OFF_TOPIC, RelatedWords, builtin_questions, content_words, llm_questions
+from .questions import OFF_TOPIC, builtin_questions, content_words, llm_questions, related_words
 from .retrieve import Candidates, load_dense_encoder
 from .search import GenerateDecoder, RunnerDecoder, Signals, fuse
 from .store import Memory, NewMemory, Store, check_namespace, check_question
@@ -290,7 +290,7 @@ class IPM:
         related = None
         if "related" in cfg.question_kinds and cfg.question_source != "llm":
             try:
-                related = RelatedWords(load_dense_encoder(), self.paths.cache)
+                related = related_words(load_dense_encoder(), self.paths.cache)
             except InvalidInput as e:
                 raise InvalidInput(f"question kind 'related' needs the dense model: {e}") from None
         extra: dict[str, list[str]] = {}

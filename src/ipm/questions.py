@@ -12,6 +12,7 @@ Three sources, mixed:
 
 from __future__ import annotations
 
+import functools
 import random
 import re
 from typing import Callable, Iterable
@@ -280,6 +281,13 @@ class RelatedWords:
                     out.append(w)
             self._memo[word] = out
         return self._memo[word]
+
+
+@functools.lru_cache(maxsize=2)
+def related_words(encoder, cache_dir) -> RelatedWords:
+    """The `RelatedWords` of an encoder, built once per process: a serving process that trains
+    again reuses its ~16 MB of vectors and what it has looked up."""
+    return RelatedWords(encoder, cache_dir)
 
 
 def _same_stem(a: str, b: str) -> bool:
