@@ -100,12 +100,17 @@ def config(args: argparse.Namespace):
         raise SystemExit(f"error: {e}") from None
 
 
+# Options added since some results were written, whose default is not how those runs behaved.
+OFF_BEFORE = {"fusion_bm25_floor": 0.0}  # BM25 scores divided by the best one alone
+
+
 def run_config(recorded: dict) -> dict:
-    """A results file's config as JSON, with any ipm.Config field added since that run at its
-    default: new options are introduced off, so that is how the run behaved."""
+    """A results file's config as JSON, with any ipm.Config field added since that run at the
+    value that reproduces how it ran: off (OFF_BEFORE), or the default where a new option is
+    introduced off."""
     import ipm
 
-    return {**json.loads(json.dumps(ipm.Config().to_dict())), **recorded}
+    return {**json.loads(json.dumps(ipm.Config().to_dict())), **OFF_BEFORE, **recorded}
 
 
 DECODINGS = ("hybrid", "pure")

@@ -22,6 +22,11 @@ The results are rewritten after each conversation, so a run cut short keeps what
 `--reuse` takes a conversation's result from earlier runs instead of training it again, when
 they ran it with the same variant, configuration, seed, ID source (`--ids`), memory limit and
 decodings: a long run can be made in pieces (or resumed) and still be scored and fused as one.
+A reused run whose fusion settings (query-time only) differ from this run's has its hybrid
+ranking computed again from its kept candidate scores with this run's settings: the same
+ranking hybrid decoding would return with them, since the adapter's scores do not depend on
+them. Its abstention and out-of-scope figures, which depend on the threshold calibrated with
+the old settings, are left out.
 """
 
 from __future__ import annotations
@@ -39,9 +44,11 @@ CATEGORIES = {"1": "multi-hop", "2": "temporal", "3": "open-domain", "4": "singl
 DIA_ID = re.compile(r"D\s*:?\s*(\d+)\s*:\s*(\d+)")
 BASELINES = ("bm25", "dense")
 METRICS = ("recall@1", "recall@5", "recall@10", "mrr")
-# Fusion weights scored on the kept candidate scores: (adapter, dense, bm25), see ipm.search.fuse.
-GRID = [(a, d, b) for a in (0.0, 0.5, 1.0) for d in (0.0, 5.0, 10.0, 20.0, 40.0) for b in (0.0, 1.0, 2.0, 4.0, 8.0)
-        if (a, d, b) != (0.0, 0.0, 0.0)]
+# Fusion weights scored on the kept candidate scores: (adapter, dense, bm25), see ipm.search.fuse;
+# the BM25 floor stays the configured one.
+GRID = [(a, d, b) for a in (0.0, 0.5, 1.0) for d in (0.0, 5.0, 10.0, 20.0, 40.0)
+        for b in (0.0, 1.0, 2.0, 4.0, 8.0, 16.0) if (a, d, b) != (0.0, 0.0, 0.0)]
+FUSION = ("fusion_adapter", "fusion_dense", "fusion_bm25", "fusion_bm25_floor")  # query-time only
 
 
 # -- data --------------------------------------------------------------------------------
@@ -179,18 +186,62 @@ def run_conversation(mem, conv_id: str, conv: dict, others: list[dict], args, ba
 
 
 # -- fusion sweep ------------------------------------------------------------------------
-def fused_metrics(items: list[dict], weights: tuple[float, float, float]) -> dict:
-    """Recall and MRR of the candidates re-ranked with `weights`, over the kept candidate scores."""
-    from ipm.evaluate import ranking_metrics
+def fused_rankings(items: list[dict], weights: tuple[float, float, float], floor: float) -> list[list[str]]:
+    """Each item's candidates ranked by hybrid decoding's fusion with `weights` and BM25 `floor`."""
     from ipm.search import Signals, fuse
 
     a, d, b = weights
-    rankings = [[mid for mid, _ in fuse({mid: Signals(*v) for mid, v in it["candidates"].items()}, d, b, a)]
-                for it in items]
-    return ranking_metrics(rankings, [frozenset(it["gold"]) for it in items])
+    return [[mid for mid, _ in fuse({mid: Signals(*v) for mid, v in it["candidates"].items()}, d, b, a, floor)]
+            for it in items]
 
 
-def sweep(per_conv: dict, tune_on: list[str], configured: tuple[float, float, float]) -> dict:
+def fused_metrics(items: list[dict], weights: tuple[float, float, float], floor: float) -> dict:
+    """Recall and MRR of the candidates re-ranked with `weights`, over the kept candidate scores."""
+    from ipm.evaluate import ranking_metrics
+
+    return ranking_metrics(fused_rankings(items, weights, floor), [frozenset(it["gold"]) for it in items])
+
+
+def rescored_hybrid(old: dict, items: list[dict], cfg) -> dict:
+    """A reused run's hybrid metrics with this run's fusion settings, from its kept candidate
+    scores: recall, MRR and per category computed again; invalid IDs (none can be: the
+    candidates are store IDs) and latency (fusion is a few additions) kept; abstention and
+    out-of-scope figures dropped, as they depend on the old calibration."""
+    from ipm.evaluate import ranking_metrics
+
+    weights = (cfg.fusion_adapter, cfg.fusion_dense, cfg.fusion_bm25)
+    rankings = fused_rankings(items, weights, cfg.fusion_bm25_floor)
+    golds = [frozenset(it["gold"]) for it in items]
+    out = {**ranking_metrics(rankings, golds),
+           **{k: old[k] for k in ("invalid_id_rate", "latency_ms_p50", "latency_ms_p95") if k in old}}
+    cats = sorted({it.get("category") for it in items} - {None})
+    if cats:
+        out["by_category"] = {c: ranking_metrics([r for r, it in zip(rankings, items) if it.get("category") == c],
+                                                 [g for g, it in zip(golds, items) if it.get("category") == c])
+                              for c in cats}
+    return out
+
+
+def raw_bm25_items(conv: dict, variant: str, limit: int | None, items: list[dict]) -> list[dict]:
+    """Kept candidate scores from before BM25 scores were kept raw (each was divided by the
+    question's best BM25 score): multiplied back by that best score, computed again with the
+    same BM25 over the same memory texts and questions."""
+    from ipm.retrieve import BM25
+
+    mems = memories(conv, variant)[:limit]
+    questions, _, _ = scored_questions(conv, {str(i): ids for i, (_, ids) in enumerate(mems)})
+    if len(questions) != len(items):
+        raise SystemExit(f"--reuse: {len(items)} kept candidate scores for {len(questions)} questions; "
+                         "the conversation file changed since that run")
+    bm25 = BM25([str(i) for i in range(len(mems))], [text for text, _ in mems])
+    out = []
+    for q, it in zip(questions, items):
+        best = max(bm25.scores(q.question), default=0.0)
+        out.append({**it, "candidates": {mid: [lora, cos, bm * best] for mid, (lora, cos, bm) in it["candidates"].items()}})
+    return out
+
+
+def sweep(per_conv: dict, tune_on: list[str], configured: tuple[float, float, float], floor: float) -> dict:
     """Score every GRID weight on the tuning conversations, the others and all; pick on tuning."""
     items = {c: r.get("candidate_scores", []) for c, r in per_conv.items()}
     tune = [it for c in tune_on for it in items.get(c, [])]
@@ -200,14 +251,14 @@ def sweep(per_conv: dict, tune_on: list[str], configured: tuple[float, float, fl
         return {}
     rows = []
     for w in dict.fromkeys(GRID + [configured]):
-        t = fused_metrics(tune, w)
-        rows.append({"weights": w, "tune": t, "rest": fused_metrics(rest, w) if rest else None,
-                     "all": fused_metrics(every, w)})
+        t = fused_metrics(tune, w, floor)
+        rows.append({"weights": w, "tune": t, "rest": fused_metrics(rest, w, floor) if rest else None,
+                     "all": fused_metrics(every, w, floor)})
     key = lambda r: (r["tune"]["recall@1"], r["tune"]["mrr"])  # noqa: E731
     best = max((r for r in rows if r["weights"][0] > 0), key=key)  # without the adapter it is not IPM
     best_retrievers = max((r for r in rows if r["weights"][0] == 0), key=key)
     adapter_only = next(r for r in rows if r["weights"] == (1.0, 0.0, 0.0))
-    return {"tune_on": tune_on, "grid": rows, "chosen": best["weights"], "configured": configured,
+    return {"tune_on": tune_on, "grid": rows, "chosen": best["weights"], "configured": configured, "bm25_floor": floor,
             "retrievers_only": best_retrievers["weights"], "n_tune": len(tune), "n_rest": len(rest),
             "adapter_only": adapter_only["weights"]}
 
@@ -259,7 +310,7 @@ def main(argv: list[str] | None = None) -> dict:
     evaluated = list(convs)[: args.conversations]
     ipm_systems = tuple(f"ipm-{d}" for d in args.decodings)
     systems = BASELINES if args.baselines_only else ipm_systems if args.no_baselines else (*ipm_systems, *BASELINES)
-    reused = reusable(args.reuse, args, cfg, systems)
+    reused = reusable(args.reuse, args, cfg, systems, convs)
     per_conv, data = {}, {}
     with common.home(args.home) as home, common.Bars() as bars:
         mem = ipm.open(home, config=cfg)
@@ -275,11 +326,12 @@ def main(argv: list[str] | None = None) -> dict:
     return data
 
 
-def reusable(paths: list[Path], args, cfg, systems: tuple[str, ...]) -> dict:
+def reusable(paths: list[Path], args, cfg, systems: tuple[str, ...], convs: dict) -> dict:
     """Per-conversation results of earlier runs that this run would reproduce: same variant,
-    configuration, seed, IDs, memory limit and systems (the first file listed wins). Their candidate
-    scores come from the .json.gz written beside each file; where they are missing, the
-    conversation is run again."""
+    configuration (fusion settings aside), seed, IDs, memory limit and systems (the first file
+    listed wins). Their candidate scores come from the .json.gz written beside each file; where
+    they are missing, the conversation is run again. Where the fusion settings differ, the
+    hybrid figures are computed again from those scores (see the module docstring)."""
     want = json.loads(json.dumps(cfg.to_dict()))
     out: dict = {}
     for path in paths:
@@ -289,11 +341,14 @@ def reusable(paths: list[Path], args, cfg, systems: tuple[str, ...]) -> dict:
             raise SystemExit(f"--reuse {path}: cannot read it as a results file ({e})")
         if old.get("benchmark", "").split("-baselines")[0] != f"locomo-{args.variant}":
             raise SystemExit(f"--reuse {path}: it is not a LoCoMo {args.variant} result")
-        same = (common.run_config(old.get("config", {})) == want, old.get("seed") == args.seed, old.get("ids", "engine") == args.ids,
+        had = common.run_config(old.get("config", {}))
+        same = ({k: v for k, v in had.items() if k not in FUSION} == {k: v for k, v in want.items() if k not in FUSION},
+                old.get("seed") == args.seed, old.get("ids", "engine") == args.ids,
                 old.get("limit_memories") == args.limit_memories)
         if not all(same):
             print(f"--reuse {path}: not reused, it ran with another configuration, seed, IDs or memory limit", flush=True)
             continue
+        refuse = any(had[k] != want[k] for k in FUSION)
         scores_file = Path(path).with_name(f"{old['benchmark']}-candidates.json.gz")
         scores = {}
         if scores_file.exists():
@@ -303,10 +358,18 @@ def reusable(paths: list[Path], args, cfg, systems: tuple[str, ...]) -> dict:
             hybrid = "ipm-hybrid" in systems
             if conv_id in out or not set(systems) <= set(result) or (hybrid and conv_id not in scores):
                 continue
+            if conv_id not in convs:  # not in this run (and its scores may need the conversation)
+                continue
             run = old.get("run", {})
             kept = scores.get(conv_id, []) if "ipm-hybrid" in result else []
-            out[conv_id] = {**result, "candidate_scores": kept,
-                            "reused_from": {"file": str(path), "commit": run.get("git_commit"), "utc": run.get("utc")}}
+            if kept and old.get("bm25_scores") != "raw":
+                kept = raw_bm25_items(convs[conv_id], args.variant, args.limit_memories, kept)
+            result = {**result, "candidate_scores": kept,
+                      "reused_from": {"file": str(path), "commit": run.get("git_commit"), "utc": run.get("utc")}}
+            if refuse and hybrid:
+                result["ipm-hybrid"] = rescored_hybrid(result["ipm-hybrid"], kept, cfg)
+                result["reused_from"]["fusion"] = {k: had[k] for k in FUSION}
+            out[conv_id] = result
     return out
 
 
@@ -320,7 +383,7 @@ def write(per_conv: dict, evaluated: list[str], systems: tuple[str, ...], args, 
         o["skipped_as_misses"] = {"n": n, **{k: o.get(k, 0.0) * o["n"] / max(1, n) for k in METRICS}}
     name = f"locomo-{args.variant}" + ("-baselines" if args.baselines_only else "")  # never overwrite a full run
     configured = (cfg.fusion_adapter, cfg.fusion_dense, cfg.fusion_bm25)
-    fusion = {} if args.baselines_only else sweep(per_conv, args.tune_on.split(","), configured)
+    fusion = {} if args.baselines_only else sweep(per_conv, args.tune_on.split(","), configured, cfg.fusion_bm25_floor)
     # Every candidate's scores, for re-analysis; too bulky for the results JSON.
     scores = {c: r["candidate_scores"] for c, r in per_conv.items() if r.get("candidate_scores")}
     scores_file = Path(args.out_dir) / f"{name}-candidates.json.gz"
@@ -334,7 +397,7 @@ def write(per_conv: dict, evaluated: list[str], systems: tuple[str, ...], args, 
         "benchmark": name, "seed": args.seed, "variant": args.variant, "inputs": [str(p) for p in args.paths],
         "conversations": list(per_conv), "planned": evaluated, "categories": CATEGORIES,
         "limit_memories": args.limit_memories, "ids": args.ids, "out_of_scope": args.out_of_scope,
-        "baselines_only": args.baselines_only,
+        "baselines_only": args.baselines_only, "bm25_scores": "raw",
         **{k: sum(r[k] for r in per_conv.values())
            for k in ("memories", "questions", "skipped_no_gold", "skipped_no_evidence", "out_of_scope_questions")},
         "train_seconds": {c: r.get("train_seconds") for c, r in per_conv.items()},
@@ -400,6 +463,12 @@ def notes(d: dict) -> list[str]:
     if reused:
         out.append("Taken from earlier runs with the same configuration (--reuse): " + "; ".join(
             f"{c} from {r['file']} (commit {str(r['commit'])[:7]}, {str(r['utc'])[:10]})" for c, r in reused.items()) + ".")
+        rescored = {c: r["fusion"] for c, r in reused.items() if "fusion" in r}
+        if rescored:
+            old = next(iter(rescored.values()))
+            out.append(f"Hybrid recall of {', '.join(rescored)} computed again from the kept candidate scores with this "
+                       f"run's fusion settings (those runs had {', '.join(f'{k} {v:g}' for k, v in old.items())}); "
+                       "their abstention and out-of-scope figures are not comparable and are left out.")
         # Recall does not depend on them, the out-of-scope refusal rate does.
         odd = {c: r["out_of_scope_questions"] for c, r in d["per_conversation"].items()
                if r["out_of_scope_questions"] != d["out_of_scope"]}

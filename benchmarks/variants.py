@@ -38,6 +38,10 @@ def main(argv: list[str] | None, *, script: str, doc: str, bench: str, variants:
     p.add_argument("--out-of-scope", type=int, default=50, metavar="N")
     p.add_argument("--collate", action="store_true",
                    help=f"train nothing: tabulate the {what}' results already in <out-dir>/{bench}/")
+    p.add_argument("--reuse", action="store_true",
+                   help=f"pass the kept results in <out-dir>/{bench}/<name>/ of each of the {what} to "
+                        "locomo.py --reuse: conversations they ran with this configuration are not trained again "
+                        "(resume a cut-short run; with other fusion settings, hybrid is ranked again from the kept scores)")
     args = p.parse_args(argv)
     names = [n for n in getattr(args, what).split(",") if n]
     if not names:
@@ -59,6 +63,8 @@ def main(argv: list[str] | None, *, script: str, doc: str, bench: str, variants:
         sub += common.config_argv(args)
         sub += [a for key, value in variants[name].items() for a in ("--set", f"{key}={json.dumps(value)}")]
         kept = Path(args.out_dir) / bench / name / f"locomo-{args.variant}.json"
+        if args.reuse and kept.is_file():
+            sub += ["--reuse", str(kept)]
         if args.collate:
             if not kept.is_file():
                 p.error(f"--collate: no results for {name} ({kept})")

@@ -4,6 +4,7 @@ nothing here; the full runs are in the README of benchmarks (see the script docs
 
 from __future__ import annotations
 
+import gzip
 import importlib.util
 import json
 from pathlib import Path
@@ -128,11 +129,37 @@ def test_locomo_smoke(tiny_model, tmp_path, monkeypatch):
     from ipm.config import Config
 
     ns = argparse.Namespace(variant="observations", seed=0, limit_memories=20, ids="engine")
+    convs = {"conv-26": json.loads((SHARED / "locomo" / "conv-26.json").read_text())}
     cfg = Config(**{**data["config"], "epochs": data["config"]["epochs"] + 1})
-    assert locomo.reusable([first], ns, cfg, ("ipm-hybrid",)) == {}
+    assert locomo.reusable([first], ns, cfg, ("ipm-hybrid",), convs) == {}
     assert locomo.reusable([first], argparse.Namespace(**{**vars(ns), "ids": "cluster"}), Config(**data["config"]),
-                           ("ipm-hybrid",)) == {}
-    assert set(locomo.reusable([first], ns, Config(**data["config"]), ("ipm-hybrid",))) == {"conv-26"}
+                           ("ipm-hybrid",), convs) == {}
+    assert set(locomo.reusable([first], ns, Config(**data["config"]), ("ipm-hybrid",), convs)) == {"conv-26"}
+    # Other fusion settings (query-time only): reused, hybrid ranked again from the kept scores
+    # with the new settings, and the figures that hang on the old calibration left out.
+    data_scores = json.loads(gzip.decompress(
+        (tmp_path / "results" / "locomo-observations-candidates.json.gz").read_bytes()))["conv-26"]
+    refused_cfg = Config(**{**data["config"], "fusion_bm25": 2.0, "fusion_bm25_floor": 0.0, "fusion_dense": 5.0})
+    got = locomo.reusable([first], ns, refused_cfg, ("ipm-hybrid",), convs)["conv-26"]
+    want = locomo.fused_metrics(data_scores, (refused_cfg.fusion_adapter, 5.0, 2.0), 0.0)
+    assert {k: got["ipm-hybrid"][k] for k in want} == want
+    assert "abstained" not in got["ipm-hybrid"] and "out_of_scope" not in got["ipm-hybrid"]
+    assert got["ipm-hybrid"]["invalid_id_rate"] == 0.0 and got["reused_from"]["fusion"]["fusion_bm25"] == data["config"]["fusion_bm25"]
+    assert set(got["ipm-hybrid"]["by_category"]) == set(data["per_conversation"]["conv-26"]["ipm-hybrid"]["by_category"])
+    # Kept scores from before BM25 was kept raw (divided by the question's best) are multiplied back.
+    normalised = tmp_path / "normalised" / "locomo-observations.json"
+    normalised.parent.mkdir()
+    scaled = []
+    for it in data_scores:
+        best = max(v[2] for v in it["candidates"].values()) or 1.0
+        scaled.append({**it, "candidates": {m: [v[0], v[1], v[2] / best] for m, v in it["candidates"].items()}})
+    with gzip.open(normalised.with_name("locomo-observations-candidates.json.gz"), "wt") as f:
+        json.dump({"conv-26": scaled}, f)
+    normalised.write_text(json.dumps({k: v for k, v in data.items() if k != "bm25_scores"}))
+    back = locomo.reusable([normalised], ns, Config(**data["config"]), ("ipm-hybrid",), convs)["conv-26"]["candidate_scores"]
+    for a, b in zip(back, data_scores):
+        assert a["candidates"].keys() == b["candidates"].keys()
+        assert all(x[2] == pytest.approx(y[2], rel=1e-6, abs=1e-9) for x, y in zip(a["candidates"].values(), b["candidates"].values()))
     # A run from before a Config field existed matches where this run keeps the field's default.
     older = tmp_path / "older" / "locomo-observations.json"
     older.parent.mkdir()
@@ -140,8 +167,8 @@ def test_locomo_smoke(tiny_model, tmp_path, monkeypatch):
         (tmp_path / "results" / "locomo-observations-candidates.json.gz").read_bytes())
     old_config = {k: v for k, v in data["config"].items() if k != "hard_negatives"}
     older.write_text(json.dumps({**data, "config": old_config}))
-    assert set(locomo.reusable([older], ns, Config(**data["config"]), ("ipm-hybrid",))) == {"conv-26"}
-    assert locomo.reusable([older], ns, Config(**{**data["config"], "hard_negatives": 3}), ("ipm-hybrid",)) == {}
+    assert set(locomo.reusable([older], ns, Config(**data["config"]), ("ipm-hybrid",), convs)) == {"conv-26"}
+    assert locomo.reusable([older], ns, Config(**{**data["config"], "hard_negatives": 3}), ("ipm-hybrid",), convs) == {}
 
 
 def test_incremental_smoke(tiny_model, tmp_path, monkeypatch):
@@ -181,6 +208,17 @@ def test_question_mix_smoke(tiny_model, tmp_path, monkeypatch):
     mix.main(files + tiny_args(tiny_model, tmp_path) + ["--mixes", "wh", "--collate"])
     again = json.loads((tmp_path / "results" / "question-mix.json").read_text())
     assert again["variants"]["wh"]["overall"] == wh["overall"]
+    # --reuse with other fusion settings trains nothing: pure recall stays, hybrid is ranked again.
+    kept = tmp_path / "results" / "question-mix" / "wh" / "locomo-observations.json"
+    before = json.loads(kept.read_text())
+    mix.main(files + tiny_args(tiny_model, tmp_path) + ["--mixes", "wh", "--reuse", "--out-of-scope", "5",
+                                                        "--limit-memories", "15", "--set", "fusion_dense=5"])
+    after = json.loads(kept.read_text())
+    assert after["config"]["fusion_dense"] == 5 and after["train_seconds"] == before["train_seconds"]
+    assert all("fusion" in r["reused_from"] for r in after["per_conversation"].values())
+    assert after["overall"]["ipm-pure"] == before["overall"]["ipm-pure"]
+    row = next(r for r in before["fusion_sweep"]["grid"] if r["weights"] == [0.5, 5.0, before["config"]["fusion_bm25"]])
+    assert after["overall"]["ipm-hybrid"]["recall@1"] == pytest.approx(row["all"]["recall@1"])
 
 
 def test_recipe_smoke(tiny_model, tmp_path, monkeypatch):
@@ -221,10 +259,13 @@ def test_cluster_ids_are_valid_unique_and_topic_first(monkeypatch):
 def test_fusion_transfer_smoke(tmp_path, monkeypatch):
     need(SHARED / "locomo" / "conv-26.json")
     bench = load("fusion_transfer", monkeypatch)
+    from ipm import Config
+
     out = bench.main([str(SHARED / "locomo" / "conv-26.json"), "--limit-memories", "40",
                       "--out-dir", str(tmp_path / "results")])
     data = json.loads((tmp_path / "results" / "fusion-transfer.json").read_text())
-    assert len(data["grid"]) == len(bench.DENSE) * len(bench.BM25) and data["rows"] == out["rows"]
+    assert len(data["grid"]) == 2 * len(bench.DENSE) * len(bench.BM25) and data["rows"] == out["rows"]
+    assert {r["bm25 floor"] for r in data["grid"]} == {0.0, Config().fusion_bm25_floor}
     # "dense alone" over the candidates is dense retrieval's own top 1, as the baseline scores it
     from ipm.evaluate import evaluate_baseline, load_questions
 

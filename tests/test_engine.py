@@ -340,7 +340,27 @@ def test_hybrid_candidates_come_from_the_retrievers(trained):
     assert 1 <= len(a.candidates) <= 2
     assert "work_job_acme" in {h.id for h in a.candidates}
     for h in a.candidates:
-        assert -100 < h.signals.lora <= 0 and -1 <= h.signals.dense <= 1 and 0 <= h.signals.bm25 <= 1
+        assert -100 < h.signals.lora <= 0 and -1 <= h.signals.dense <= 1 and h.signals.bm25 >= 0
+
+
+def test_hybrid_scores_fuse_the_signals_with_the_configured_bm25_floor(trained):
+    from ipm.search import fuse
+
+    q = "Which company do I work for as a data engineer?"
+    scores, configured = {}, trained.config.fusion_bm25_floor
+    try:
+        for floor in (0.0, 1000.0):
+            trained.reconfigure(decoding="hybrid", fusion_bm25_floor=floor)
+            a = trained.ask(q, k=10)
+            assert max(h.signals.bm25 for h in a.candidates) > 0  # a BM25 match, so the floor matters
+            cfg = trained.config
+            want = dict(fuse({h.id: h.signals for h in a.candidates}, cfg.fusion_dense, cfg.fusion_bm25,
+                             cfg.fusion_adapter, floor))
+            scores[floor] = {h.id: h.score for h in a.candidates}
+            assert scores[floor] == pytest.approx(want, rel=1e-6, abs=0)
+    finally:
+        trained.reconfigure(fusion_bm25_floor=configured)
+    assert scores[0.0] != pytest.approx(scores[1000.0], rel=1e-3, abs=0)  # compared in ratio: tiny scores count
 
 
 def test_a_bad_decoding_name_is_refused(trained):

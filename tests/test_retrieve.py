@@ -13,7 +13,7 @@ def expected(candidates: Candidates, question: str, n: int) -> dict:
     bm = candidates.bm25.scores(question)
     top = set(heapq.nlargest(n, range(len(cos)), key=cos.__getitem__))
     top |= {i for i in heapq.nlargest(n, range(len(bm)), key=bm.__getitem__) if bm[i] > 0}
-    return {candidates.ids[i]: (cos[i], bm[i] / max(bm) if max(bm) > 0 else 0.0) for i in top}
+    return {candidates.ids[i]: (cos[i], bm[i]) for i in top}
 
 
 def test_candidates_for_a_batch_match_one_by_one():

@@ -145,6 +145,22 @@ def test_fuse_is_a_distribution_and_each_weight_counts():
     assert fuse({}, 1, 1) == []
 
 
+def test_fuse_divides_bm25_by_the_best_score_or_the_floor():
+    from ipm.search import Signals, fuse
+
+    def pair(bm25):  # dense retrieval's pick, and a memory with a BM25 score 2 dense-points behind
+        return {"a_b_c": Signals(lora=0.0, dense=0.50, bm25=0.0), "d_e_f": Signals(lora=0.0, dense=0.45, bm25=bm25)}
+
+    weak, strong = pair(0.8), pair(12.0)
+    assert fuse(weak, 40, 16)[0][0] == "d_e_f"  # divided by the best alone, one weak shared word counts fully
+    assert fuse(weak, 40, 16, bm25_floor=8)[0][0] == "a_b_c"  # 16 * 0.8 / 8 = 1.6 < 2
+    assert fuse(strong, 40, 16, bm25_floor=8)[0][0] == "d_e_f"  # above the floor: divided by the best
+    assert fuse(strong, 40, 16, bm25_floor=8) == fuse(strong, 40, 16)
+    assert sum(p for _, p in fuse(weak, 40, 16, bm25_floor=8)) == pytest.approx(1.0)
+    zero = {"a_b_c": Signals(0.0, 0.5, 0.0), "d_e_f": Signals(0.0, 0.4, 0.0)}
+    assert fuse(zero, 40, 16)[0][0] == "a_b_c"  # no word shared: BM25 adds nothing, no division by 0
+
+
 def test_hard_negative_choices_are_the_tokens_where_ids_part():
     from ipm.train import _choices
 

@@ -65,13 +65,17 @@ class Config:
     # Recall. "pure": the adapter ranks every live ID (beam search over the whole trie).
     # "hybrid": BM25 and dense retrieval (MiniLM) each propose `hybrid_candidates` memories,
     # the adapter ranks those IDs, and the scores are fused (search.fuse):
-    # p(id) ∝ p_adapter(id)^fusion_adapter · exp(fusion_dense · cosine + fusion_bm25 · bm25 / best bm25).
-    # The weights were chosen on three LoCoMo conversations (benchmarks/locomo.py's sweep).
+    # p(id) ∝ p_adapter(id)^fusion_adapter · exp(fusion_dense · cosine
+    #                                          + fusion_bm25 · bm25 / max(best bm25, fusion_bm25_floor)).
+    # The floor (in bm25s score units; 0 = divide by the best score alone) keeps a weak lexical
+    # match weak: see search.fuse. The weights and the floor were chosen on three LoCoMo
+    # conversations (benchmarks/locomo.py's sweep; the floor with a scratch grid over 4-24).
     decoding: str = "hybrid"
     hybrid_candidates: int = 10
     fusion_adapter: float = 0.5
     fusion_dense: float = 40.0
-    fusion_bm25: float = 8.0
+    fusion_bm25: float = 16.0
+    fusion_bm25_floor: float = 8.0
     beam_size: int = 8
     max_k: int = 10
     # Abstain when the best hit's probability is below this; None = use the value calibrated
@@ -137,6 +141,8 @@ class Config:
                 raise InvalidInput(f"config option {name} must be at least 1")
         if self.hard_negatives < 0 or self.hard_negative_weight < 0:
             raise InvalidInput("hard_negatives and hard_negative_weight must be at least 0")
+        if min(self.fusion_adapter, self.fusion_dense, self.fusion_bm25, self.fusion_bm25_floor) < 0:
+            raise InvalidInput("fusion_adapter, fusion_dense, fusion_bm25 and fusion_bm25_floor must be at least 0")
         if self.replay_ratio < 0:
             raise InvalidInput("replay_ratio must be at least 0")
         if not 0 <= self.calibration_fraction < 0.5:

@@ -90,8 +90,8 @@ class _Serving:
 
 
 ASK_BATCH = 16  # questions per forward pass in ask_many (hybrid decoding)
-QUERY_OPTIONS = {"decoding", "hybrid_candidates", "fusion_adapter", "fusion_dense", "fusion_bm25", "beam_size",
-                 "max_k", "abstain_threshold"}
+QUERY_OPTIONS = {"decoding", "hybrid_candidates", "fusion_adapter", "fusion_dense", "fusion_bm25",
+                 "fusion_bm25_floor", "beam_size", "max_k", "abstain_threshold"}
 
 
 def read_records(path: str | Path) -> tuple[object, str]:
@@ -484,7 +484,7 @@ class IPM:
             for lora, prop in zip(scored, proposed[b:b + ASK_BATCH]):
                 signals = {mid: Signals(math.log(max(lora.get(mid, 0.0), 1e-30)), cos, bm)
                            for mid, (cos, bm) in prop.items()}
-                fused = fuse(signals, cfg.fusion_dense, cfg.fusion_bm25, cfg.fusion_adapter)
+                fused = fuse(signals, cfg.fusion_dense, cfg.fusion_bm25, cfg.fusion_adapter, cfg.fusion_bm25_floor)
                 out.append([(mid, p, signals[mid]) for mid, p in fused[:k]])
         return out
 

@@ -100,8 +100,8 @@ class Candidates:
         self.dense = Dense(ids, texts, encoder, embeddings)
 
     def many(self, questions: list[str], n: int) -> list[dict[str, tuple[float, float]]]:
-        """For each question, {id: (cosine, bm25 / best bm25)} over the union of each retriever's
-        top n; MiniLM encodes the questions in one batch."""
+        """For each question, {id: (cosine, BM25 score)} over the union of each retriever's top
+        n; MiniLM encodes the questions in one batch."""
         out = []
         for question, cos in zip(questions, self.dense.scores_many(questions) if questions else []):
             bm = self.bm25.scores(question)
@@ -109,5 +109,5 @@ class Candidates:
             top = set(heapq.nlargest(n, range(len(cos)), key=cos.__getitem__))
             if best > 0:
                 top |= set(heapq.nlargest(n, (i for i in range(len(bm)) if bm[i] > 0), key=bm.__getitem__))
-            out.append({self.ids[i]: (cos[i], bm[i] / best if best > 0 else 0.0) for i in sorted(top)})
+            out.append({self.ids[i]: (cos[i], bm[i]) for i in sorted(top)})
         return out

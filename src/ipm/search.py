@@ -31,19 +31,27 @@ class Signals:
 
     lora: float  # log-probability of the ID among the candidates, from the adapter
     dense: float  # cosine similarity of question and memory text (MiniLM)
-    bm25: float  # BM25 score divided by the question's best BM25 score (0..1)
+    bm25: float  # the memory's BM25 score for the question (bm25s; 0 = no shared word)
 
     def to_dict(self) -> dict:
         return {"lora": round(self.lora, 4), "dense": round(self.dense, 4), "bm25": round(self.bm25, 4)}
 
 
 def fuse(signals: dict[str, Signals], dense_weight: float, bm25_weight: float,
-         lora_weight: float = 1.0) -> list[tuple[str, float]]:
+         lora_weight: float = 1.0, bm25_floor: float = 0.0) -> list[tuple[str, float]]:
     """Rank candidates by a product of experts, best first, with probabilities that sum to 1:
-    p(id) ∝ p_lora(id)^lora_weight · exp(dense_weight·cosine + bm25_weight·bm25)."""
+    p(id) ∝ p_lora(id)^lora_weight · exp(dense_weight·cosine + bm25_weight·bm25 / max(best bm25, bm25_floor)).
+
+    BM25 scores are divided by the best one among the candidates (BM25's own top pick is
+    always one), so a strong lexical match counts the same whatever the question's length. The
+    floor keeps a weak one weak: a paraphrased question that shares one incidental word with
+    some memory ("old" in "how old is our cat?" and "a 4-year-old corgi") would otherwise give
+    that memory the full BM25 weight; below the floor, scores stay on their absolute scale."""
     if not signals:
         return []
-    z = {mid: lora_weight * s.lora + dense_weight * s.dense + bm25_weight * s.bm25 for mid, s in signals.items()}
+    scale = max(max(s.bm25 for s in signals.values()), bm25_floor)
+    bm25_factor = bm25_weight / scale if scale > 0 else 0.0
+    z = {mid: lora_weight * s.lora + dense_weight * s.dense + bm25_factor * s.bm25 for mid, s in signals.items()}
     top = max(z.values())
     total = sum(math.exp(v - top) for v in z.values())
     return sorted(((mid, math.exp(v - top) / total) for mid, v in z.items()), key=lambda x: (-x[1], x[0]))
