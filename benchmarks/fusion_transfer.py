@@ -79,7 +79,9 @@ def main(argv: list[str] | None = None) -> dict:
              **{g: recall_at_1([data[k] for k in keys], d, b, f) for g, keys in groups.items()}}
             for f in floors for d in DENSE for b in BM25]
     first = next(iter(groups))
-    name = lambda r: f"dense {r['dense']:g}, bm25 {r['bm25']:g}, floor {r['bm25 floor']:g}"  # noqa: E731
+    def name(r: dict) -> str:
+        return f"dense {r['dense']:g}, bm25 {r['bm25']:g}, floor {r['bm25 floor']:g}"
+
     rows = [{"system": "dense alone", **{g: recall_at_1([data[k] for k in keys], 1.0, 0.0, 0.0) for g, keys in groups.items()}}]
     for f in floors:
         chosen = max((r for r in grid if r["bm25 floor"] == f), key=lambda r: r[first])

@@ -48,7 +48,6 @@ METRICS = ("recall@1", "recall@5", "recall@10", "mrr")
 # the BM25 floor stays the configured one.
 GRID = [(a, d, b) for a in (0.0, 0.5, 1.0) for d in (0.0, 5.0, 10.0, 20.0, 40.0)
         for b in (0.0, 1.0, 2.0, 4.0, 8.0, 16.0) if (a, d, b) != (0.0, 0.0, 0.0)]
-FUSION = ("fusion_adapter", "fusion_dense", "fusion_bm25", "fusion_bm25_floor")  # query-time only
 
 
 # -- data --------------------------------------------------------------------------------
@@ -222,17 +221,23 @@ def rescored_hybrid(old: dict, items: list[dict], cfg) -> dict:
     return out
 
 
-def raw_bm25_items(conv: dict, variant: str, limit: int | None, items: list[dict]) -> list[dict]:
+def raw_bm25_items(conv: dict, variant: str, limit: int | None, items: list[dict],
+                   bm25s_version: str | None = None) -> list[dict]:
     """Kept candidate scores from before BM25 scores were kept raw (each was divided by the
     question's best BM25 score): multiplied back by that best score, computed again with the
     same BM25 over the same memory texts and questions."""
+    from importlib.metadata import version
+
     from ipm.retrieve import BM25
 
+    if bm25s_version and bm25s_version != version("bm25s"):
+        raise SystemExit(f"--reuse: that run's BM25 scores came from bm25s {bm25s_version}, this is "
+                         f"{version('bm25s')}: they cannot be recovered; run the conversation again")
     mems = memories(conv, variant)[:limit]
     questions, _, _ = scored_questions(conv, {str(i): ids for i, (_, ids) in enumerate(mems)})
-    if len(questions) != len(items):
-        raise SystemExit(f"--reuse: {len(items)} kept candidate scores for {len(questions)} questions; "
-                         "the conversation file changed since that run")
+    if len(questions) != len(items) or any(q.category != it.get("category", q.category) for q, it in zip(questions, items)):
+        raise SystemExit(f"--reuse: the kept candidate scores ({len(items)}) do not line up with this "
+                         f"conversation's {len(questions)} questions; the conversation file changed since that run")
     bm25 = BM25([str(i) for i in range(len(mems))], [text for text, _ in mems])
     out = []
     for q, it in zip(questions, items):
@@ -332,6 +337,8 @@ def reusable(paths: list[Path], args, cfg, systems: tuple[str, ...], convs: dict
     listed wins). Their candidate scores come from the .json.gz written beside each file; where
     they are missing, the conversation is run again. Where the fusion settings differ, the
     hybrid figures are computed again from those scores (see the module docstring)."""
+    from ipm.engine import FUSION_OPTIONS as FUSION  # query-time only
+
     want = json.loads(json.dumps(cfg.to_dict()))
     out: dict = {}
     for path in paths:
@@ -363,12 +370,18 @@ def reusable(paths: list[Path], args, cfg, systems: tuple[str, ...], convs: dict
             run = old.get("run", {})
             kept = scores.get(conv_id, []) if "ipm-hybrid" in result else []
             if kept and old.get("bm25_scores") != "raw":
-                kept = raw_bm25_items(convs[conv_id], args.variant, args.limit_memories, kept)
-            result = {**result, "candidate_scores": kept,
-                      "reused_from": {"file": str(path), "commit": run.get("git_commit"), "utc": run.get("utc")}}
-            if refuse and hybrid:
-                result["ipm-hybrid"] = rescored_hybrid(result["ipm-hybrid"], kept, cfg)
-                result["reused_from"]["fusion"] = {k: had[k] for k in FUSION}
+                kept = raw_bm25_items(convs[conv_id], args.variant, args.limit_memories, kept,
+                                      run.get("versions", {}).get("bm25s"))
+            # Where the figures were made: a result reused again keeps its first origin (the
+            # run that trained it, and the fusion its calibration saw).
+            origin = result.get("reused_from") or {"file": str(path), "commit": run.get("git_commit"), "utc": run.get("utc")}
+            result = {**result, "candidate_scores": kept, "reused_from": dict(origin)}
+            if refuse and "ipm-hybrid" in result:
+                if kept:
+                    result["ipm-hybrid"] = rescored_hybrid(result["ipm-hybrid"], kept, cfg)
+                else:  # nothing to rank again from: never pass on figures of other settings
+                    del result["ipm-hybrid"]
+                result["reused_from"].setdefault("fusion", {k: had[k] for k in FUSION})
             out[conv_id] = result
     return out
 
@@ -458,7 +471,8 @@ def notes(d: dict) -> list[str]:
         rest = f" and {100 * chosen['rest']['recall@1']:.1f} on the other {f['n_rest']}" if chosen["rest"] else ""
         out.append(f"Hybrid fusion weights (adapter, dense, bm25) chosen on {', '.join(f['tune_on'])} "
                    f"({f['n_tune']} questions): {f['chosen']}, recall@1 {100 * chosen['tune']['recall@1']:.1f} "
-                   f"there{rest}. The ipm-hybrid row uses the configured weights {f['configured']}.")
+                   f"there{rest}. The ipm-hybrid row uses the configured weights {f['configured']}. BM25 scores "
+                   f"are divided by max(the question's best, {f.get('bm25_floor', 0.0):g}) throughout.")
     reused = {c: r["reused_from"] for c, r in d["per_conversation"].items() if "reused_from" in r}
     if reused:
         out.append("Taken from earlier runs with the same configuration (--reuse): " + "; ".join(

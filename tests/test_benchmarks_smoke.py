@@ -146,6 +146,39 @@ def test_locomo_smoke(tiny_model, tmp_path, monkeypatch):
     assert "abstained" not in got["ipm-hybrid"] and "out_of_scope" not in got["ipm-hybrid"]
     assert got["ipm-hybrid"]["invalid_id_rate"] == 0.0 and got["reused_from"]["fusion"]["fusion_bm25"] == data["config"]["fusion_bm25"]
     assert set(got["ipm-hybrid"]["by_category"]) == set(data["per_conversation"]["conv-26"]["ipm-hybrid"]["by_category"])
+    # Ranked again with the run's own settings, the kept scores give the engine's own figures.
+    same = locomo.rescored_hybrid(data["per_conversation"]["conv-26"]["ipm-hybrid"], data_scores, Config(**data["config"]))
+    engine = data["per_conversation"]["conv-26"]["ipm-hybrid"]
+    for key in ("recall@1", "recall@5", "recall@10", "mrr"):
+        assert same[key] == pytest.approx(engine[key])
+    for cat, m in engine["by_category"].items():
+        assert same["by_category"][cat]["recall@1"] == pytest.approx(m["recall@1"])
+    # A run reused without hybrid decoding never passes on hybrid figures of other settings:
+    # ranked again where its scores were kept, else left out.
+    pure_only = locomo.reusable([first], ns, refused_cfg, ("ipm-pure",), convs)["conv-26"]
+    assert pure_only["ipm-hybrid"] == got["ipm-hybrid"]
+    unkept = tmp_path / "unkept" / "locomo-observations.json"
+    unkept.parent.mkdir()
+    unkept.write_text(first.read_text())  # no candidate scores beside it
+    assert "ipm-hybrid" not in locomo.reusable([unkept], ns, refused_cfg, ("ipm-pure",), convs)["conv-26"]
+    # A run from before the floor existed (no fusion_bm25_floor in its config) ran without one.
+    unfloored = tmp_path / "unfloored" / "locomo-observations.json"
+    unfloored.parent.mkdir()
+    (unfloored.parent / "locomo-observations-candidates.json.gz").write_bytes(
+        (tmp_path / "results" / "locomo-observations-candidates.json.gz").read_bytes())
+    unfloored.write_text(json.dumps({**data, "config": {k: v for k, v in data["config"].items() if k != "fusion_bm25_floor"}}))
+    got = locomo.reusable([unfloored], ns, Config(**data["config"]), ("ipm-hybrid",), convs)["conv-26"]
+    assert got["reused_from"]["fusion"]["fusion_bm25_floor"] == 0.0
+    # Reused again, a result keeps its first origin.
+    twice = tmp_path / "twice" / "locomo-observations.json"
+    twice.parent.mkdir()
+    locomo.main(files + args[:args.index("--out-dir")] + ["--out-dir", str(twice.parent), "--variant", "observations",
+                                                          "--conversations", "1", "--limit-memories", "20",
+                                                          "--out-of-scope", "10", "--reuse", str(first),
+                                                          "--set", "fusion_dense=20.0"])
+    second = locomo.reusable([twice], ns, Config(**{**data["config"], "fusion_dense": 10.0}), ("ipm-hybrid",), convs)
+    assert second["conv-26"]["reused_from"]["file"] == str(first)
+    assert second["conv-26"]["reused_from"]["fusion"]["fusion_dense"] == data["config"]["fusion_dense"]
     # Kept scores from before BM25 was kept raw (divided by the question's best) are multiplied back.
     normalised = tmp_path / "normalised" / "locomo-observations.json"
     normalised.parent.mkdir()

@@ -343,6 +343,24 @@ def test_hybrid_candidates_come_from_the_retrievers(trained):
         assert -100 < h.signals.lora <= 0 and -1 <= h.signals.dense <= 1 and h.signals.bm25 >= 0
 
 
+def test_a_threshold_calibrated_under_other_fusion_settings_is_flagged(trained):
+    import warnings
+
+    manifest = index_dir.read_manifest(trained.paths.index_root("default"))
+    assert manifest["metrics"]["calibration"]["hybrid"]["fusion"]["fusion_bm25_floor"] == trained.config.fusion_bm25_floor
+    trained.reconfigure(decoding="hybrid")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # as trained: nothing to say
+        trained.ask("what is my dog called?")
+    configured = trained.config.fusion_dense
+    try:
+        trained.reconfigure(fusion_dense=configured + 1)
+        with pytest.warns(UserWarning, match="calibrated under fusion .*fusion_dense"):
+            trained.ask("what is my dog called?")
+    finally:
+        trained.reconfigure(fusion_dense=configured)
+
+
 def test_hybrid_scores_fuse_the_signals_with_the_configured_bm25_floor(trained):
     from ipm.search import fuse
 

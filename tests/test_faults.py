@@ -64,7 +64,6 @@ def test_kill_during_import_writes_all_or_nothing(mem, home, tiny_config, tmp_pa
     assert again.store._conn().execute("PRAGMA integrity_check").fetchone()[0] == "ok"
 
 
-
 def test_model_hash_cache_keeps_entries_other_processes_wrote(tmp_path, monkeypatch):
     """Two processes hashing different models at once must not drop each other's cache entry."""
     from ipm import model

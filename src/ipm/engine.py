@@ -14,6 +14,7 @@ import math
 import random
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterable
@@ -90,6 +91,7 @@ class _Serving:
 
 
 ASK_BATCH = 16  # questions per forward pass in ask_many (hybrid decoding)
+FUSION_OPTIONS = ("fusion_adapter", "fusion_dense", "fusion_bm25", "fusion_bm25_floor")  # what a hybrid threshold hangs on
 QUERY_OPTIONS = {"decoding", "hybrid_candidates", "fusion_adapter", "fusion_dense", "fusion_bm25",
                  "fusion_bm25_floor", "beam_size", "max_k", "abstain_threshold"}
 
@@ -415,6 +417,8 @@ class IPM:
                 if progress:
                     progress("calibrate", done, len(cal) * len(modes), None)
             calibration[mode] = calibrate(top1, off)
+            if mode == "hybrid":  # the threshold holds for these settings only
+                calibration[mode]["fusion"] = self._fusion_settings()
         root = self.paths.index_root(user)
         name, tmp = index_dir.new_version(root)
         try:
@@ -488,6 +492,22 @@ class IPM:
                 out.append([(mid, p, signals[mid]) for mid, p in fused[:k]])
         return out
 
+    def _fusion_settings(self) -> dict:
+        return {k: getattr(self.config, k) for k in FUSION_OPTIONS}
+
+    def _warn_if_calibrated_elsewise(self, user: str, calibration: dict) -> None:
+        """Hybrid scores are fused probabilities: a threshold calibrated under other fusion
+        settings refuses more or fewer questions than it was chosen to. Say so; never guess."""
+        had = calibration.get("fusion")
+        if had == self._fusion_settings():
+            return
+        then = ("settings it did not record (an index trained before ipm recorded them)" if had is None else
+                ", ".join(f"{k} {had.get(k)}" for k in FUSION_OPTIONS))
+        warnings.warn(f"namespace {user!r}: the abstention threshold of its index was calibrated under fusion "
+                      f"{then}, not under the configured ones; abstention may refuse more or fewer questions "
+                      "than calibrated. Run `ipm train --full` to recalibrate, or set abstain_threshold.",
+                      stacklevel=2)
+
     def _serve(self, user: str) -> _Serving:
         """The serving state of `user`, refreshed if a new version was trained or memories changed."""
         import copy
@@ -535,6 +555,8 @@ class IPM:
                                    "trained?): retrain with `ipm train`, or set abstain_threshold")
             else:
                 s.threshold = calibrated
+                if self.config.decoding == "hybrid":
+                    self._warn_if_calibrated_elsewise(user, s.calibration["hybrid"])
         if s.generation != gen:
             live = set(self.store.ids(user))
             s.pending = live - set(s.indexed)
