@@ -23,21 +23,19 @@ BM25 = (0.0, 1.0, 2.0, 4.0, 8.0, 16.0)
 TUNE = ("conv-26", "conv-30", "conv-41")
 
 
-def items(ids: list[str], texts: list[str], questions: list, encoder, n: int) -> list[tuple]:
-    """(candidate features {id: (cosine, bm25)}, gold IDs) per ipm.evaluate.Question."""
+def items(ids: list[str], texts: list[str], questions: list, encoder, n: int) -> list[dict]:
+    """Per ipm.evaluate.Question, its hybrid candidates' scores in the form locomo.py keeps them
+    ({"gold", "candidates": {id: [adapter 0, cosine, bm25]}}), to be ranked by locomo.fused_metrics."""
     from ipm.retrieve import Candidates
 
     feats = Candidates(ids, texts, encoder).many([q.question for q in questions], n)
-    return [(f, q.gold) for f, q in zip(feats, questions)]
+    return [{"gold": sorted(q.gold), "candidates": {m: [0.0, c, b] for m, (c, b) in f.items()}}
+            for f, q in zip(feats, questions)]
 
 
-def recall_at_1(sets: list[list[tuple]], dense: float, bm25: float, floor: float) -> float:
-    from ipm.search import Signals, fuse
-
+def recall_at_1(sets: list[list[dict]], dense: float, bm25: float, floor: float) -> float:
     scored = [it for s in sets for it in s]
-    hits = sum(bool(f) and fuse({m: Signals(0.0, c, b) for m, (c, b) in f.items()}, dense, bm25, 0.0, floor)[0][0] in gold
-               for f, gold in scored)
-    return hits / len(scored) if scored else 0.0
+    return locomo.fused_metrics(scored, (0.0, dense, bm25), floor)["recall@1"] if scored else 0.0
 
 
 def main(argv: list[str] | None = None) -> dict:

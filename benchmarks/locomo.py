@@ -206,18 +206,16 @@ def rescored_hybrid(old: dict, items: list[dict], cfg) -> dict:
     scores: recall, MRR and per category computed again; invalid IDs (none can be: the
     candidates are store IDs) and latency (fusion is a few additions) kept; abstention and
     out-of-scope figures dropped, as they depend on the old calibration."""
-    from ipm.evaluate import ranking_metrics
+    from ipm.evaluate import Question, by_category, ranking_metrics
 
     weights = (cfg.fusion_adapter, cfg.fusion_dense, cfg.fusion_bm25)
     rankings = fused_rankings(items, weights, cfg.fusion_bm25_floor)
-    golds = [frozenset(it["gold"]) for it in items]
-    out = {**ranking_metrics(rankings, golds),
+    questions = [Question("", frozenset(it["gold"]), it.get("category")) for it in items]
+    out = {**ranking_metrics(rankings, [q.gold for q in questions]),
            **{k: old[k] for k in ("invalid_id_rate", "latency_ms_p50", "latency_ms_p95") if k in old}}
-    cats = sorted({it.get("category") for it in items} - {None})
+    cats = by_category(questions, rankings)
     if cats:
-        out["by_category"] = {c: ranking_metrics([r for r, it in zip(rankings, items) if it.get("category") == c],
-                                                 [g for g, it in zip(golds, items) if it.get("category") == c])
-                              for c in cats}
+        out["by_category"] = cats
     return out
 
 

@@ -92,8 +92,7 @@ class _Serving:
 
 ASK_BATCH = 16  # questions per forward pass in ask_many (hybrid decoding)
 FUSION_OPTIONS = ("fusion_adapter", "fusion_dense", "fusion_bm25", "fusion_bm25_floor")  # what a hybrid threshold hangs on
-QUERY_OPTIONS = {"decoding", "hybrid_candidates", "fusion_adapter", "fusion_dense", "fusion_bm25",
-                 "fusion_bm25_floor", "beam_size", "max_k", "abstain_threshold"}
+QUERY_OPTIONS = {"decoding", "hybrid_candidates", *FUSION_OPTIONS, "beam_size", "max_k", "abstain_threshold"}
 
 
 def read_records(path: str | Path) -> tuple[object, str]:

@@ -117,13 +117,14 @@ def evaluate_ipm(mem, questions: list[Question], user: str, progress: Callable[[
     })
     if oos:
         out["out_of_scope"] = {"n": len(oos), "refused": oos_refused / len(oos)}
-    out["by_category"] = _by_category(in_scope, rankings)
+    out["by_category"] = by_category(in_scope, rankings)
     if not out["by_category"]:
         del out["by_category"]
     return out
 
 
-def _by_category(in_scope: list[Question], rankings) -> dict:
+def by_category(in_scope: list[Question], rankings) -> dict:
+    """ranking_metrics per question category (questions without one are left out)."""
     cats = sorted({q.category for q in in_scope if q.category is not None})
     return {c: ranking_metrics([r for r, q in zip(rankings, in_scope) if q.category == c],
                                [q.gold for q in in_scope if q.category == c]) for c in cats}
@@ -142,7 +143,7 @@ def evaluate_baseline(name: str, ids: list[str], texts: list[str], questions: li
     seconds = time.perf_counter() - t0
     out = ranking_metrics(rankings, [q.gold for q in in_scope])
     out["latency_ms_mean"] = round(seconds * 1000 / max(1, len(in_scope)), 3)
-    cats = _by_category(in_scope, rankings)
+    cats = by_category(in_scope, rankings)
     if cats:
         out["by_category"] = cats
     return out

@@ -43,8 +43,8 @@ def fuse(signals: dict[str, Signals], dense_weight: float, bm25_weight: float,
     p(id) ∝ p_lora(id)^lora_weight · exp(dense_weight·cosine + bm25_weight·bm25 / max(best bm25, bm25_floor)).
 
     BM25 scores are divided by the best one among the candidates (hybrid decoding's
-    candidates always include BM25's own top pick), so a strong lexical match counts the same whatever the question's length. The
-    floor keeps a weak one weak: a paraphrased question that shares one incidental word with
+    candidates always include BM25's own top pick), so a strong lexical match counts the same
+    whatever the question's length. The floor keeps a weak one weak: a paraphrased question that shares one incidental word with
     some memory ("old" in "how old is our cat?" and "a 4-year-old corgi") would otherwise give
     that memory the full BM25 weight; below the floor, scores stay on their absolute scale."""
     if not signals:
