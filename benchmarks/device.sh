@@ -10,6 +10,8 @@
 #   call 1 (carry .gpu/c):  mkdir -p /tmp/site && cp -r .gpu/c/site/. /tmp/site/
 #   call 2 (carry .gpu/a):  cp .gpu/a/part_aa /tmp/part_aa
 #   call 3 (carry .gpu/b):  BUDGET=SECONDS IPM_BENCH_COMMIT=SHA bash benchmarks/device.sh   (results in $OUT)
+#   STEPS picks what runs (default "speed-small speed-full recipe"); "locomo" runs the LoCoMo
+#   observations benchmark on all five conversations with LOCOMO_ARGS (e.g. "--set base_layers=20").
 #   Here, `bash benchmarks/device.sh pack` builds the three folders from this machine's .venv.
 set -u
 cd "$(dirname "$0")/.."
@@ -65,12 +67,17 @@ step() {  # step NAME MAX_SECONDS COMMAND...: run with a time limit that leaves 
   echo "== $name: rc $rc after $(( $(date +%s) - t0 ))s"
   (( rc == 0 )) || FAILED="$FAILED $name"
 }
+STEPS=" ${STEPS:-speed-small speed-full recipe} "
+want() { [[ "$STEPS" == *" $1 "* ]]; }
 # 1. The speed benchmark as run on the CPU (README), then on 40 demo memories with the default recipe.
-step speed-small 150 python3 benchmarks/speed.py --memories 10 --epochs 2 --questions-per-memory 12 --skip-trie \
+want speed-small && step speed-small 150 python3 benchmarks/speed.py --memories 10 --epochs 2 --questions-per-memory 12 --skip-trie \
   --out-dir /tmp/res/speed-small --json $OUT/speed-small.json
-step speed-full 200 python3 benchmarks/speed.py --memories 40 --skip-trie --out-dir /tmp/res/speed-full --json $OUT/speed-full.json
+want speed-full && step speed-full 200 python3 benchmarks/speed.py --memories 40 --skip-trie --out-dir /tmp/res/speed-full --json $OUT/speed-full.json
 # 2. Training-recipe ablation on conv-26 observations (the tuning split), as many recipes as time allows.
-step recipe 400 python3 benchmarks/recipe.py .gpu/b/locomo/conv-26.json --recipes ${RECIPES:-default,layers_all,r64,epochs8,lr3e-3,layers20} \
+want recipe && step recipe 400 python3 benchmarks/recipe.py .gpu/b/locomo/conv-26.json --recipes ${RECIPES:-default,layers_all,r64,epochs8,lr3e-3,layers20} \
   --out-dir /tmp/res
+# 3. LoCoMo observations, all five conversations, under a configuration of LOCOMO_ARGS.
+want locomo && step locomo 560 python3 benchmarks/locomo.py .gpu/b/locomo/*.json --variant observations \
+  --out-dir /tmp/res/locomo --json $OUT/locomo.json ${LOCOMO_ARGS:-}
 tar czf "$OUT/results.tgz" -C /tmp res 2>/dev/null; ls -la "$OUT"
 [ -z "$FAILED" ] || { echo "failed or cut short:$FAILED"; exit 1; }

@@ -455,3 +455,35 @@ def test_related_question_kind_trains_on_memories_asked_in_other_words(mem, memo
     monkeypatch.setattr(ipm.engine, "load_dense_encoder", missing)
     with pytest.raises(InvalidInput, match="question kind 'related' needs the dense model"):
         mem.training_examples("default")
+
+
+def test_an_index_on_some_layers_of_the_base_is_served_on_those_layers(home, mem, memories_file, tiny_config,
+                                                                        tmp_path):
+    """base_layers keeps the top lora_layers layers and the lowest others; the manifest
+    records which, and a process configured otherwise serves the index on them (its adapter
+    belongs there) and does not continue it incrementally on another set of layers."""
+    from ipm.errors import ModelError
+    from ipm.model import layer_ranges
+
+    mem.config = tiny_config.updated(base_layers=3)  # of 4, with LoRA in the top 2
+    mem.import_(memories_file)
+    manifest = mem.train()
+    assert manifest["base_model"]["layers"] == [0, 2, 3] and manifest["metrics"]["trained_layers"] == 2
+    mem.reconfigure(decoding="pure")
+    assert [mem.ask(text, k=1).candidates[0].id for text in MEMORIES.values()] == list(MEMORIES)
+    mem.store.close()
+    reopened = ipm.open(home, config=tiny_config.updated(decoding="pure"), cache=tmp_path / "cache")
+    try:
+        assert [reopened.ask(text, k=1).candidates[0].id for text in MEMORIES.values()] == list(MEMORIES)
+        assert len(reopened._base.model.get_decoder().layers) == 3 and reopened._base.layers == (0, 2, 3)
+        assert reopened._base.label.endswith("(layers 0,2-3)") and layer_ranges([0, 1, 2, 5, 7, 8]) == "0-2,5,7-8"
+        reopened.add("My favourite food is sushi.", id="food_favorite_sushi")
+        again = reopened.train()  # configured with every layer: a full retrain, not a continuation
+        assert again["base_model"]["layers"] is None and again["metrics"]["incremental"] is None
+    finally:
+        reopened.store.close()
+    with pytest.raises(ModelError, match="has only 4 decoder layers"):
+        ipm.open(home, config=tiny_config.updated(base_layers=5), cache=tmp_path / "cache").base()
+    for bad in ({"base_layers": -1}, {"base_layers": 2}, {"base_layers": 3, "lora_layers": 0}):
+        with pytest.raises(InvalidInput, match="base_layers"):
+            tiny_config.updated(**bad)

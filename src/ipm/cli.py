@@ -94,6 +94,9 @@ def train(user: str = User, home: Optional[Path] = Home, config: Optional[Path] 
           epochs: Optional[int] = typer.Option(None, "--epochs"),
           lora_r: Optional[int] = typer.Option(None, "--lora-r"),
           lora_layers: Optional[int] = typer.Option(None, "--lora-layers", help="Train LoRA in the top N layers (0 = all)."),
+          base_layers: Optional[int] = typer.Option(None, "--base-layers",
+                                                    help="Keep N decoder layers of the base model: the top --lora-layers "
+                                                         "and the lowest others (0 = all)."),
           questions_per_memory: Optional[int] = typer.Option(None, "--questions-per-memory"),
           question_source: Optional[str] = typer.Option(None, "--question-source", help="builtin, llm or both."),
           question_kinds: Optional[str] = typer.Option(None, "--question-kinds",
@@ -106,7 +109,7 @@ def train(user: str = User, home: Optional[Path] = Home, config: Optional[Path] 
     """Train a new index version and make it current: incrementally (new and changed memories,
     plus replayed questions of the others) when an index exists, else on every memory."""
     mem = _open(home, config, base_model=base_model, epochs=epochs, lora_r=lora_r, lora_layers=lora_layers,
-                questions_per_memory=questions_per_memory, question_source=question_source, seed=seed,
+                base_layers=base_layers, questions_per_memory=questions_per_memory, question_source=question_source, seed=seed,
                 question_kinds=None if question_kinds is None else [k.strip() for k in question_kinds.split(",") if k.strip()])
     with _progress() as bar:
         tasks = {}

@@ -22,7 +22,7 @@ from typing import Callable, Iterable
 from . import index as index_dir
 from .config import Config, Paths
 from .errors import IndexMissing, InvalidInput, ModelError, NotFound, TrainingError
-from .model import BaseModel, id_token_ids, load_base, quiet_transformers, resolve_model
+from .model import BaseModel, id_token_ids, kept_layers, layer_ranges, load_base, quiet_transformers, resolve_model
 from .questions import OFF_TOPIC, builtin_questions, content_words, llm_questions, related_words
 from .retrieve import Candidates, load_dense_encoder
 from .search import GenerateDecoder, RunnerDecoder, Signals, fuse
@@ -264,20 +264,25 @@ class IPM:
         cfg = self.config if base_model == "config" else self.config.updated(base_model=base_model)
         return load_base(cfg, self.paths)
 
-    def _index_base(self, base_model: str | None = "config", trained_dtype: str | None = None) -> BaseModel:
-        """The base model to train an index on or serve one with. A dtype set in the config
-        wins. Under "auto": the copy this process already serves, if it is the same model (one
-        copy serves every namespace, and a retrain matches what it will be served with); else,
-        for an index trained in float32, float32, since its abstention threshold was calibrated
-        on float32 scores. An index trained in bf16 is served in "auto"'s choice: bf16 where the
-        device computes in it natively, else float32 rather than slow emulated bf16."""
+    def _index_base(self, base_model: str | None = "config", trained_dtype: str | None = None,
+                    layers: list[int] | None | str = "config") -> BaseModel:
+        """The base model to train an index on or serve one with (serving passes the
+        manifest's base model and kept layers). A dtype set in the config wins. Under "auto":
+        the copy this process already serves, if it is the same model (one copy serves every
+        namespace, and a retrain matches what it will be served with); else, for an index
+        trained in float32, float32, since its abstention threshold was calibrated on float32
+        scores. An index trained in bf16 is served in "auto"'s choice: bf16 where the device
+        computes in it natively, else float32 rather than slow emulated bf16."""
         cfg = self.config if base_model == "config" else self.config.updated(base_model=base_model)
         if cfg.dtype == "auto":
-            if self._base is not None and self._base.sha256 == resolve_model(cfg, self.paths)[2]:
-                return self._base
+            if self._base is not None:
+                _, path, digest = resolve_model(cfg, self.paths)
+                want = kept_layers(cfg, path) if layers == "config" else (tuple(layers) if layers else None)
+                if self._base.sha256 == digest and self._base.layers == want:
+                    return self._base
             if trained_dtype == "float32":
                 cfg = cfg.updated(dtype="float32")
-        return load_base(cfg, self.paths)
+        return load_base(cfg, self.paths, layers)
 
     # -- training ----------------------------------------------------------------------
     def training_examples(self, user: str, base: BaseModel | None = None,
@@ -336,8 +341,9 @@ class IPM:
             return None
         manifest = json.loads((prev / index_dir.MANIFEST).read_text())
         same_shape = ("lora_r", "lora_alpha", "lora_layers", "target_modules")
-        if manifest["base_model"]["sha256"] != base.sha256 or not (prev / "questions.jsonl").is_file() or any(
-                manifest["config"].get(k) != getattr(self.config, k) for k in same_shape):
+        if (manifest["base_model"]["sha256"] != base.sha256 or manifest["base_model"].get("layers") != (list(base.layers) if base.layers else None)
+                or not (prev / "questions.jsonl").is_file()
+                or any(manifest["config"].get(k) != getattr(self.config, k) for k in same_shape)):
             return None
         return prev, manifest
 
@@ -429,7 +435,8 @@ class IPM:
             manifest = {
                 "format": 1, "namespace": user, "version": name,
                 "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "base_model": {"name": base.name, "source": self.config.base_model, "sha256": base.sha256},
+                "base_model": {"name": base.name, "source": self.config.base_model, "sha256": base.sha256,
+                               "layers": list(base.layers) if base.layers else None},
                 "ids": {m.id: m.sha256 for m in memories},
                 "threshold": calibration[self.config.decoding]["threshold"],
                 "config": self.config.to_dict(),
@@ -518,7 +525,8 @@ class IPM:
         s = self._serving.setdefault(user, _Serving())
         if version_dir is not None and version_dir.name != s.version:
             manifest = json.loads((version_dir / index_dir.MANIFEST).read_text())
-            base = self._index_base(manifest["base_model"]["source"], manifest["metrics"].get("dtype"))
+            base = self._index_base(manifest["base_model"]["source"], manifest["metrics"].get("dtype"),
+                                    manifest["base_model"].get("layers"))
             if base.sha256 != manifest["base_model"]["sha256"]:
                 raise ModelError(f"index {version_dir} was trained on a different base model "
                                  f"({manifest['base_model']['name']}); retrain with `ipm train`")
@@ -530,8 +538,11 @@ class IPM:
             else:
                 if base is not self._base:
                     raise ModelError("all namespaces served by one process must use the same base model; "
-                                     f"{user!r} was trained on {manifest['base_model']['name']}, this process serves "
-                                     f"{self._base.name}: serve it from another process, or retrain it")
+                                     f"{user!r} was trained on {manifest['base_model']['name']}"
+                                     + (f" (layers {layer_ranges(manifest['base_model']['layers'])})"
+                                        if manifest["base_model"].get("layers") else "")
+                                     + f", this process serves {self._base.label}: serve it from another process, "
+                                     "or retrain it")
                 self._model.load_adapter(version_dir, adapter_name=adapter)
             self._model.set_adapter(adapter)
             if s.adapter:

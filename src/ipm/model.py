@@ -151,6 +151,11 @@ class BaseModel:
     tokenizer: object
     model: object
     device: str
+    layers: tuple[int, ...] | None = None  # the base's decoder layers kept (config.base_layers); None = all
+
+    @property
+    def label(self) -> str:
+        return self.name if self.layers is None else f"{self.name} (layers {layer_ranges(self.layers)})"
 
     @property
     def eos_id(self) -> int:
@@ -216,24 +221,38 @@ _LOADED: dict[tuple, BaseModel] = {}
 _LOAD_LOCK = threading.Lock()  # a training thread and a query may ask for the model at once
 
 
-def load_base(config: Config, paths: Paths) -> BaseModel:
-    """Load (once per process) the configured base model, frozen, in eval mode."""
+def layer_ranges(layers) -> str:
+    """(0, 1, 2, 5, 6) -> "0-2,5-6"."""
+    parts, start = [], None
+    for i, n in enumerate(layers):
+        start = n if start is None else start
+        if i + 1 == len(layers) or layers[i + 1] != n + 1:
+            parts.append(f"{start}-{n}" if n != start else str(n))
+            start = None
+    return ",".join(parts)
+
+
+def load_base(config: Config, paths: Paths, layers: list[int] | None | str = "config") -> BaseModel:
+    """Load (once per process) the configured base model, frozen, in eval mode. `layers`: the
+    decoder layers to keep (an index's manifest records them), or "config" for those
+    `config.base_layers` keeps."""
     quiet_transformers()
     import torch
 
     if config.threads:
         torch.set_num_threads(config.threads)
     with _LOAD_LOCK:
-        return _load_base(config, paths)
+        return _load_base(config, paths, layers)
 
 
-def _load_base(config: Config, paths: Paths) -> BaseModel:
+def _load_base(config: Config, paths: Paths, layers) -> BaseModel:
     import torch
 
     name, path, digest = resolve_model(config, paths)
     device = pick_device(config)
     dtype = pick_dtype(config, device)
-    key = (str(path), digest, device, dtype)
+    layers = kept_layers(config, path) if layers == "config" else (tuple(layers) if layers else None)
+    key = (str(path), digest, device, dtype, layers)
     if key in _LOADED:
         return _LOADED[key]
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -244,13 +263,48 @@ def _load_base(config: Config, paths: Paths) -> BaseModel:
         raise ModelError(f"could not load base model {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
     if tokenizer.eos_token_id is None:
         raise ModelError(f"base model {path} has a tokenizer without an end-of-sequence token")
+    if layers is not None:
+        _keep_layers(model, layers, path)
     model.to(device)
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    base = BaseModel(name, path, digest, tokenizer, model, device)
+    base = BaseModel(name, path, digest, tokenizer, model, device, layers)
     _LOADED[key] = base
     return base
+
+
+def kept_layers(config: Config, path: Path) -> tuple[int, ...] | None:
+    """The decoder layers `config.base_layers` keeps (None = all): the top `lora_layers`,
+    whose output the LM head is used to reading and where the adapter learns, and the lowest
+    `base_layers - lora_layers`, which compute the features; the middle ones are dropped."""
+    if not config.base_layers:
+        return None
+    try:
+        total = json.loads((path / "config.json").read_text())["num_hidden_layers"]
+    except (OSError, ValueError, KeyError):
+        raise ModelError(f"base_layers needs the layer count of base model {path}, which its config.json "
+                         "does not give") from None
+    if config.base_layers > total:
+        raise ModelError(f"base_layers is {config.base_layers} but base model {path} has only {total} decoder layers")
+    if config.base_layers == total:
+        return None
+    top = config.lora_layers
+    return tuple(range(config.base_layers - top)) + tuple(range(total - top, total))
+
+
+def _keep_layers(model, layers: tuple[int, ...], path: Path) -> None:
+    import torch
+
+    body = model.get_decoder()
+    if max(layers) >= len(body.layers):
+        raise ModelError(f"layer {max(layers)} is asked for but base model {path} has only {len(body.layers)} decoder layers")
+    body.layers = torch.nn.ModuleList([body.layers[i] for i in layers])
+    for j, layer in enumerate(body.layers):  # each attention layer finds its KV-cache slot by index
+        layer.self_attn.layer_idx = j
+    model.config.num_hidden_layers = len(layers)
+    if getattr(model.config, "layer_types", None):
+        model.config.layer_types = [model.config.layer_types[i] for i in layers]
 
 
 # ---------------------------------------------------------------------------------------
