@@ -360,10 +360,11 @@ def reusable(paths: list[Path], args, cfg, systems: tuple[str, ...], convs: dict
             with gzip.open(scores_file, "rt", encoding="utf-8") as f:
                 scores = json.load(f)
         for conv_id, result in old.get("per_conversation", {}).items():
-            hybrid = "ipm-hybrid" in systems
-            if conv_id in out or not set(systems) <= set(result) or (hybrid and conv_id not in scores):
-                continue
-            if conv_id not in convs:  # not in this run (and its scores may need the conversation)
+            if conv_id in out or not set(systems) <= set(result) or conv_id not in convs:
+                continue  # (a conversation not in this run: its scores may need the conversation)
+            if "ipm-hybrid" in systems and conv_id not in scores:
+                print(f"--reuse {path}: {conv_id} not reused, its candidate scores are not in {scores_file} "
+                      "(keep that file beside the results)", flush=True)
                 continue
             run = old.get("run", {})
             kept = scores.get(conv_id, []) if "ipm-hybrid" in result else []

@@ -3,7 +3,9 @@
 Model part (side by side, same training examples, seed and epochs):
   naive   = train_adapter(fast=False): LoRA on every layer, full forward, full-vocabulary
             loss; recall by `generate` with prefix_allowed_tokens_fn (GenerateDecoder);
-  default = the engine's path: train_adapter(fast=True) and RunnerDecoder.
+  default = the engine's path: train_adapter(fast=True) and RunnerDecoder;
+  default-N-layers (with --base-layers N) = the default path on N of the base's layers
+            (Config.base_layers: the top lora_layers and the lowest others).
 on the first --memories demo memories (held-out questions from examples/demo/questions.json)
 and, with --locomo, on the first --memories observations of one LoCoMo conversation.
 Model memory is the peak resident set size above the one at the start of the phase (freed heap
@@ -169,7 +171,7 @@ def run_path(path: str, base, examples, ids, questions, cfg, bars, label: str, h
             out[f"latency_k{k}_p95_ms"] = round(pct(lat, 95), 2)
     if cuda:
         out["query_cuda_peak_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
-    if path == "default" and hybrid is not None:
+    if (path == "default" or path.endswith("-layers")) and hybrid is not None:
         # The engine's default decoding on the same adapter: BM25 and dense propose, the
         # adapter scores their union in one forward pass (tree attention), the scores are fused.
         h = out["hybrid"] = {}
@@ -202,6 +204,8 @@ def model_part(args, cfg, bars) -> dict:
         bases = {"naive": naive_base, "default": base}
         if naive_base.model.dtype != base.model.dtype:  # what the dtype alone is worth
             bases["default-" + args.naive_dtype] = naive_base
+        if args.base_layers:  # what dropping the middle layers is worth
+            bases[f"default-{args.base_layers}-layers"] = load_base(cfg.updated(base_layers=args.base_layers), mem.paths)
         memories, questions = demo_set(args.memories)
         mem.store.add_many("demo", memories, source="import")
         todo = [("demo", "demo", questions)]
@@ -417,11 +421,13 @@ def table(model: dict) -> list[dict]:
                          "train ex/s": m["examples_per_second"], "index s": m["index_seconds"],
                          **{f"k={k} p{p} ms": m[f"latency_k{k}_p{p}_ms"] for k in (1, 5) for p in (50, 95)},
                          "train peak MB": m["train_peak_rss_mb"], "query peak MB": m["query_peak_rss_mb"]})
-        h = d["default"].get("hybrid")
-        if h:
-            naive = d["naive"]
-            for label, m in (("default, hybrid decoding", h),
-                             ("hybrid/naive", {key: round(h[key] / naive[key], 3) for key in h if key.startswith("latency")})):
+        naive = d["naive"]
+        for path in (p for p in paths if d[p].get("hybrid")):
+            h = d[path]["hybrid"]
+            what = "default" if path == "default" else path
+            for label, m in ((f"{what}, hybrid decoding", h),
+                             (f"{what} hybrid/naive",
+                              {key: round(h[key] / naive[key], 3) for key in h if key.startswith("latency")})):
                 rows.append({"system": f"{name} {label}", "recall@1": m.get("recall@1"), "recall@5": m.get("recall@5"),
                              "n": d["held_out_questions"] if "recall@1" in m else None,
                              **{f"k={k} p{p} ms": m[f"latency_k{k}_p{p}_ms"] for k in (1, 5) for p in (50, 95)},
@@ -494,6 +500,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--naive-dtype", default="float32", choices=("float32", "bfloat16"),
                    help="dtype of the naive path's base model (default float32, what transformers loads); when it "
                         "differs from the configured dtype, the default path is also run in it")
+    p.add_argument("--base-layers", type=int, default=0, metavar="N",
+                   help="also run the default path on N of the base model's layers (Config.base_layers)")
     p.add_argument("--skip-model", action="store_true", help="no training or recall: trie part only")
     p.add_argument("--skip-trie", action="store_true", help="model part only")
     args = p.parse_args(argv)
@@ -522,11 +530,11 @@ def main(argv: list[str] | None = None) -> dict:
               f"k=1 p50 x{r['latency_k1_p50_ms']}, k=5 p50 x{r['latency_k5_p50_ms']}, "
               f"train peak RSS x{r['train_peak_rss_mb']}; recall@1 naive {d['naive']['recall@1']:.3f} "
               f"default {d['default']['recall@1']:.3f}")
-        h = d["default"].get("hybrid")
-        if h:
-            print(f"{name}: default path, hybrid decoding (the engine's default): recall@1 {h['recall@1']:.3f}, "
+        for path in (p for p in d["paths"] if d[p].get("hybrid")):
+            h = d[path]["hybrid"]
+            print(f"{name}: {path} path, hybrid decoding (the engine's default): recall@1 {h['recall@1']:.3f}, "
                   f"k=1 p50 {h['latency_k1_p50_ms']} ms, k=5 p50 {h['latency_k5_p50_ms']} ms, "
-                  f"batched {h['batched_ms_per_question']} ms/question")
+                  f"batched {h['batched_ms_per_question']} ms/question, train ex/s {d[path]['examples_per_second']}")
     for n, d in (data["trie"] or {"sizes": {}})["sizes"].items():
         print(f"trie {int(n):>9,} IDs: build {d['build_seconds']} s, {d['trie_mb']} MB, add {d['add_one_us']} µs, "
               f"remove {d['remove_one_us']} µs, constraint {d['beam_constraint_us_per_query']} µs/query "

@@ -76,7 +76,7 @@ def test_reference_smoke(tiny_model, tmp_path, monkeypatch):
             assert data["sets"][name][system]["n"] == n
 
 
-def test_locomo_smoke(tiny_model, tmp_path, monkeypatch):
+def test_locomo_smoke(tiny_model, tmp_path, monkeypatch, capsys):
     need(SHARED / "locomo" / "conv-26.json")
     locomo = load("locomo", monkeypatch)
     files = [str(SHARED / "locomo" / "conv-26.json"), str(SHARED / "locomo" / "conv-30.json")]
@@ -161,6 +161,9 @@ def test_locomo_smoke(tiny_model, tmp_path, monkeypatch):
     unkept.parent.mkdir()
     unkept.write_text(first.read_text())  # no candidate scores beside it
     assert "ipm-hybrid" not in locomo.reusable([unkept], ns, refused_cfg, ("ipm-pure",), convs)["conv-26"]
+    capsys.readouterr()
+    assert locomo.reusable([unkept], ns, Config(**data["config"]), ("ipm-hybrid",), convs) == {}
+    assert "conv-26 not reused, its candidate scores are not in" in capsys.readouterr().out
     # A run from before the floor existed (no fusion_bm25_floor in its config) ran without one.
     unfloored = tmp_path / "unfloored" / "locomo-observations.json"
     unfloored.parent.mkdir()

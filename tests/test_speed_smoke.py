@@ -26,7 +26,7 @@ def test_speed_smoke(tiny_model, tmp_path, monkeypatch):
     out = tmp_path / "results"
     speed.main(["--base-model", str(tiny_model), "--memories", "6", "--epochs", "1", "--questions-per-memory", "3",
                 "--trie-sizes", "1000", "--trie-queries", "50", "--threads", "1", "--home", str(tmp_path / "home"),
-                "--out-dir", str(out), "--json", str(tmp_path / "copy.json")])
+                "--out-dir", str(out), "--json", str(tmp_path / "copy.json"), "--base-layers", "3", "--set", "lora_layers=2"])
 
     for suffix in ("json", "md", "png"):
         assert (out / f"speed.{suffix}").stat().st_size > 0
@@ -50,10 +50,14 @@ def test_speed_smoke(tiny_model, tmp_path, monkeypatch):
         assert hybrid[key] > 0, key
     assert 0.0 <= hybrid["recall@1"] <= hybrid["recall@5"] <= 1.0
     assert 0.0 <= hybrid["batched_recall@1"] <= 1.0
+    # --base-layers: the default path again on 3 of the 4 layers, its hybrid decoding too.
+    fewer = demo["default-3-layers"]
+    assert demo["paths"][-1] == "default-3-layers" and fewer["adapter_metrics"]["trained_layers"] == 2
+    assert fewer["examples_per_second"] > 0 and fewer["hybrid"]["latency_k1_p50_ms"] > 0
 
     trie = data["trie"]
     assert trie["vocab_size"] > 0 and trie["sizes"]["1000"]["ids"] == 1000
     for key in TRIE_KEYS:
         assert trie["sizes"]["1000"][key] > 0, (key, trie["sizes"]["1000"][key])
     md = (out / "speed.md").read_text()
-    assert "recall@1" in md and "## Trie" in md
+    assert "recall@1" in md and "## Trie" in md and "default-3-layers, hybrid decoding" in md
