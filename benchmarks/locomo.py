@@ -373,7 +373,8 @@ def reusable(paths: list[Path], args, cfg, systems: tuple[str, ...], convs: dict
                                       run.get("versions", {}).get("bm25s"))
             # Where the figures were made: a result reused again keeps its first origin (the
             # run that trained it, and the fusion its calibration saw).
-            origin = result.get("reused_from") or {"file": str(path), "commit": run.get("git_commit"), "utc": run.get("utc")}
+            origin = result.get("reused_from") or {"file": str(path), "commit": run.get("git_commit"), "utc": run.get("utc"),
+                                                    "cuda": run.get("machine", {}).get("cuda")}
             result = {**result, "candidate_scores": kept, "reused_from": dict(origin)}
             if refuse and "ipm-hybrid" in result:
                 if kept:

@@ -79,10 +79,15 @@ def main(argv: list[str] | None, *, script: str, doc: str, bench: str, variants:
         o = d["overall"]
         examples = sum(r.get("train_examples", 0) for r in d["per_conversation"].values())
         among = adapter_among_candidates(d.get("fusion_sweep") or {})
+        # Where each conversation was trained: a reused one keeps its first run's commit and machine.
+        here = {"commit": d["run"]["git_commit"], "cuda": d["run"]["machine"].get("cuda")}
+        trained = [{**here, **r["reused_from"]} if r.get("reused_from") else here for r in d["per_conversation"].values()]
         runs[name] = {"overrides": variants[name], "config": d["config"], "train_examples": examples,
                       "train_seconds": sum(d["train_seconds"].values()), "overall": o,
-                      "adapter_among_candidates": among, "commit": d["run"]["git_commit"],
-                      "cuda": d["run"]["machine"].get("cuda"), "command": d["run"]["command"]}
+                      "adapter_among_candidates": among,
+                      "commit": ",".join(sorted({(t["commit"] or "unknown")[:7] for t in trained})),
+                      "cuda": ", ".join(sorted({t["cuda"] for t in trained if t["cuda"]})) or None,
+                      "command": d["run"]["command"]}
         rows.append(common.row(f"ipm hybrid, {name}", o["ipm-hybrid"], **describe(d["config"]), **{
             "machine": runs[name]["cuda"] or "CPU", "train examples": examples,
             "train s": round(runs[name]["train_seconds"]),
@@ -97,8 +102,8 @@ def main(argv: list[str] | None, *, script: str, doc: str, bench: str, variants:
                      ("recall@k and MRR: hybrid decoding (the default) with the configured fusion weights; "
                       "pure = the adapter alone over every ID; adapter among candidates = the adapter alone ranking "
                       "hybrid decoding's BM25 + dense candidates."), *notes,
-                     "HEAD when each variant ran: " + ", ".join(
-                         f"{n} {(r['commit'] or 'unknown')[:7]}" for n, r in runs.items()) + "."]
+                     "Commit each variant was trained at (a reused conversation keeps its first run's): " + ", ".join(
+                         f"{n} {r['commit']}" for n, r in runs.items()) + "."]
         table = rows + [common.row(n, m) for n, m in data["baselines"].items()]
         common.write_results(bench, data, table, args.out_dir, args.json, notes=all_notes, title=title)
     return data

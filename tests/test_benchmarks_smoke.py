@@ -247,6 +247,8 @@ def test_question_mix_smoke(tiny_model, tmp_path, monkeypatch):
     # --reuse with other fusion settings trains nothing: pure recall stays, hybrid is ranked again.
     kept = tmp_path / "results" / "question-mix" / "wh" / "locomo-observations.json"
     before = json.loads(kept.read_text())
+    before["run"] |= {"git_commit": "0123456789abcdef", "machine": {**before["run"]["machine"], "cuda": "Some GPU"}}
+    kept.write_text(json.dumps(before))  # as if trained at another commit, on another machine
     mix.main(files + tiny_args(tiny_model, tmp_path) + ["--mixes", "wh", "--reuse", "--out-of-scope", "5",
                                                         "--limit-memories", "15", "--set", "fusion_dense=5"])
     after = json.loads(kept.read_text())
@@ -255,6 +257,11 @@ def test_question_mix_smoke(tiny_model, tmp_path, monkeypatch):
     assert after["overall"]["ipm-pure"] == before["overall"]["ipm-pure"]
     row = next(r for r in before["fusion_sweep"]["grid"] if r["weights"] == [0.5, 5.0, before["config"]["fusion_bm25"]])
     assert after["overall"]["ipm-hybrid"]["recall@1"] == pytest.approx(row["all"]["recall@1"])
+    # The table names the commit and machine the reused conversations were trained at, not this run's.
+    assert {r["reused_from"]["commit"] for r in after["per_conversation"].values()} == {"0123456789abcdef"}
+    table = json.loads((tmp_path / "results" / "question-mix.json").read_text())["variants"]["wh"]
+    assert table["commit"] == "0123456" and table["cuda"] == "Some GPU"
+    assert "wh 0123456" in (tmp_path / "results" / "question-mix.md").read_text()
 
 
 def test_recipe_smoke(tiny_model, tmp_path, monkeypatch):

@@ -480,6 +480,8 @@ def test_an_index_on_some_layers_of_the_base_is_served_on_those_layers(home, mem
         reopened.add("My favourite food is sushi.", id="food_favorite_sushi")
         again = reopened.train()  # configured with every layer: a full retrain, not a continuation
         assert again["base_model"]["layers"] is None and again["metrics"]["incremental"] is None
+        assert again["metrics"]["full_because"] == ("the current index was trained on base layers 0,2-3, this "
+                                                    "configuration keeps all (base_layers)")
     finally:
         reopened.store.close()
     with pytest.raises(ModelError, match="has only 4 decoder layers"):
@@ -487,3 +489,23 @@ def test_an_index_on_some_layers_of_the_base_is_served_on_those_layers(home, mem
     for bad in ({"base_layers": -1}, {"base_layers": 2}, {"base_layers": 3, "lora_layers": 0}):
         with pytest.raises(InvalidInput, match="base_layers"):
             tiny_config.updated(**bad)
+
+
+def test_cli_train_says_when_it_retrains_from_scratch(tiny_model, memories_file, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from ipm.cli import app
+
+    monkeypatch.setenv("IPM_CACHE", str(tmp_path / "cache"))
+    home = str(tmp_path / "clihome")
+    common = ["--home", home, "--base-model", str(tiny_model), "--lora-layers", "2", "--epochs", "2",
+              "--questions-per-memory", "4"]
+    runner = CliRunner()
+    assert runner.invoke(app, ["import", str(memories_file), "--home", home]).exit_code == 0
+    first = runner.invoke(app, ["train", *common, "--base-layers", "3"])
+    assert first.exit_code == 0 and "retrained from scratch" not in first.output
+    assert runner.invoke(app, ["add", "My favourite food is sushi.", "--home", home]).exit_code == 0
+    second = runner.invoke(app, ["train", *common])
+    assert second.exit_code == 0, second.output
+    said = " ".join(second.output.split())  # rich wraps long lines
+    assert "retrained from scratch, not incrementally: the current index was trained on base layers 0,2-3" in said

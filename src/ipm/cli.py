@@ -132,6 +132,8 @@ def train(user: str = User, home: Optional[Path] = Home, config: Optional[Path] 
         out.print(f"trained index {manifest['version']} {how}on {len(manifest['ids'])} memories: "
                   f"{m['examples']} questions x {m['epochs']} epochs in {m['total_seconds']:.0f}s "
                   f"(final loss {m['loss_last']:.3f}, abstain below {manifest['threshold']:.3f})")
+        if m.get("full_because"):
+            out.print(f"retrained from scratch, not incrementally: {m['full_because']}")
 
 
 @app.command()

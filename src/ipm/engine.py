@@ -333,19 +333,31 @@ class IPM:
                 out.append(replace(e, negatives=tuple(mid for mid in proposed if mid != e.memory_id)))
         return out
 
-    def _incremental_from(self, user: str, base: BaseModel) -> tuple[Path, dict] | None:
-        """The current version and its manifest, if a new one can continue from its adapter."""
+    def _incremental_from(self, user: str, base: BaseModel) -> tuple[tuple[Path, dict] | None, str | None]:
+        """The current version and its manifest, if a new one can continue from its adapter;
+        else None and why not (None where there is no index yet)."""
         root = self.paths.index_root(user)
         prev = index_dir.current_dir(root)
         if prev is None:
-            return None
+            return None, None
         manifest = json.loads((prev / index_dir.MANIFEST).read_text())
-        same_shape = ("lora_r", "lora_alpha", "lora_layers", "target_modules")
-        if (manifest["base_model"]["sha256"] != base.sha256 or manifest["base_model"].get("layers") != (list(base.layers) if base.layers else None)
-                or not (prev / "questions.jsonl").is_file()
-                or any(manifest["config"].get(k) != getattr(self.config, k) for k in same_shape)):
-            return None
-        return prev, manifest
+        had = manifest["base_model"]
+        layers = list(base.layers) if base.layers else None
+        changed = [k for k in ("lora_r", "lora_alpha", "lora_layers", "target_modules")
+                   if manifest["config"].get(k) != getattr(self.config, k)]
+        if had["sha256"] != base.sha256:
+            why = f"the current index was trained on another base model ({had['name']})"
+        elif had.get("layers") != layers:
+            why = (f"the current index was trained on base layers {layer_ranges(had['layers']) if had.get('layers') else 'all'}, "
+                   f"this configuration keeps {layer_ranges(layers) if layers else 'all'} (base_layers)")
+        elif changed:
+            why = "the LoRA shape changed (" + ", ".join(f"{k} {manifest['config'].get(k)} -> {getattr(self.config, k)}"
+                                                       for k in changed) + ")"
+        elif not (prev / "questions.jsonl").is_file():
+            why = "the current index kept no training questions to replay"
+        else:
+            return (prev, manifest), None
+        return None, why
 
     def train(self, user: str = DEFAULT_USER, progress: Callable[[str, int, int, float | None], None] | None = None,
               full: bool = False) -> dict:
@@ -365,7 +377,7 @@ class IPM:
             raise TrainingError(f"namespace {user!r} has no memories to train on: add or import some first")
         t0 = time.perf_counter()
         base = self._index_base()
-        prev = None if full else self._incremental_from(user, base)
+        prev, full_because = (None, None) if full else self._incremental_from(user, base)
         on_questions = lambda d, t: progress and progress("questions", d, t, None)  # noqa: E731
         incremental = None
         known: list[Example] = []  # questions of earlier versions still valid, kept for later replays
@@ -441,7 +453,8 @@ class IPM:
                 "threshold": calibration[self.config.decoding]["threshold"],
                 "config": self.config.to_dict(),
                 "metrics": {**result.metrics, "dtype": str(next(base.model.parameters()).dtype).removeprefix("torch."),
-                            "calibration": calibration, "incremental": incremental, "total_seconds": round(time.perf_counter() - t0, 2),
+                            "calibration": calibration, "incremental": incremental, "full_because": full_because,
+                            "total_seconds": round(time.perf_counter() - t0, 2),
                             "memories": len(memories), "calibration_examples": len(calib)},
             }
             final = index_dir.commit_version(root, name, tmp, manifest)
