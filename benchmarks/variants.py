@@ -79,14 +79,17 @@ def main(argv: list[str] | None, *, script: str, doc: str, bench: str, variants:
         o = d["overall"]
         examples = sum(r.get("train_examples", 0) for r in d["per_conversation"].values())
         among = adapter_among_candidates(d.get("fusion_sweep") or {})
-        # Where each conversation was trained: a reused one keeps its first run's commit and machine.
+        # Where each conversation was trained: a reused one keeps its first run's commit and
+        # machine (origins recorded before the machine was are "unrecorded").
         here = {"commit": d["run"]["git_commit"], "cuda": d["run"]["machine"].get("cuda")}
-        trained = [{**here, **r["reused_from"]} if r.get("reused_from") else here for r in d["per_conversation"].values()]
+        trained = [{"cuda": "unrecorded", **r["reused_from"]} if r.get("reused_from") else here
+                   for r in d["per_conversation"].values()]
+        machines = sorted({t["cuda"] or "CPU" for t in trained})
         runs[name] = {"overrides": variants[name], "config": d["config"], "train_examples": examples,
                       "train_seconds": sum(d["train_seconds"].values()), "overall": o,
                       "adapter_among_candidates": among,
                       "commit": ",".join(sorted({(t["commit"] or "unknown")[:7] for t in trained})),
-                      "cuda": ", ".join(sorted({t["cuda"] for t in trained if t["cuda"]})) or None,
+                      "cuda": None if machines == ["CPU"] else ", ".join(machines),
                       "command": d["run"]["command"]}
         rows.append(common.row(f"ipm hybrid, {name}", o["ipm-hybrid"], **describe(d["config"]), **{
             "machine": runs[name]["cuda"] or "CPU", "train examples": examples,

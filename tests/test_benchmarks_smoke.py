@@ -262,6 +262,15 @@ def test_question_mix_smoke(tiny_model, tmp_path, monkeypatch):
     table = json.loads((tmp_path / "results" / "question-mix.json").read_text())["variants"]["wh"]
     assert table["commit"] == "0123456" and table["cuda"] == "Some GPU"
     assert "wh 0123456" in (tmp_path / "results" / "question-mix.md").read_text()
+    # An origin recorded before its machine was is "unrecorded", not this run's machine; a
+    # variant trained on several machines names them all.
+    older = json.loads(json.dumps(after["per_conversation"]["conv-26"]))
+    del older["reused_from"]["cuda"]
+    after["per_conversation"]["conv-older"] = older
+    kept.write_text(json.dumps(after))
+    mix.main(files + tiny_args(tiny_model, tmp_path) + ["--mixes", "wh", "--collate"])
+    table = json.loads((tmp_path / "results" / "question-mix.json").read_text())["variants"]["wh"]
+    assert table["cuda"] == "Some GPU, unrecorded"
 
 
 def test_recipe_smoke(tiny_model, tmp_path, monkeypatch):

@@ -482,10 +482,32 @@ def test_an_index_on_some_layers_of_the_base_is_served_on_those_layers(home, mem
         assert again["base_model"]["layers"] is None and again["metrics"]["incremental"] is None
         assert again["metrics"]["full_because"] == ("the current index was trained on base layers 0,2-3, this "
                                                     "configuration keeps all (base_layers)")
+        # The one namespace this process serves moves to the new index's base, every layer.
+        assert reopened.ask("what is my dog called?", k=1).candidates and reopened._base.layers is None
     finally:
         reopened.store.close()
+    wrong = ipm.open(home, config=tiny_config.updated(base_layers=5), cache=tmp_path / "cache")
     with pytest.raises(ModelError, match="has only 4 decoder layers"):
-        ipm.open(home, config=tiny_config.updated(base_layers=5), cache=tmp_path / "cache").base()
+        wrong.base()
+    wrong.store.close()
+    # transformers' own generate (the generic decoder's path) runs on the kept layers: each
+    # attention layer's KV-cache slot is renumbered.
+    import torch
+
+    fewer = ipm.open(home, config=tiny_config.updated(base_layers=3), cache=tmp_path / "cache")
+    try:
+        model = fewer.base().model
+        assert [layer.self_attn.layer_idx for layer in model.get_decoder().layers] == [0, 1, 2]
+        out = model.generate(torch.tensor([[1, 5, 6]]), max_new_tokens=3, do_sample=False)
+        assert out.shape == (1, 6)
+    finally:
+        fewer.store.close()
+    other = tmp_path / "gpt2ish"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({"model_type": "gpt2", "num_hidden_layers": 4}))
+    from ipm.model import kept_layers
+    with pytest.raises(ModelError, match="Llama-family"):
+        kept_layers(tiny_config.updated(base_layers=3), other)
     for bad in ({"base_layers": -1}, {"base_layers": 2}, {"base_layers": 3, "lora_layers": 0}):
         with pytest.raises(InvalidInput, match="base_layers"):
             tiny_config.updated(**bad)

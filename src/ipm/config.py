@@ -144,11 +144,11 @@ class Config:
         for name in ("lora_r", "epochs", "batch_size", "beam_size", "questions_per_memory", "hybrid_candidates"):
             if getattr(self, name) < 1:
                 raise InvalidInput(f"config option {name} must be at least 1")
+        if self.base_layers < 0:
+            raise InvalidInput("base_layers must be at least 0 (0 = every layer of the base model)")
         if self.base_layers and not 0 < self.lora_layers < self.base_layers:
             raise InvalidInput("base_layers keeps the top lora_layers layers and the lowest base_layers - lora_layers: "
                                "it needs lora_layers between 1 and base_layers - 1 (or base_layers 0 = every layer)")
-        if self.base_layers < 0:
-            raise InvalidInput("base_layers must be at least 0 (0 = every layer of the base model)")
         if self.hard_negatives < 0 or self.hard_negative_weight < 0:
             raise InvalidInput("hard_negatives and hard_negative_weight must be at least 0")
         if min(self.fusion_adapter, self.fusion_dense, self.fusion_bm25, self.fusion_bm25_floor) < 0:

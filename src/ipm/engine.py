@@ -544,6 +544,12 @@ class IPM:
                 raise ModelError(f"index {version_dir} was trained on a different base model "
                                  f"({manifest['base_model']['name']}); retrain with `ipm train`")
             adapter = f"{user}__{version_dir.name}".replace(".", "_").replace("-", "_")
+            if self._model is not None and base is not self._base and not any(
+                    o.adapter for u, o in self._serving.items() if u != user):
+                # The one namespace served here moved to another base (retrained in this process
+                # under another base model or base_layers): serve it on that one instead.
+                self._model = self._decoder = None
+                s.adapter, s.trie = None, Trie()
             if self._model is None:
                 self._base = base
                 self._model = PeftModel.from_pretrained(copy.deepcopy(base.model), version_dir, adapter_name=adapter)
@@ -554,8 +560,8 @@ class IPM:
                                      f"{user!r} was trained on {manifest['base_model']['name']}"
                                      + (f" (layers {layer_ranges(manifest['base_model']['layers'])})"
                                         if manifest["base_model"].get("layers") else "")
-                                     + f", this process serves {self._base.label}: serve it from another process, "
-                                     "or retrain it")
+                                     + f", this process serves {self._base.label} for other namespaces: serve it "
+                                     "from another process, or retrain it on the same base model and layers")
                 self._model.load_adapter(version_dir, adapter_name=adapter)
             self._model.set_adapter(adapter)
             if s.adapter:

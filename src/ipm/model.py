@@ -281,10 +281,14 @@ def kept_layers(config: Config, path: Path) -> tuple[int, ...] | None:
     if not config.base_layers:
         return None
     try:
-        total = json.loads((path / "config.json").read_text())["num_hidden_layers"]
+        cfg = json.loads((path / "config.json").read_text())
+        total = cfg["num_hidden_layers"]
     except (OSError, ValueError, KeyError):
         raise ModelError(f"base_layers needs the layer count of base model {path}, which its config.json "
                          "does not give") from None
+    if cfg.get("model_type") not in RUNNER_MODEL_TYPES:
+        raise ModelError(f"base_layers works with Llama-family models ({', '.join(RUNNER_MODEL_TYPES)}); base model "
+                         f"{path} is {cfg.get('model_type')!r}: set base_layers to 0")
     if config.base_layers > total:
         raise ModelError(f"base_layers is {config.base_layers} but base model {path} has only {total} decoder layers")
     if config.base_layers == total:
