@@ -22,7 +22,7 @@ from typing import Callable, Iterable
 from . import index as index_dir
 from .config import Config, Paths
 from .errors import IndexMissing, InvalidInput, ModelError, NotFound, TrainingError
-from .model import BaseModel, id_token_ids, kept_layers, layer_ranges, load_base, quiet_transformers, resolve_model
+from .model import BaseModel, id_token_ids, layer_ranges, load_base, quiet_transformers, resolve_model, wanted_layers
 from .questions import OFF_TOPIC, builtin_questions, content_words, llm_questions, related_words
 from .retrieve import Candidates, load_dense_encoder
 from .search import GenerateDecoder, RunnerDecoder, Signals, fuse
@@ -277,8 +277,7 @@ class IPM:
         if cfg.dtype == "auto":
             if self._base is not None:
                 _, path, digest = resolve_model(cfg, self.paths)
-                want = kept_layers(cfg, path) if layers == "config" else (tuple(layers) if layers else None)
-                if self._base.sha256 == digest and self._base.layers == want:
+                if self._base.sha256 == digest and self._base.layers == wanted_layers(cfg, path, layers):
                     return self._base
             if trained_dtype == "float32":
                 cfg = cfg.updated(dtype="float32")

@@ -251,7 +251,7 @@ def _load_base(config: Config, paths: Paths, layers) -> BaseModel:
     name, path, digest = resolve_model(config, paths)
     device = pick_device(config)
     dtype = pick_dtype(config, device)
-    layers = kept_layers(config, path) if layers == "config" else (tuple(layers) if layers else None)
+    layers = wanted_layers(config, path, layers)
     key = (str(path), digest, device, dtype, layers)
     if key in _LOADED:
         return _LOADED[key]
@@ -295,6 +295,12 @@ def kept_layers(config: Config, path: Path) -> tuple[int, ...] | None:
         return None
     top = config.lora_layers
     return tuple(range(config.base_layers - top)) + tuple(range(total - top, total))
+
+
+def wanted_layers(config: Config, path: Path, layers: list[int] | None | str = "config") -> tuple[int, ...] | None:
+    """`layers` as load_base takes it ("config", a manifest's list, or None = all) as the
+    tuple a BaseModel holds."""
+    return kept_layers(config, path) if layers == "config" else (tuple(layers) if layers else None)
 
 
 def _keep_layers(model, layers: tuple[int, ...], path: Path) -> None:
