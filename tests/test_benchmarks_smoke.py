@@ -191,11 +191,23 @@ def test_locomo_smoke(tiny_model, tmp_path, monkeypatch, capsys):
         scaled.append({**it, "candidates": {m: [v[0], v[1], v[2] / best] for m, v in it["candidates"].items()}})
     with gzip.open(normalised.with_name("locomo-observations-candidates.json.gz"), "wt") as f:
         json.dump({"conv-26": scaled}, f)
-    normalised.write_text(json.dumps({k: v for k, v in data.items() if k != "bm25_scores"}))
-    back = locomo.reusable([normalised], ns, Config(**data["config"]), ("ipm-hybrid",), convs)["conv-26"]["candidate_scores"]
-    for a, b in zip(back, data_scores):
+    # Such runs predate expand_retrievers (no such field: off), so the best score is the plain
+    # BM25's over the memory texts; this run's kept scores are expanded BM25's, hence the ratio.
+    from ipm.retrieve import BM25
+
+    mems = locomo.memories(convs["conv-26"], "observations")[:20]
+    questions, _, _ = locomo.scored_questions(convs["conv-26"], {str(i): t for i, (_, t) in enumerate(mems)})
+    plain = BM25([str(i) for i in range(len(mems))], [t for t, _ in mems])
+    normalised.write_text(json.dumps({**{k: v for k, v in data.items() if k != "bm25_scores"},
+                                      "config": {k: v for k, v in data["config"].items() if k != "expand_retrievers"}}))
+    old_cfg = Config(**{**data["config"], "expand_retrievers": False})
+    back = locomo.reusable([normalised], ns, old_cfg, ("ipm-hybrid",), convs)["conv-26"]["candidate_scores"]
+    assert len(back) == len(data_scores) == len(questions)
+    for q, a, b in zip(questions, back, data_scores):
         assert a["candidates"].keys() == b["candidates"].keys()
-        assert all(x[2] == pytest.approx(y[2], rel=1e-6, abs=1e-9) for x, y in zip(a["candidates"].values(), b["candidates"].values()))
+        ratio = max(plain.scores(q.question), default=0.0) / (max(v[2] for v in b["candidates"].values()) or 1.0)
+        assert all(x[2] == pytest.approx(y[2] * ratio, rel=1e-6, abs=1e-9)
+                   for x, y in zip(a["candidates"].values(), b["candidates"].values()))
     # A run from before a Config field existed matches where this run keeps the field's default.
     older = tmp_path / "older" / "locomo-observations.json"
     older.parent.mkdir()
@@ -316,8 +328,10 @@ def test_fusion_transfer_smoke(tmp_path, monkeypatch):
     out = bench.main([str(SHARED / "locomo" / "conv-26.json"), "--limit-memories", "40",
                       "--out-dir", str(tmp_path / "results")])
     data = json.loads((tmp_path / "results" / "fusion-transfer.json").read_text())
-    assert len(data["grid"]) == 2 * len(bench.DENSE) * len(bench.BM25) and data["rows"] == out["rows"]
-    assert {r["bm25 floor"] for r in data["grid"]} == {0.0, Config().fusion_bm25_floor}
+    floors = {0.0, 8.0, Config().fusion_bm25_floor}
+    assert len(data["grid"]) == 2 * len(floors) * len(bench.DENSE) * len(bench.BM25) and data["rows"] == out["rows"]
+    assert {r["bm25 floor"] for r in data["grid"]} == floors
+    assert {r["retrievers"] for r in data["grid"]} == {"text", "text + questions"}
     # "dense alone" over the candidates is dense retrieval's own top 1, as the baseline scores it
     from ipm.evaluate import evaluate_baseline, load_questions
 
@@ -325,6 +339,6 @@ def test_fusion_transfer_smoke(tmp_path, monkeypatch):
                 if line.strip()]
     questions = load_questions(ROOT / "examples" / "demo" / "questions.json")  # the baseline scores in-scope ones
     dense = evaluate_baseline("dense", [m["id"] for m in memories], [m["text"] for m in memories], questions)
-    assert out["rows"][0]["system"] == "dense alone" and out["rows"][0]["demo %"] == pytest.approx(dense["recall@1"])
+    assert out["rows"][0]["system"] == "dense alone over text" and out["rows"][0]["demo %"] == pytest.approx(dense["recall@1"])
     best = max(r["demo %"] for r in data["grid"])
     assert out["rows"][-1]["demo %"] == best

@@ -406,6 +406,68 @@ def test_incremental_training_folds_in_new_memories(trained, home):
         assert a.candidates[0].id == mid
 
 
+def test_the_retrievers_match_the_training_questions_kept_with_the_index(mem, home, memories_file, tiny_config,
+                                                                        tmp_path, monkeypatch):
+    import warnings
+
+    import torch
+    from safetensors.torch import load_file
+
+    from ipm.engine import QUESTION_EMBEDDINGS, read_questions
+    from ipm.retrieve import load_dense_encoder
+
+    encoder = load_dense_encoder()
+    mem.import_(memories_file)
+    mem.add("The spare key is under the blue flowerpot.", id="home_key_flowerpot",
+            questions=["How do I get into the zanzibar shed?"])
+    mem.train()
+    root = home / "indexes" / "default"
+    v1 = index_dir.current_dir(root)
+    rows = read_questions(v1)
+    emb = load_file(str(v1 / QUESTION_EMBEDDINGS))["embeddings"]
+    assert emb.dtype == torch.float16 and len(emb) == len(rows)
+    assert torch.allclose(emb.float(), encoder.encode([q for q, _ in rows]).cpu(), atol=2e-3)
+
+    # "zanzibar" is in no memory's text, only in a training question: BM25 proposes that memory
+    mem.reconfigure(hybrid_candidates=1)
+    hit = {h.id: h for h in mem.ask("zanzibar shed", k=5).candidates}["home_key_flowerpot"]
+    assert hit.signals.bm25 > 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the threshold was calibrated with the expansion on
+        mem.reconfigure(expand_retrievers=False)
+        plain = {h.id: h for h in mem.ask("zanzibar shed", k=5).candidates}
+    assert "home_key_flowerpot" not in plain or plain["home_key_flowerpot"].signals.bm25 == 0
+
+    # An index that kept no embeddings is served the same, embedding its questions once
+    (v1 / QUESTION_EMBEDDINGS).unlink()
+    other = ipm.open(home, config=tiny_config.updated(hybrid_candidates=1), cache=tmp_path / "cache")
+    again = {h.id: h for h in other.ask("zanzibar shed", k=5).candidates}["home_key_flowerpot"]
+    assert again.signals.bm25 == pytest.approx(hit.signals.bm25) and again.signals.dense == pytest.approx(
+        hit.signals.dense, abs=1e-3)
+    other.store.close()
+
+    # An incremental train embeds only the new memory's questions and keeps the rest as they were
+    mem.reconfigure(expand_retrievers=True)
+    mem.train(full=True)
+    v2 = index_dir.current_dir(root)
+    old = dict(zip(read_questions(v2), load_file(str(v2 / QUESTION_EMBEDDINGS))["embeddings"]))
+    encoded: list[str] = []
+    real = encoder.encode
+    monkeypatch.setattr(encoder, "encode", lambda texts: encoded.extend(texts) or real(texts))
+    mem.add("My favourite food is sushi.", id="food_favorite_sushi")
+    mem.train()
+    v3 = index_dir.current_dir(root)
+    rows3 = read_questions(v3)
+    emb3 = load_file(str(v3 / QUESTION_EMBEDDINGS))["embeddings"]
+    assert {mid for _, mid in rows3} == set(MEMORIES) | {"home_key_flowerpot", "food_favorite_sushi"}
+    texts = {m.text for m in mem.list()}  # (the retrievers encode the memory texts themselves)
+    for row, e in zip(rows3, emb3):
+        if row in old:
+            assert torch.equal(e, old[row]) and (row[0] in texts or row[0] not in encoded)
+        else:
+            assert row[1] == "food_favorite_sushi" and row[0] in encoded
+
+
 def test_train_with_nothing_new_is_up_to_date_and_full_retrains(trained):
     again = trained.train()
     assert again["up_to_date"] and again["version"] == "v0001"

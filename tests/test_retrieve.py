@@ -29,3 +29,28 @@ def test_candidates_for_a_batch_match_one_by_one():
             assert cos == pytest.approx(want[mid][0], abs=1e-5) and bm == pytest.approx(want[mid][1])
     # "Anna" is a BM25 match that dense retrieval may or may not rank in its top 2: it is proposed
     assert "family_sister_anna" in batch[3] and len(batch[2]) == 2  # "zzz": dense's top 2 only
+
+
+def test_expanded_retrievers_also_match_each_memorys_questions():
+    """BM25 indexes a memory's text with its training questions; dense scores it by the mean of
+    the text's cosine and the best cosine among text and questions (text alone without any)."""
+    import torch
+
+    encoder = load_dense_encoder()
+    ids, texts = list(MEMORIES), list(MEMORIES.values())
+    questions = [["Who is my beagle?"], [], ["Where is the hazelwick household?"], []]
+    q_emb = [encoder.encode(qs) if qs else torch.zeros((0, 384)) for qs in questions]
+    plain = Candidates(ids, texts, encoder)
+    expanded = Candidates(ids, texts, encoder, None, questions, q_emb)
+    # "hazelwick" is in no memory's text, only in the sister's question: BM25 finds it expanded
+    assert plain.bm25.scores("hazelwick")[2] == 0 and expanded.bm25.scores("hazelwick")[2] > 0
+    assert set(expanded.many(["hazelwick"], 1)[0]) >= {"family_sister_anna"}
+    question = "Where does the hazelwick family live?"
+    cos_text = (encoder.encode([question]) @ plain.dense.emb.T)[0]
+    got = expanded.dense.scores_many([question])[0]
+    for i, qs in enumerate(q_emb):
+        best = max([cos_text[i].item()] + (encoder.encode([question]) @ qs.T)[0].tolist())
+        assert got[i] == pytest.approx((cos_text[i].item() + best) / 2, abs=1e-5)
+    assert got[1] == pytest.approx(cos_text[1].item(), abs=1e-5)  # no questions: the text's cosine
+    assert got[2] > cos_text[2].item()
+    assert expanded.dense.rank([question], k=1) == [[ids[max(range(4), key=got.__getitem__)]]]

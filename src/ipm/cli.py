@@ -116,7 +116,8 @@ def train(user: str = User, home: Optional[Path] = Home, config: Optional[Path] 
 
         def progress(phase, done, total, loss):
             if phase not in tasks:
-                label = {"questions": "writing questions", "train": "training", "calibrate": "calibrating"}[phase]
+                label = {"questions": "writing questions", "embed": "embedding questions", "train": "training",
+                         "calibrate": "calibrating"}[phase]
                 tasks[phase] = bar.add_task(label, total=total, info="")
             bar.update(tasks[phase], completed=done, info=f"loss {loss:.3f}" if loss is not None else "")
 

@@ -88,11 +88,33 @@ class _Serving:
     pending: set[str] = field(default_factory=set)  # live IDs the adapter was not trained on
     candidates: Candidates | None = None
     embeddings: dict = field(default_factory=dict)  # text sha256 -> MiniLM embedding, reused across resyncs
+    expansion: dict | None = None  # id -> (training questions, their embeddings) of the served version
 
 
 ASK_BATCH = 16  # questions per forward pass in ask_many (hybrid decoding)
-FUSION_OPTIONS = ("fusion_adapter", "fusion_dense", "fusion_bm25", "fusion_bm25_floor")  # what a hybrid threshold hangs on
-QUERY_OPTIONS = {"decoding", "hybrid_candidates", *FUSION_OPTIONS, "beam_size", "max_k", "abstain_threshold"}
+FUSION_OPTIONS = ("fusion_adapter", "fusion_dense", "fusion_bm25", "fusion_bm25_floor")  # re-rank kept candidate scores
+CALIBRATED_OPTIONS = (*FUSION_OPTIONS, "expand_retrievers")  # what a hybrid threshold hangs on
+QUERY_OPTIONS = {"decoding", "hybrid_candidates", *CALIBRATED_OPTIONS, "beam_size", "max_k", "abstain_threshold"}
+QUESTIONS_FILE = "questions.jsonl"  # an index version's training questions, one {"question", "memory_id"} a line
+QUESTION_EMBEDDINGS = "question_embeddings.safetensors"  # their MiniLM embeddings (float16), row for row
+
+
+def read_questions(version_dir: Path) -> list[tuple[str, str]]:
+    """An index version's training questions as (question, memory ID) rows, in file order."""
+    with (version_dir / QUESTIONS_FILE).open(encoding="utf-8") as f:
+        return [(r["question"], r["memory_id"]) for r in map(json.loads, f)]
+
+
+def group_expansion(rows: list[tuple[str, str]], embeddings, texts: dict[str, str]) -> dict:
+    """{memory ID: (its questions, their embedding rows)} for the retrievers' document
+    expansion; a memory's own text, which the retrievers match anyway, is left out."""
+    import torch
+
+    by_id: dict[str, list[int]] = {}
+    for i, (question, mid) in enumerate(rows):
+        if question != texts.get(mid):
+            by_id.setdefault(mid, []).append(i)
+    return {mid: ([rows[i][0] for i in idx], embeddings[torch.tensor(idx)]) for mid, idx in by_id.items()}
 
 
 def read_records(path: str | Path) -> tuple[object, str]:
@@ -352,7 +374,7 @@ class IPM:
         elif changed:
             why = "the LoRA shape changed (" + ", ".join(f"{k} {manifest['config'].get(k)} -> {getattr(self.config, k)}"
                                                        for k in changed) + ")"
-        elif not (prev / "questions.jsonl").is_file():
+        elif not (prev / QUESTIONS_FILE).is_file():
             why = "the current index kept no training questions to replay"
         else:
             return (prev, manifest), None
@@ -389,8 +411,7 @@ class IPM:
                 return {**prev_manifest, "up_to_date": True}
             train, calib = self.training_examples(user, base, on_questions, ids=new_ids)
             kept = {m.id for m in memories} - new_ids
-            with (prev_dir / "questions.jsonl").open(encoding="utf-8") as f:
-                old = [Example(r["question"], r["memory_id"]) for r in map(json.loads, f) if r["memory_id"] in kept]
+            old = [Example(q, mid) for q, mid in read_questions(prev_dir) if mid in kept]
             rng = random.Random(self.config.seed)
             replay = rng.sample(old, min(len(old), int(self.config.replay_ratio * len(train))))
             # Old memories are in the calibration set too: their texts as questions stand in for
@@ -401,10 +422,17 @@ class IPM:
                            "new_examples": len(train), "replayed_examples": len(replay)}
             known = old
             train = train + replay
+        # The training questions this version keeps (and replays from later); the retrievers
+        # also match them when expand_retrievers is on. Calibration questions stay out of both.
+        rows = list(dict.fromkeys((e.question, e.memory_id) for e in train + known))
         # Hybrid decoding's retrievers (where the dense model is installed): they propose the
         # hard negatives, and calibration scores hybrid decoding through them.
+        q_emb = None
         try:
-            candidates = self._candidates(memories)
+            if self.config.expand_retrievers:
+                q_emb = self._embed_questions(rows, prev[0] if prev else None, progress)
+                expansion = group_expansion(rows, q_emb, {m.id: m.text for m in memories})
+            candidates = self._candidates(memories, expansion=expansion if q_emb is not None else None)
         except InvalidInput:
             if self.config.decoding == "hybrid" or self.config.hard_negatives:
                 raise
@@ -434,15 +462,20 @@ class IPM:
                     progress("calibrate", done, len(cal) * len(modes), None)
             calibration[mode] = calibrate(top1, off)
             if mode == "hybrid":  # the threshold holds for these settings only
-                calibration[mode]["fusion"] = self._fusion_settings()
+                calibration[mode]["fusion"] = self._calibrated_settings()
         root = self.paths.index_root(user)
         name, tmp = index_dir.new_version(root)
         try:
             result.model.save_pretrained(tmp)
             (tmp / "README.md").unlink(missing_ok=True)  # PEFT's boilerplate model card
-            with (tmp / "questions.jsonl").open("w", encoding="utf-8") as f:
-                for question, mid in dict.fromkeys((e.question, e.memory_id) for e in train + known):
+            with (tmp / QUESTIONS_FILE).open("w", encoding="utf-8") as f:
+                for question, mid in rows:
                     f.write(json.dumps({"question": question, "memory_id": mid}, ensure_ascii=False) + "\n")
+            if q_emb is not None:
+                from safetensors.torch import save_file
+
+                save_file({"embeddings": q_emb.contiguous()}, str(tmp / QUESTION_EMBEDDINGS),
+                          metadata={"encoder": load_dense_encoder().fingerprint})
             manifest = {
                 "format": 1, "namespace": user, "version": name,
                 "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -473,8 +506,10 @@ class IPM:
             return RunnerDecoder(runner, base.tokenizer, base.device)
         return GenerateDecoder(model, base.tokenizer, base.device)
 
-    def _candidates(self, memories: list[Memory], embeddings: dict | None = None) -> Candidates:
-        """BM25 and dense retrieval over `memories`, encoding only texts not in `embeddings`."""
+    def _candidates(self, memories: list[Memory], embeddings: dict | None = None,
+                    expansion: dict | None = None) -> Candidates:
+        """BM25 and dense retrieval over `memories`, encoding only texts not in `embeddings`;
+        with `expansion` (see group_expansion), also over each memory's training questions."""
         import torch
 
         encoder = load_dense_encoder()
@@ -483,7 +518,58 @@ class IPM:
         if new:
             embeddings.update(zip((m.sha256 for m in new), encoder.encode([m.text for m in new])))
         emb = torch.stack([embeddings[m.sha256] for m in memories])
-        return Candidates([m.id for m in memories], [m.text for m in memories], encoder, emb)
+        questions = q_emb = None
+        if expansion is not None:
+            none = ([], emb.new_zeros((0, emb.shape[1])))
+            questions = [expansion.get(m.id, none)[0] for m in memories]
+            q_emb = [expansion.get(m.id, none)[1] for m in memories]
+        return Candidates([m.id for m in memories], [m.text for m in memories], encoder, emb, questions, q_emb)
+
+    def _embed_questions(self, rows: list[tuple[str, str]], prev_dir: Path | None = None,
+                         progress: Callable | None = None):
+        """MiniLM embeddings (float16) of each (question, memory ID) row, those the version in
+        `prev_dir` embedded copied from it (an incremental train embeds only the new ones)."""
+        import torch
+
+        encoder = load_dense_encoder()
+        out = torch.zeros((len(rows), encoder.model.get_sentence_embedding_dimension()), dtype=torch.float16)
+        old = self._read_question_embeddings(prev_dir) if prev_dir is not None else None
+        where = {r: i for i, r in enumerate(read_questions(prev_dir))} if old is not None else {}
+        missing = []
+        for i, r in enumerate(rows):
+            if r in where:
+                out[i] = old[where[r]]
+            else:
+                missing.append(i)
+        chunk = 512
+        for b in range(0, len(missing), chunk):
+            part = missing[b:b + chunk]
+            out[torch.tensor(part)] = encoder.encode([rows[i][0] for i in part]).half().cpu()
+            if progress:
+                progress("embed", min(b + chunk, len(missing)), len(missing), None)
+        return out
+
+    @staticmethod
+    def _read_question_embeddings(version_dir: Path):
+        """A version's question embeddings, or None where it kept none (or another encoder made them)."""
+        from safetensors import safe_open
+
+        path = version_dir / QUESTION_EMBEDDINGS
+        if not path.is_file():
+            return None
+        with safe_open(str(path), framework="pt") as f:
+            if (f.metadata() or {}).get("encoder") != load_dense_encoder().fingerprint:
+                return None
+            return f.get_tensor("embeddings")
+
+    def _load_expansion(self, user: str, version_dir: Path) -> dict:
+        """The served version's training questions and their embeddings, by memory ID (an index
+        that kept no embeddings has them computed once here)."""
+        rows = read_questions(version_dir) if (version_dir / QUESTIONS_FILE).is_file() else []
+        emb = self._read_question_embeddings(version_dir)
+        if emb is None or len(emb) != len(rows):
+            emb = self._embed_questions(rows)
+        return group_expansion(rows, emb, {m.id: m.text for m in self.store.list(user)})
 
     def _rank(self, decoder, question: str, trie: Trie, candidates: Candidates | None,
               k: int) -> list[tuple[str, float, Signals | None]]:
@@ -510,17 +596,19 @@ class IPM:
                 out.append([(mid, p, signals[mid]) for mid, p in fused[:k]])
         return out
 
-    def _fusion_settings(self) -> dict:
-        return {k: getattr(self.config, k) for k in FUSION_OPTIONS}
+    def _calibrated_settings(self) -> dict:
+        return {k: getattr(self.config, k) for k in CALIBRATED_OPTIONS}
 
     def _warn_if_calibrated_elsewise(self, user: str, calibration: dict) -> None:
         """Hybrid scores are fused probabilities: a threshold calibrated under other fusion
         settings refuses more or fewer questions than it was chosen to. Say so; never guess."""
         had = calibration.get("fusion")
-        if had == self._fusion_settings():
+        if had is not None:
+            had = {"expand_retrievers": False, **had}  # recorded before the retrievers matched questions
+        if had == self._calibrated_settings():
             return
         then = ("settings it did not record (an index trained before ipm recorded them)" if had is None else
-                ", ".join(f"{k} {had.get(k)}" for k in FUSION_OPTIONS))
+                ", ".join(f"{k} {had.get(k)}" for k in CALIBRATED_OPTIONS))
         warnings.warn(f"namespace {user!r}: the abstention threshold of its index was calibrated under fusion "
                       f"{then}, not under the configured ones; abstention may refuse more or fewer questions "
                       "than calibrated. Run `ipm train --full` to recalibrate, or set abstain_threshold.",
@@ -566,7 +654,7 @@ class IPM:
             if s.adapter:
                 self._model.delete_adapter(s.adapter)
             self._model.eval()
-            s.version, s.adapter = version_dir.name, adapter
+            s.version, s.adapter, s.expansion = version_dir.name, adapter, None
             s.indexed = manifest["ids"]
             s.calibration = manifest["metrics"]["calibration"]
             if "threshold" in s.calibration:  # format of indexes trained before hybrid decoding
@@ -598,7 +686,10 @@ class IPM:
                 s.candidates = None
                 if self.config.decoding == "hybrid" and len(s.trie):
                     indexed = [m for m in self.store.list(user) if m.id in s.trie]
-                    s.candidates = self._candidates(indexed, s.embeddings)
+                    if self.config.expand_retrievers and s.expansion is None:
+                        s.expansion = self._load_expansion(user, root / s.version)
+                    s.candidates = self._candidates(indexed, s.embeddings,
+                                                    s.expansion if self.config.expand_retrievers else None)
                     keep = {m.sha256 for m in indexed}
                     s.embeddings = {sha: e for sha, e in s.embeddings.items() if sha in keep}
                 s.generation = gen

@@ -1,7 +1,8 @@
 """Trained indexes on disk: one directory per version, made current only when complete.
 
     <home>/indexes/<namespace>/
-        v0001/ adapter_model.safetensors, adapter_config.json, manifest.json
+        v0001/ adapter_model.safetensors, adapter_config.json, manifest.json,
+               questions.jsonl (training questions), question_embeddings.safetensors (MiniLM, float16)
         v0002/ ...
         CURRENT            <- the name of the serving version, replaced atomically
 

@@ -3,6 +3,12 @@
 They are what a user would pick instead of IPM, so the benchmarks score them beside it; and
 they propose the candidates of hybrid decoding, whose trie holds only the IDs they retrieve
 (see `search.fuse`). One implementation serves both uses.
+
+For hybrid decoding, both also match each memory's training questions, the same ones the
+adapter learns (document expansion, as in doc2query): BM25 indexes the text with its
+questions appended, and dense retrieval scores a memory by the mean of its text's cosine and
+the best cosine among its text and questions. The baselines the benchmarks report use the
+text alone.
 """
 
 from __future__ import annotations
@@ -66,25 +72,41 @@ def load_dense_encoder() -> DenseEncoder:
 
 
 class Dense:
-    """Cosine similarity of MiniLM embeddings."""
+    """Cosine similarity of MiniLM embeddings; with `question_embeddings` (one tensor of rows
+    per memory, possibly empty), the mean of the text's cosine and the best one among the text
+    and the memory's questions."""
 
     name = "dense"
 
-    def __init__(self, ids: list[str], texts: list[str], encoder: DenseEncoder | None = None, embeddings=None):
+    def __init__(self, ids: list[str], texts: list[str], encoder: DenseEncoder | None = None, embeddings=None,
+                 question_embeddings: list | None = None):
+        import torch
+
         self.ids = ids
         self.encoder = encoder or load_dense_encoder()
         self.emb = embeddings if embeddings is not None else self.encoder.encode(texts)
+        self.q_emb = self.q_owner = None
+        if question_embeddings is not None and any(len(e) for e in question_embeddings):
+            self.q_emb = torch.cat([e.to(self.emb.dtype) for e in question_embeddings if len(e)])
+            self.q_owner = torch.cat([torch.full((len(e),), i, dtype=torch.long)
+                                      for i, e in enumerate(question_embeddings) if len(e)])
 
     def rank(self, questions: list[str], k: int = 10) -> list[list[str]]:
         import torch
 
-        q = self.encoder.encode(questions)
-        top = torch.topk(q @ self.emb.T, k=min(k, len(self.ids)), dim=1).indices.tolist()
+        top = torch.topk(self._scores(self.encoder.encode(questions)), k=min(k, len(self.ids)), dim=1).indices.tolist()
         return [[self.ids[i] for i in row] for row in top]
 
     def scores_many(self, questions: list[str]) -> list[list[float]]:
-        """The cosine similarity of every memory (in `ids` order) to each question, encoded in one batch."""
-        return (self.encoder.encode(questions) @ self.emb.T).tolist()
+        """The score of every memory (in `ids` order) for each question, encoded in one batch."""
+        return self._scores(self.encoder.encode(questions)).tolist()
+
+    def _scores(self, q):
+        text = q @ self.emb.T
+        if self.q_emb is None:
+            return text
+        best = text.scatter_reduce(1, self.q_owner.expand(len(q), -1), q @ self.q_emb.T, "amax")
+        return (text + best) / 2
 
 
 RETRIEVERS = {"bm25": BM25, "dense": Dense}
@@ -92,12 +114,16 @@ RETRIEVERS = {"bm25": BM25, "dense": Dense}
 
 class Candidates:
     """Hybrid decoding's candidate generator over one namespace's indexed memories: the union
-    of BM25's and dense retrieval's top n, with both scores for each."""
+    of BM25's and dense retrieval's top n, with both scores for each. With `questions` (each
+    memory's training questions) and their `question_embeddings`, both retrievers also match
+    those (see the module docstring)."""
 
-    def __init__(self, ids: list[str], texts: list[str], encoder: DenseEncoder, embeddings=None):
+    def __init__(self, ids: list[str], texts: list[str], encoder: DenseEncoder, embeddings=None,
+                 questions: list[list[str]] | None = None, question_embeddings: list | None = None):
         self.ids = ids
-        self.bm25 = BM25(ids, texts)
-        self.dense = Dense(ids, texts, encoder, embeddings)
+        docs = texts if questions is None else ["\n".join([t, *qs]) for t, qs in zip(texts, questions)]
+        self.bm25 = BM25(ids, docs)
+        self.dense = Dense(ids, texts, encoder, embeddings, question_embeddings)
 
     def many(self, questions: list[str], n: int) -> list[dict[str, tuple[float, float]]]:
         """For each question, {id: (cosine, BM25 score)} over the union of each retriever's top

@@ -116,7 +116,7 @@ class ForgottenOut(BaseModel):
 class TrainJobOut(BaseModel):
     job_id: str
     status: Literal["queued", "running", "done", "failed"]
-    phase: Optional[Literal["questions", "train", "calibrate"]]
+    phase: Optional[Literal["questions", "embed", "train", "calibrate"]]
     done: int
     total: int
     loss: Optional[float]
