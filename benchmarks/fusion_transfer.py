@@ -9,7 +9,7 @@ turns and on the demo set, whose questions are paraphrases by design: where the 
 win on LoCoMo lose on the demo, no one setting serves both. Each is scored twice: retrievers
 over the memory texts, and over the texts with each memory's built-in training questions
 (`expand_retrievers`; the engine leaves out the 10% it holds back for calibration, this keeps
-them). No training; about ten minutes here. Writes results/fusion-transfer.{json,md,png}.
+them). No training; about a minute here for observations, 25 with turns. Writes results/fusion-transfer.{json,md,png}.
 """
 
 from __future__ import annotations

@@ -219,8 +219,15 @@ def model_part(args, cfg, bars) -> dict:
                  "questions_seconds": round(time.perf_counter() - t0, 3)}
             ids = mem.store.ids(user)
             hybrid = None
-            if cfg.decoding == "hybrid":
-                candidates = mem._candidates(mem.store.list(user))
+            if cfg.decoding == "hybrid":  # the engine's retrievers, over the same training questions if expanded
+                expansion = None
+                if cfg.expand_retrievers:
+                    from ipm.engine import group_expansion
+
+                    rows = list(dict.fromkeys((e.question, e.memory_id) for e in examples))
+                    expansion = group_expansion(rows, mem._embed_questions(rows),
+                                                {m.id: m.text for m in mem.store.list(user)})
+                candidates = mem._candidates(mem.store.list(user), expansion=expansion)
                 hybrid = lambda decoder, qs, trie, k, c=candidates: mem._rank_many(decoder, qs, trie, c, k)  # noqa: E731
             for path, b in bases.items():
                 d[path] = run_path(path, b, examples, ids, qs, cfg, bars, name, hybrid)

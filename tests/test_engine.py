@@ -467,6 +467,12 @@ def test_the_retrievers_match_the_training_questions_kept_with_the_index(mem, ho
         else:
             assert row[1] == "food_favorite_sushi" and row[0] in encoded
 
+    # A memory updated since training no longer matches the questions made from its old text
+    assert {h.id: h for h in mem.ask("zanzibar shed", k=5).candidates}["home_key_flowerpot"].signals.bm25 > 0
+    mem.update("home_key_flowerpot", "The spare key is in the garage.")
+    after = {h.id: h for h in mem.ask("zanzibar shed", k=5).candidates}
+    assert "home_key_flowerpot" not in after or after["home_key_flowerpot"].signals.bm25 == 0
+
 
 def test_train_with_nothing_new_is_up_to_date_and_full_retrains(trained):
     again = trained.train()

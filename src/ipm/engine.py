@@ -390,8 +390,8 @@ class IPM:
         If nothing is new, the current manifest is returned with `"up_to_date": true`.
         `full=True` retrains from scratch on every memory.
 
-        `progress(phase, done, total, loss)` is called with phase "questions", "train" and
-        "calibrate". The previous version keeps serving until the new one is complete."""
+        `progress(phase, done, total, loss)` is called with phase "questions", "embed" (the
+        retrievers' question embeddings), "train" and "calibrate". The previous version keeps serving until the new one is complete."""
         check_namespace(user)
         memories = self.store.list(user)
         if not memories:
@@ -534,7 +534,10 @@ class IPM:
         encoder = load_dense_encoder()
         out = torch.zeros((len(rows), encoder.model.get_sentence_embedding_dimension()), dtype=torch.float16)
         old = self._read_question_embeddings(prev_dir) if prev_dir is not None else None
-        where = {r: i for i, r in enumerate(read_questions(prev_dir))} if old is not None else {}
+        prev_rows = read_questions(prev_dir) if old is not None else []
+        if old is not None and len(old) != len(prev_rows):
+            old, prev_rows = None, []  # not the file written with those rows: embed everything
+        where = {r: i for i, r in enumerate(prev_rows)}
         missing = []
         for i, r in enumerate(rows):
             if r in where:
@@ -686,10 +689,15 @@ class IPM:
                 s.candidates = None
                 if self.config.decoding == "hybrid" and len(s.trie):
                     indexed = [m for m in self.store.list(user) if m.id in s.trie]
-                    if self.config.expand_retrievers and s.expansion is None:
-                        s.expansion = self._load_expansion(user, root / s.version)
-                    s.candidates = self._candidates(indexed, s.embeddings,
-                                                    s.expansion if self.config.expand_retrievers else None)
+                    expansion = None
+                    if self.config.expand_retrievers:
+                        if s.expansion is None:
+                            s.expansion = self._load_expansion(user, root / s.version)
+                        # A memory updated since training keeps its ID (and its place in the
+                        # trie) but not the questions made from its old text.
+                        expansion = {m.id: s.expansion[m.id] for m in indexed
+                                     if m.id in s.expansion and s.indexed.get(m.id) == m.sha256}
+                    s.candidates = self._candidates(indexed, s.embeddings, expansion)
                     keep = {m.sha256 for m in indexed}
                     s.embeddings = {sha: e for sha, e in s.embeddings.items() if sha in keep}
                 s.generation = gen
