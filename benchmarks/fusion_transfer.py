@@ -52,10 +52,7 @@ def items(ids: list[str], texts: list[str], questions: list, encoder, n: int, cf
         expansion = [builtin_questions(i, t, cfg.questions_per_memory, cfg.seed, cfg.question_kinds)[1:]
                      for i, t in zip(ids, texts)]
         flat = encoder.encode([q for qs in expansion for q in qs]).cpu()
-        starts = [0]
-        for qs in expansion:
-            starts.append(starts[-1] + len(qs))
-        q_emb = [flat[a:b] for a, b in zip(starts, starts[1:])]
+        q_emb = list(flat.split([len(qs) for qs in expansion]))
     feats = Candidates(ids, texts, encoder, None, expansion, q_emb).many([q.question for q in questions], n)
     return [{"gold": sorted(q.gold), "candidates": {m: [0.0, c, b] for m, (c, b) in f.items()}}
             for f, q in zip(feats, questions)]
@@ -89,10 +86,10 @@ def main(argv: list[str] | None = None) -> dict:
     for variant in args.variants.split(","):
         for path in paths:
             conv = json.loads(path.read_text())
-            texts = [t for t, _ in locomo.memories(conv, variant)[: args.limit_memories]]
+            mems = locomo.memories(conv, variant)[: args.limit_memories]
+            texts = [t for t, _ in mems]
             ids = minted(texts, cfg)
-            turns = [ts for _, ts in locomo.memories(conv, variant)[: args.limit_memories]]
-            qs, _, _ = locomo.scored_questions(conv, dict(zip(ids, turns)))
+            qs, _, _ = locomo.scored_questions(conv, {mid: turns for mid, (_, turns) in zip(ids, mems)})
             sets.append((f"{variant}:{path.stem}", ids, texts, qs))
     demo = [json.loads(line) for line in (common.REPO / "examples" / "demo" / "memories.jsonl").read_text().splitlines() if line.strip()]
     questions = [q for q in load_questions(common.REPO / "examples" / "demo" / "questions.json") if q.gold is not None]

@@ -391,7 +391,8 @@ class IPM:
         `full=True` retrains from scratch on every memory.
 
         `progress(phase, done, total, loss)` is called with phase "questions", "embed" (the
-        retrievers' question embeddings), "train" and "calibrate". The previous version keeps serving until the new one is complete."""
+        retrievers' question embeddings), "train" and "calibrate". The previous version keeps
+        serving until the new one is complete."""
         check_namespace(user)
         memories = self.store.list(user)
         if not memories:
@@ -427,12 +428,12 @@ class IPM:
         rows = list(dict.fromkeys((e.question, e.memory_id) for e in train + known))
         # Hybrid decoding's retrievers (where the dense model is installed): they propose the
         # hard negatives, and calibration scores hybrid decoding through them.
-        q_emb = None
+        q_emb = expansion = None
         try:
             if self.config.expand_retrievers:
                 q_emb = self._embed_questions(rows, prev[0] if prev else None, progress)
                 expansion = group_expansion(rows, q_emb, {m.id: m.text for m in memories})
-            candidates = self._candidates(memories, expansion=expansion if q_emb is not None else None)
+            candidates = self._candidates(memories, expansion=expansion)
         except InvalidInput:
             if self.config.decoding == "hybrid" or self.config.hard_negatives:
                 raise
@@ -565,14 +566,14 @@ class IPM:
                 return None
             return f.get_tensor("embeddings")
 
-    def _load_expansion(self, user: str, version_dir: Path) -> dict:
+    def _load_expansion(self, version_dir: Path, texts: dict[str, str]) -> dict:
         """The served version's training questions and their embeddings, by memory ID (an index
-        that kept no embeddings has them computed once here)."""
+        that kept no embeddings has them computed once here); `texts`: the memories' texts."""
         rows = read_questions(version_dir) if (version_dir / QUESTIONS_FILE).is_file() else []
         emb = self._read_question_embeddings(version_dir)
         if emb is None or len(emb) != len(rows):
             emb = self._embed_questions(rows)
-        return group_expansion(rows, emb, {m.id: m.text for m in self.store.list(user)})
+        return group_expansion(rows, emb, texts)
 
     def _rank(self, decoder, question: str, trie: Trie, candidates: Candidates | None,
               k: int) -> list[tuple[str, float, Signals | None]]:
@@ -692,7 +693,7 @@ class IPM:
                     expansion = None
                     if self.config.expand_retrievers:
                         if s.expansion is None:
-                            s.expansion = self._load_expansion(user, root / s.version)
+                            s.expansion = self._load_expansion(root / s.version, {m.id: m.text for m in indexed})
                         # A memory updated since training keeps its ID (and its place in the
                         # trie) but not the questions made from its old text.
                         expansion = {m.id: s.expansion[m.id] for m in indexed
