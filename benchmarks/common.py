@@ -131,14 +131,24 @@ def evaluate_systems(mem, questions, user: str, bars, label: str, decodings=DECO
         for d in decodings:
             mem.reconfigure(decoding=d)
             keep = hybrid_answers if d == "hybrid" else None
-            out[f"ipm-{d}"] = evaluate_ipm(mem, questions, user, progress=bars.eval(f"{label} {d}"),
-                                           k=100 if keep is not None else 10, answers=keep)
+            out[f"ipm-{d}"] = ranked_layout(evaluate_ipm(mem, questions, user, progress=bars.eval(f"{label} {d}"),
+                                                         k=100 if keep is not None else 10, answers=keep))
     finally:
         mem.reconfigure(decoding=default)
     memories = mem.store.list(user) if memories is None else memories
     for name in baselines:
         out[name] = evaluate_baseline(name, [m.id for m in memories], [m.text for m in memories], questions)
     return out
+
+
+def ranked_layout(m: dict) -> dict:
+    """IPM's metrics as the benchmarks keep them: recall@k and MRR of its ranking (its best
+    guesses, also when it abstains), which compare like for like with the baselines' and can
+    be ranked again from kept scores, and `answered_correct`, the share it answered with a
+    right memory first (what `ipm eval` reports as recall@1, an abstention being a miss)."""
+    ranking = m["ranking"]
+    rest = {k: v for k, v in m.items() if k not in ranking and k != "ranking"}
+    return {**ranking, "answered_correct": m["recall@1"], **rest}
 
 
 def seed_everything(seed: int) -> None:

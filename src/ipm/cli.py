@@ -222,7 +222,7 @@ def eval_(questions_file: Path = typer.Argument(..., help="[{question, memory_id
                                                            "memory_id null = out of scope, a list = any of them."),
           baselines: str = typer.Option("", "--baselines", help="Comma-separated: bm25,dense."),
           decoding: Optional[str] = Decoding, user: str = User, home: Optional[Path] = Home, json_out: bool = Json):
-    """Score recall on held-out questions (of the ranking; answers and abstentions apart)."""
+    """Score recall on held-out questions (an abstention is a miss; the ranking behind it apart)."""
     from .evaluate import evaluate, load_questions
 
     mem = _open(home, decoding=decoding)
@@ -242,9 +242,11 @@ def eval_(questions_file: Path = typer.Argument(..., help="[{question, memory_id
                       f"{r['invalid_id_rate']:.3f}" if "invalid_id_rate" in r else "-")
     out.print(table)
     r = report["ipm"]
-    out.print(f"ipm ({mem.config.decoding} decoding): answered right {r['answered_correct']:.3f}, "
-              f"wrong answers {r['wrong_answer_rate']:.3f}, latency p50 {r['latency_ms_p50']:.0f} ms, "
-              f"p95 {r['latency_ms_p95']:.0f} ms")
+    ranked = r["ranking"]
+    out.print(f"ipm ({mem.config.decoding} decoding): an abstention counts as a miss; its best guesses, also "
+              f"when it abstains, rank the right memory first for {ranked['recall@1']:.3f} (recall@5 "
+              f"{ranked['recall@5']:.3f}, @10 {ranked['recall@10']:.3f}, MRR {ranked['mrr']:.3f}); wrong answers "
+              f"{r['wrong_answer_rate']:.3f}, latency p50 {r['latency_ms_p50']:.0f} ms, p95 {r['latency_ms_p95']:.0f} ms")
     if "out_of_scope" in r:
         out.print(f"out-of-scope questions refused: {r['out_of_scope']['refused']:.3f} of {r['out_of_scope']['n']}")
 

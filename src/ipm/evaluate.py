@@ -76,10 +76,11 @@ def _pct(values: list[float], q: float) -> float:
 
 def evaluate_ipm(mem, questions: list[Question], user: str, progress: Callable[[int, int], None] | None = None,
                  k: int = max(KS), answers: list | None = None) -> dict:
-    """Ask every question. Recall is of IPM's ranking (its best guesses, also when it
-    abstains), like the baselines' rankings; whether it answered or abstained is scored
-    apart: abstentions, wrong answers, refusals of out-of-scope questions. Also: invalid
-    IDs and latency. If `answers` is a list, each (question, Answer) is appended to it."""
+    """Ask every question. recall@k and MRR count an abstention as a miss at every k (the
+    answer was "no memory"); `ranking` holds the same metrics of IPM's best guesses also
+    when it abstains, which compare like for like with the baselines' rankings. Also:
+    abstentions, wrong answers, refusals of out-of-scope questions, invalid IDs and latency.
+    If `answers` is a list, each (question, Answer) is appended to it."""
     live = set(mem.store.ids(user))
     in_scope = [q for q in questions if q.gold is not None]
     oos = [q for q in questions if q.gold is None]
@@ -106,10 +107,10 @@ def evaluate_ipm(mem, questions: list[Question], user: str, progress: Callable[[
                 wrong += 1
         if progress:
             progress(i + 1, len(questions))
-    out = ranking_metrics(rankings, [q.gold for q in in_scope])
+    golds = [q.gold for q in in_scope]
+    answered = [[] if a else r for a, r in zip(abstained, rankings)]
+    out = ranking_metrics(answered, golds)
     out.update({
-        "answered_correct": sum(not a and bool(r) and r[0] in q.gold
-                                for a, r, q in zip(abstained, rankings, in_scope)) / len(in_scope) if in_scope else 0.0,
         "abstained": sum(abstained) / len(in_scope) if in_scope else 0.0,
         "wrong_answer_rate": wrong / len(in_scope) if in_scope else 0.0,
         "invalid_id_rate": invalid / returned if returned else 0.0,
@@ -117,9 +118,10 @@ def evaluate_ipm(mem, questions: list[Question], user: str, progress: Callable[[
     })
     if oos:
         out["out_of_scope"] = {"n": len(oos), "refused": oos_refused / len(oos)}
-    out["by_category"] = by_category(in_scope, rankings)
-    if not out["by_category"]:
-        del out["by_category"]
+    out["ranking"] = ranking_metrics(rankings, golds)
+    if any(q.category is not None for q in in_scope):
+        out["by_category"] = by_category(in_scope, answered)
+        out["ranking"]["by_category"] = by_category(in_scope, rankings)
     return out
 
 

@@ -1,0 +1,88 @@
+"""`ipm eval`'s metrics: an abstention is a miss at every k; the ranking behind it is scored
+apart, like the baselines' rankings."""
+
+import json
+
+import pytest
+
+from ipm.engine import Answer, Hit
+from ipm.evaluate import Question, evaluate_ipm
+
+
+class ScriptedEngine:
+    """Answers each question as scripted: (abstained, ranked IDs)."""
+
+    def __init__(self, live, script):
+        self.store = type("Store", (), {"ids": lambda _self, user: list(live)})()
+        self.script = script
+
+    def ask(self, question, k, user, log):
+        abstained, ranked = self.script[question]
+        cands = [Hit(i, f"text of {i}", 1.0 / (r + 1)) for r, i in enumerate(ranked[:k])]
+        return Answer(question, abstained, [] if abstained else cands, cands)
+
+
+def test_an_abstention_is_a_miss_at_every_k_and_its_ranking_is_scored_apart():
+    live = ["a_b_c", "d_e_f", "g_h_i"]
+    script = {
+        "right first": (False, ["a_b_c", "d_e_f"]),
+        "right second": (False, ["g_h_i", "d_e_f"]),
+        "refused, right first": (True, ["d_e_f", "a_b_c"]),
+        "wrong": (False, ["g_h_i", "a_b_c"]),
+        "off topic, refused": (True, ["a_b_c"]),
+        "off topic, answered": (False, ["d_e_f"]),
+    }
+    questions = [Question("right first", frozenset({"a_b_c"}), "x"),
+                 Question("right second", frozenset({"d_e_f"}), "x"),
+                 Question("refused, right first", frozenset({"d_e_f"}), "y"),
+                 Question("wrong", frozenset({"d_e_f"}), "y"),
+                 Question("off topic, refused", None), Question("off topic, answered", None)]
+    r = evaluate_ipm(ScriptedEngine(live, script), questions, "default")
+    assert r["n"] == 4
+    assert r["recall@1"] == pytest.approx(1 / 4)
+    assert r["recall@5"] == r["recall@10"] == pytest.approx(2 / 4)  # the refused one is a miss at any k
+    assert r["mrr"] == pytest.approx((1 + 1 / 2) / 4)
+    assert r["ranking"]["recall@1"] == pytest.approx(2 / 4)
+    assert r["ranking"]["recall@5"] == pytest.approx(3 / 4)
+    assert r["ranking"]["mrr"] == pytest.approx((1 + 1 / 2 + 1) / 4)
+    assert r["abstained"] == pytest.approx(1 / 4)
+    assert r["wrong_answer_rate"] == pytest.approx(2 / 4)  # "right second" answered another memory first
+    assert r["recall@1"] + r["abstained"] + r["wrong_answer_rate"] == pytest.approx(1.0)
+    assert r["out_of_scope"] == {"n": 2, "refused": 0.5}
+    assert r["invalid_id_rate"] == 0.0
+    assert r["by_category"]["y"]["recall@1"] == 0.0 and r["ranking"]["by_category"]["y"]["recall@1"] == 0.5
+
+
+def test_an_id_outside_the_store_counts_as_invalid():
+    script = {"q": (False, ["a_b_c", "not_in_store"])}
+    r = evaluate_ipm(ScriptedEngine(["a_b_c"], script), [Question("q", frozenset({"a_b_c"}))], "default")
+    assert r["invalid_id_rate"] == pytest.approx(1 / 2)
+
+
+def test_cli_eval_json_reports_recall_with_abstentions_as_misses(tiny_model, memories_file, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from ipm.cli import app
+
+    monkeypatch.setenv("IPM_CACHE", str(tmp_path / "cache"))
+    home = str(tmp_path / "clihome")
+    runner = CliRunner()
+    assert runner.invoke(app, ["import", str(memories_file), "--home", home]).exit_code == 0
+    settings = (f"base_model = {json.dumps(str(tiny_model))}\nlora_layers = 2\nepochs = 2\n"
+                "questions_per_memory = 4\ndecoding = \"pure\"\n")
+    (tmp_path / "clihome" / "ipm.toml").write_text(settings)
+    trained = runner.invoke(app, ["train", "--home", home])
+    assert trained.exit_code == 0, trained.output
+    qfile = tmp_path / "questions.json"
+    qfile.write_text(json.dumps([{"question": "What is my dog called?", "memory_id": "personal_pet_max"},
+                                 {"question": "Where does Anna live?", "memory_id": "family_sister_anna"},
+                                 {"question": "What is the capital of Peru?", "memory_id": None}]))
+    for threshold, abstained in ((0.0, 0.0), (1.01, 1.0)):  # never / always abstain
+        (tmp_path / "clihome" / "ipm.toml").write_text(settings + f"abstain_threshold = {threshold}\n")
+        res = runner.invoke(app, ["eval", str(qfile), "--home", home, "--baselines", "", "--json"])
+        assert res.exit_code == 0, res.output
+        r = json.loads(res.stdout)["ipm"]
+        assert r["abstained"] == abstained and r["invalid_id_rate"] == 0.0
+        assert r["ranking"]["recall@10"] == 1.0  # four memories: every ranking holds the right one
+        assert r["recall@10"] == 1.0 - abstained
+        assert r["recall@1"] + r["abstained"] + r["wrong_answer_rate"] == pytest.approx(1.0)
