@@ -474,6 +474,42 @@ def test_the_retrievers_match_the_training_questions_kept_with_the_index(mem, ho
     assert "home_key_flowerpot" not in after or after["home_key_flowerpot"].signals.bm25 == 0
 
 
+def test_hybrid_calibration_asks_each_held_back_question_without_its_memorys_training_questions(
+        mem, memories_file, tiny_config, monkeypatch):
+    from ipm.engine import IPM
+    from ipm.questions import OFF_TOPIC
+
+    mem.config = tiny_config.updated(calibration_fraction=0.3)  # 1-2 held-back questions a memory
+    expanded_for, asked = {}, []
+    build, top1 = IPM._candidates, IPM._top1
+
+    def spy_build(self, memories, embeddings=None, expansion=None):
+        c = build(self, memories, embeddings, expansion)
+        expanded_for[id(c)] = set(expansion or ())
+        return c
+
+    def spy_top1(self, decoder, questions, trie, candidates, tick):
+        asked.extend((q, candidates) for q in questions)
+        return top1(self, decoder, questions, trie, candidates, tick)
+    monkeypatch.setattr(IPM, "_candidates", spy_build)
+    monkeypatch.setattr(IPM, "_top1", spy_top1)
+    mem.import_(memories_file)
+    manifest = mem.train()
+    _, calib = mem.training_examples("default")
+    gold = {ex.question: ex.memory_id for ex in calib}
+    hybrid = [(q, expanded_for[id(c)]) for q, c in asked if c is not None]
+    held_back = [(q, expanded) for q, expanded in hybrid if q in gold]
+    assert sorted(q for q, _ in held_back) == sorted(gold) and len(gold) == len(calib)
+    assert set(gold.values()) == set(MEMORIES)
+    for q, expanded in held_back:  # the others' questions stay in, its memory's are out
+        assert gold[q] not in expanded and expanded == set(MEMORIES) - {gold[q]}
+    # off-topic questions meet the retrievers a served index has, every memory expanded
+    assert [q for q, e in hybrid if e == set(MEMORIES) and q not in gold] == OFF_TOPIC
+    hybrid_cal = manifest["metrics"]["calibration"]["hybrid"]
+    assert hybrid_cal["expansion_folds"] == 10 and hybrid_cal["n_in_scope"] == len(gold)
+    assert manifest["metrics"]["calibration"]["pure"]["n_in_scope"] == len(gold)
+
+
 def test_train_with_nothing_new_is_up_to_date_and_full_retrains(trained):
     again = trained.train()
     assert again["up_to_date"] and again["version"] == "v0001"

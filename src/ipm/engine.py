@@ -95,6 +95,8 @@ ASK_BATCH = 16  # questions per forward pass in ask_many (hybrid decoding)
 FUSION_OPTIONS = ("fusion_adapter", "fusion_dense", "fusion_bm25", "fusion_bm25_floor")  # re-rank kept candidate scores
 CALIBRATED_OPTIONS = (*FUSION_OPTIONS, "expand_retrievers")  # what a hybrid threshold hangs on
 QUERY_OPTIONS = {"decoding", "hybrid_candidates", *CALIBRATED_OPTIONS, "beam_size", "max_k", "abstain_threshold"}
+CALIBRATION_QUESTIONS = 300  # held-back questions sampled to calibrate each decoding's threshold
+CALIBRATION_FOLDS = 10  # see IPM._calibration_top1
 QUESTIONS_FILE = "questions.jsonl"  # an index version's training questions, one {"question", "memory_id"} a line
 QUESTION_EMBEDDINGS = "question_embeddings.safetensors"  # their MiniLM embeddings (float16), row for row
 
@@ -429,11 +431,12 @@ class IPM:
         # Hybrid decoding's retrievers (where the dense model is installed): they propose the
         # hard negatives, and calibration scores hybrid decoding through them.
         q_emb = expansion = None
+        text_emb: dict = {}  # the memories' text embeddings, shared by calibration's retrievers
         try:
             if self.config.expand_retrievers:
                 q_emb = self._embed_questions(rows, prev[0] if prev else None, progress)
                 expansion = group_expansion(rows, q_emb, {m.id: m.text for m in memories})
-            candidates = self._candidates(memories, expansion=expansion)
+            candidates = self._candidates(memories, text_emb, expansion=expansion)
         except InvalidInput:
             if self.config.decoding == "hybrid" or self.config.hard_negatives:
                 raise
@@ -446,24 +449,21 @@ class IPM:
         decoder = self._make_decoder(base, result.model)
         # Calibrate the abstention threshold for both decodings, so either can serve this index.
         modes = {"pure": None} | ({"hybrid": candidates} if candidates is not None else {})
-        cal = [(ex.question, ex.memory_id) for ex in calib[:150]] + [(q, None) for q in OFF_TOPIC]
-        calibration, done = {}, 0
+        cal = random.Random(self.config.seed).sample(calib, min(len(calib), CALIBRATION_QUESTIONS))
+        calibration, done = {}, [0]
+
+        def tick(n: int) -> None:
+            done[0] += n
+            if progress:
+                progress("calibrate", done[0], (len(cal) + len(OFF_TOPIC)) * len(modes), None)
         for mode, proposer in modes.items():
-            top1, off = [], []
-            for b in range(0, len(cal), ASK_BATCH):
-                chunk = cal[b:b + ASK_BATCH]
-                for (_, gold), hits in zip(chunk, self._rank_many(decoder, [q for q, _ in chunk], trie, proposer, k=1)):
-                    p = hits[0][1] if hits else 0.0
-                    if gold:
-                        top1.append((p, bool(hits) and hits[0][0] == gold))
-                    else:
-                        off.append(p)
-                done += len(chunk)
-                if progress:
-                    progress("calibrate", done, len(cal) * len(modes), None)
+            folds = CALIBRATION_FOLDS if mode == "hybrid" and expansion else 0
+            top1 = self._calibration_top1(decoder, trie, cal, memories, proposer, text_emb, expansion, folds, tick)
+            off = [p for _, p in self._top1(decoder, OFF_TOPIC, trie, proposer, tick)]
             calibration[mode] = calibrate(top1, off)
             if mode == "hybrid":  # the threshold holds for these settings only
                 calibration[mode]["fusion"] = self._calibrated_settings()
+                calibration[mode]["expansion_folds"] = folds
         root = self.paths.index_root(user)
         name, tmp = index_dir.new_version(root)
         try:
@@ -499,6 +499,40 @@ class IPM:
         self.store.log(user, "train", [m.id for m in memories], version=name, examples=len(train),
                        seconds=manifest["metrics"]["total_seconds"], path=str(final))
         return manifest
+
+    def _top1(self, decoder, questions: list[str], trie: Trie, candidates: Candidates | None,
+              tick: Callable[[int], None]) -> list[tuple[str | None, float]]:
+        """(best ID, its probability) for each question, in batches."""
+        out = []
+        for b in range(0, len(questions), ASK_BATCH):
+            chunk = questions[b:b + ASK_BATCH]
+            out += [(hits[0][0], hits[0][1]) if hits else (None, 0.0)
+                    for hits in self._rank_many(decoder, chunk, trie, candidates, k=1)]
+            tick(len(chunk))
+        return out
+
+    def _calibration_top1(self, decoder, trie: Trie, cal: list[Example], memories: list[Memory],
+                          candidates: Candidates | None, text_emb: dict, expansion: dict | None, folds: int,
+                          tick: Callable[[int], None]) -> list[tuple[float, bool]]:
+        """(top probability, right) for each held-back question. A held-back question has
+        near-duplicates among its memory's training questions (the templates phrase one
+        question several ways), and retrievers that match those questions make it far surer
+        than a question worded as people ask. With `folds`, its memory's training questions are
+        taken out of the retrievers while it is asked: the calibration memories are split into
+        `folds` groups and each group is asked of retrievers without that group's questions."""
+        if not folds:
+            return [(p, mid == ex.memory_id)
+                    for ex, (mid, p) in zip(cal, self._top1(decoder, [ex.question for ex in cal], trie, candidates, tick))]
+        mids = sorted({ex.memory_id for ex in cal})
+        random.Random(self.config.seed).shuffle(mids)
+        fold = {mid: i % folds for i, mid in enumerate(mids)}
+        top1: list = [None] * len(cal)
+        for f in range(min(folds, len(mids))):
+            idx = [i for i, ex in enumerate(cal) if fold[ex.memory_id] == f]
+            without = self._candidates(memories, text_emb, {mid: e for mid, e in expansion.items() if fold.get(mid) != f})
+            for i, (mid, p) in zip(idx, self._top1(decoder, [cal[i].question for i in idx], trie, without, tick)):
+                top1[i] = (p, mid == cal[i].memory_id)
+        return top1
 
     # -- recall ------------------------------------------------------------------------
     def _make_decoder(self, base: BaseModel, model):
