@@ -15,6 +15,7 @@ import os
 import platform
 import random
 import shlex
+import subprocess
 import sys
 import tempfile
 from contextlib import contextmanager
@@ -240,6 +241,17 @@ def command(script: str, argv: list[str] | None) -> list[str]:
     return [str(Path(script).resolve().relative_to(REPO)), *(sys.argv[1:] if argv is None else argv)]
 
 
+def _git_dirty() -> bool | None:
+    """Whether the code a result depends on (src/, benchmarks/) differs from the checked-out
+    commit; None where git cannot tell (no git binary, or a copy of the tree without .git)."""
+    try:
+        st = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--", "src", "benchmarks"],
+                            capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return bool(st.stdout.strip()) if st.returncode == 0 else None
+
+
 def run_info(seed: int, argv: list[str] | None = None) -> dict:
     """Everything needed to tell two runs apart: machine, versions, seed, command, time.
     `argv` is the whole command line, script first (default sys.argv)."""
@@ -254,6 +266,7 @@ def run_info(seed: int, argv: list[str] | None = None) -> dict:
         },
         "versions": {p: _version(p) for p in PACKAGES},
         "git_commit": _git_commit(),
+        "git_dirty": _git_dirty(),
         "seed": seed,
         "command": shlex.join(["python", *argv]),
         "python": sys.executable,
@@ -325,7 +338,8 @@ def write_results(name: str, data: dict, table_rows: list[dict], out_dir: str | 
     md += [f"- {n}" for n in notes]
     for heading, rows in tables:
         md += ["", f"## {heading}", "", markdown_table(rows)]
-    md += ["", f"Run {run['utc']}, seed {run['seed']}, commit {run['git_commit']}, "
+    dirty = " with uncommitted changes" if run.get("git_dirty") else ""
+    md += ["", f"Run {run['utc']}, seed {run['seed']}, commit {run['git_commit']}{dirty}, "
                f"{run['machine']['platform']}, {run['machine']['cpu_count']} CPUs, GPU {run['machine']['cuda']}.",
            f"Command: `{run['command']}`", ""]
     paths[1].write_text("\n".join(md), encoding="utf-8")

@@ -342,3 +342,27 @@ def test_fusion_transfer_smoke(tmp_path, monkeypatch):
     assert out["rows"][0]["system"] == "dense alone over text" and out["rows"][0]["demo %"] == pytest.approx(dense["recall@1"])
     best = max(r["demo %"] for r in data["grid"])
     assert out["rows"][-1]["demo %"] == best
+
+
+def test_a_result_records_whether_the_code_differed_from_its_commit(tmp_path, monkeypatch):
+    import shutil
+    import subprocess
+
+    if shutil.which("git") is None:
+        pytest.skip("no git binary")
+    common = load("common", monkeypatch)
+    repo = tmp_path / "repo"
+    (repo / "src").mkdir(parents=True)
+    (repo / "src" / "x.py").write_text("a = 1\n")
+    (repo / "README.md").write_text("docs\n")
+    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t"]
+    for args in (["init", "-q"], ["add", "."], ["commit", "-qm", "x"]):
+        subprocess.run(git + args, check=True)
+    monkeypatch.setattr(common, "REPO", repo)
+    assert common._git_dirty() is False
+    (repo / "README.md").write_text("docs changed\n")  # not code a result depends on
+    assert common._git_dirty() is False
+    (repo / "src" / "x.py").write_text("a = 2\n")
+    assert common._git_dirty() is True and common.run_info(0)["git_dirty"] is True
+    monkeypatch.setattr(common, "REPO", tmp_path / "not-a-repo")
+    assert common._git_dirty() is None
