@@ -149,7 +149,7 @@ def ranked_layout(m: dict) -> dict:
     right memory first (what `ipm eval` reports as recall@1, an abstention being a miss)."""
     ranking = m["ranking"]
     rest = {k: v for k, v in m.items() if k not in ranking and k != "ranking"}
-    return {**ranking, "answered_correct": m["recall@1"], **rest}
+    return {**ranking, "answered_correct": m.get("recall@1", 0.0), **rest}
 
 
 def seed_everything(seed: int) -> None:
@@ -243,9 +243,13 @@ def command(script: str, argv: list[str] | None) -> list[str]:
 
 def _git_dirty() -> bool | None:
     """Whether the code a result depends on (src/, benchmarks/) differs from the checked-out
-    commit; None where git cannot tell (no git binary, or a copy of the tree without .git)."""
+    commit; None where git cannot tell (no git binary, a copy of the tree without .git, or one
+    whose commit comes from IPM_BENCH_COMMIT, whose .git may be stale)."""
+    if os.environ.get("IPM_BENCH_COMMIT"):
+        return None
     try:
-        st = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--", "src", "benchmarks"],
+        st = subprocess.run(["git", "--no-optional-locks", "-C", str(REPO), "status", "--porcelain", "--", "src",
+                             "benchmarks"],
                             capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.SubprocessError):
         return None

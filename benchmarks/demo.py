@@ -46,7 +46,8 @@ def main(argv: list[str] | None = None) -> dict:
     notes = [f"{n} memories; {report['n']} held-out questions written by hand (never trained on); "
              f"IPM trained in {train_seconds:.0f} s on questions generated from the memories only "
              f"(the default decoding is {cfg.decoding}; both are scored on the same index).",
-             "IPM recall is of its ranking, also when it abstains; answered right / abstained / wrong are "
+             "IPM recall is of its ranking, also when it abstains (like the baselines'); answered right (what "
+             "`ipm eval` reports as recall@1, an abstention being a miss) / abstained / wrong are "
              "shares of the in-scope questions, out-of-scope refused a share of those no memory answers. "
              "Latency at k=10."]
     common.write_results("demo", data, rows, args.out_dir, args.json, title="Demo set: held-out recall", notes=notes)

@@ -44,6 +44,7 @@ CATEGORIES = {"1": "multi-hop", "2": "temporal", "3": "open-domain", "4": "singl
 DIA_ID = re.compile(r"D\s*:?\s*(\d+)\s*:\s*(\d+)")
 BASELINES = ("bm25", "dense")
 METRICS = ("recall@1", "recall@5", "recall@10", "mrr")
+ANSWER_KEYS = ("answered_correct", "abstained", "wrong_answer_rate", "out_of_scope")  # hang on the threshold
 # Fusion weights scored on the kept candidate scores: (adapter, dense, bm25), see ipm.search.fuse;
 # the BM25 floor stays the configured one.
 GRID = [(a, d, b) for a in (0.0, 0.5, 1.0) for d in (0.0, 5.0, 10.0, 20.0, 40.0)
@@ -376,6 +377,16 @@ def reusable(paths: list[Path], args, cfg, systems: tuple[str, ...], convs: dict
             origin = result.get("reused_from") or {"file": str(path), "commit": run.get("git_commit"), "utc": run.get("utc"),
                                                     "cuda": run.get("machine", {}).get("cuda")}
             result = {**result, "candidate_scores": kept, "reused_from": dict(origin)}
+            if set(systems) & {"ipm-hybrid", "ipm-pure"} and "expansion_folds" not in result.get(
+                    "calibration", {}).get("hybrid", {}):
+                # Calibrated before hybrid calibration was cross-fitted (and sampled): its
+                # thresholds are not the ones this code would pick, so neither are its answers.
+                for system in ("ipm-hybrid", "ipm-pure"):
+                    if system in result:
+                        result[system] = {k: v for k, v in result[system].items() if k not in ANSWER_KEYS}
+                result["reused_from"]["calibration"] = "before cross-fitting: abstention figures left out"
+                print(f"--reuse {path}: {conv_id} was calibrated before cross-fitting: its abstention figures are "
+                      "left out", flush=True)
             if refuse and "ipm-hybrid" in result:
                 if kept:
                     result["ipm-hybrid"] = rescored_hybrid(result["ipm-hybrid"], kept, cfg)
@@ -461,7 +472,8 @@ def notes(d: dict) -> list[str]:
            f"{d['skipped_no_gold']} whose evidence turns no memory comes from, {d['skipped_no_evidence']} "
            "with no evidence in the data.",
            "Recall in %, micro-averaged over all questions (per category likewise). IPM recall is of its ranking, "
-           "also when it abstains; its abstentions and wrong answers are columns of their own.",
+           "also when it abstains; its answers are columns of their own (answered right is `ipm eval`'s recall@1, "
+           "an abstention being a miss).",
            "IPM is trained on questions generated from the memories only, never on the LoCoMo questions.",
            f"Counting the {d['skipped_no_gold']} questions no memory answers as misses (as the reference figures "
            f"in ../shared/README.md do), recall@1/5/10 % is: {as_misses}."]

@@ -84,7 +84,8 @@ def main(argv: list[str] | None = None) -> dict:
                  f"(epochs {cfg.epochs}, {cfg.questions_per_memory} generated questions per memory, "
                  f"LoRA in the top {manifest['metrics'].get('trained_layers')} layers).")
     notes.append(f"The default decoding is {cfg.decoding}; both are scored on the same index. IPM recall is of "
-                 "its ranking, also when it abstains; its answer and abstention rates are columns of their own.")
+                 "its ranking, also when it abstains; its answer and abstention rates are columns of their own "
+                 "(answered right is `ipm eval`'s recall@1, an abstention being a miss).")
     common.write_results("reference", data, rows, args.out_dir, args.json,
                          title="IPM 2.0 reference store: training vs held-out questions", notes=notes)
     return data

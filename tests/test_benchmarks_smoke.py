@@ -366,3 +366,20 @@ def test_a_result_records_whether_the_code_differed_from_its_commit(tmp_path, mo
     assert common._git_dirty() is True and common.run_info(0)["git_dirty"] is True
     monkeypatch.setattr(common, "REPO", tmp_path / "not-a-repo")
     assert common._git_dirty() is None
+
+
+def test_the_benchmarks_keep_ipms_ranking_recall_and_its_answers_apart(monkeypatch):
+    common = load("common", monkeypatch)
+    from ipm.evaluate import Question, evaluate_ipm
+    from tests.test_evaluate import ScriptedEngine
+
+    script = {"right, answered": (False, ["a_b_c"]), "right, refused": (True, ["d_e_f"]), "wrong": (False, ["a_b_c"])}
+    questions = [Question("right, answered", frozenset({"a_b_c"}), "x"), Question("right, refused", frozenset({"d_e_f"}), "x"),
+                 Question("wrong", frozenset({"d_e_f"}), "y")]
+    m = common.ranked_layout(evaluate_ipm(ScriptedEngine(["a_b_c", "d_e_f"], script), questions, "default"))
+    assert m["recall@1"] == pytest.approx(2 / 3) and m["answered_correct"] == pytest.approx(1 / 3)
+    assert m["by_category"]["x"]["recall@1"] == 1.0 and "ranking" not in m
+    assert m["abstained"] == pytest.approx(1 / 3) and m["wrong_answer_rate"] == pytest.approx(1 / 3)
+    # no in-scope question at all: nothing answered right, no error
+    none = common.ranked_layout(evaluate_ipm(ScriptedEngine(["a_b_c"], {"q": (True, ["a_b_c"])}), [Question("q", None)], "default"))
+    assert none["n"] == 0 and none["answered_correct"] == 0.0 and none["out_of_scope"]["refused"] == 1.0

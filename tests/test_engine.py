@@ -474,12 +474,15 @@ def test_the_retrievers_match_the_training_questions_kept_with_the_index(mem, ho
     assert "home_key_flowerpot" not in after or after["home_key_flowerpot"].signals.bm25 == 0
 
 
+@pytest.mark.parametrize("folds", [10, 2])
 def test_hybrid_calibration_asks_each_held_back_question_without_its_memorys_training_questions(
-        mem, memories_file, tiny_config, monkeypatch):
+        mem, memories_file, tiny_config, monkeypatch, folds):
+    from ipm import engine
     from ipm.engine import IPM
     from ipm.questions import OFF_TOPIC
 
     mem.config = tiny_config.updated(calibration_fraction=0.3)  # 1-2 held-back questions a memory
+    monkeypatch.setattr(engine, "CALIBRATION_FOLDS", folds)
     expanded_for, asked = {}, []
     build, top1 = IPM._candidates, IPM._top1
 
@@ -501,13 +504,40 @@ def test_hybrid_calibration_asks_each_held_back_question_without_its_memorys_tra
     held_back = [(q, expanded) for q, expanded in hybrid if q in gold]
     assert sorted(q for q, _ in held_back) == sorted(gold) and len(gold) == len(calib)
     assert set(gold.values()) == set(MEMORIES)
-    for q, expanded in held_back:  # the others' questions stay in, its memory's are out
-        assert gold[q] not in expanded and expanded == set(MEMORIES) - {gold[q]}
+    # Its memory's questions are out, and those of the other memories of its group; the rest stay in
+    groups = {frozenset(set(MEMORIES) - expanded) for _, expanded in held_back}
+    assert all(gold[q] not in expanded for q, expanded in held_back)
+    assert len(groups) == min(folds, len(MEMORIES)) and set().union(*groups) == set(MEMORIES)
+    assert sum(len(g) for g in groups) == len(MEMORIES)
     # off-topic questions meet the retrievers a served index has, every memory expanded
     assert [q for q, e in hybrid if e == set(MEMORIES) and q not in gold] == OFF_TOPIC
     hybrid_cal = manifest["metrics"]["calibration"]["hybrid"]
-    assert hybrid_cal["expansion_folds"] == 10 and hybrid_cal["n_in_scope"] == len(gold)
+    assert hybrid_cal["expansion_folds"] == len(groups) and hybrid_cal["n_in_scope"] == len(gold)
     assert manifest["metrics"]["calibration"]["pure"]["n_in_scope"] == len(gold)
+
+
+def test_incremental_calibration_asks_questions_no_adapter_was_trained_on(trained, home, monkeypatch):
+    from ipm.engine import IPM, read_questions
+
+    trained.config = trained.config.updated(calibration_fraction=0.3)
+    trained.train(full=True)
+    trained_on = set(read_questions(index_dir.current_dir(home / "indexes" / "default")))
+    calibrated: list = []
+    real = IPM._calibration_top1
+
+    def spy(self, decoder, trie, cal, *args):
+        calibrated.append(list(cal))
+        return real(self, decoder, trie, cal, *args)
+    monkeypatch.setattr(IPM, "_calibration_top1", spy)
+    trained.add("My favourite food is sushi.", id="food_favorite_sushi")
+    manifest = trained.train()
+    assert manifest["metrics"]["incremental"] is not None
+    cal = calibrated[0]
+    old = [ex for ex in cal if ex.memory_id != "food_favorite_sushi"]
+    assert old and any(ex.memory_id == "food_favorite_sushi" for ex in cal)
+    texts = {m.id: m.text for m in trained.list()}
+    for ex in old:  # held back from the first version too, and not a memory's own text
+        assert (ex.question, ex.memory_id) not in trained_on and ex.question != texts[ex.memory_id]
 
 
 def test_train_with_nothing_new_is_up_to_date_and_full_retrains(trained):

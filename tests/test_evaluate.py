@@ -86,3 +86,8 @@ def test_cli_eval_json_reports_recall_with_abstentions_as_misses(tiny_model, mem
         assert r["ranking"]["recall@10"] == 1.0  # four memories: every ranking holds the right one
         assert r["recall@10"] == 1.0 - abstained
         assert r["recall@1"] + r["abstained"] + r["wrong_answer_rate"] == pytest.approx(1.0)
+    # A file of out-of-scope questions only: refusals scored, no recall to report, no error
+    qfile.write_text(json.dumps([{"question": "What is the capital of Peru?", "memory_id": None}]))
+    res = runner.invoke(app, ["eval", str(qfile), "--home", home])
+    assert res.exit_code == 0, res.output
+    assert "out-of-scope questions refused: 1.000 of 1" in " ".join(res.output.split())

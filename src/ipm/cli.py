@@ -237,16 +237,17 @@ def eval_(questions_file: Path = typer.Argument(..., help="[{question, memory_id
     table = Table("system", "recall@1", "recall@5", "recall@10", "MRR", "abstained", "invalid IDs", title=f"{report['n']} held-out questions")
     for name in ["ipm"] + names:
         r = report[name]
-        table.add_row(name, *(f"{r[c]:.3f}" for c in ("recall@1", "recall@5", "recall@10", "mrr")),
+        table.add_row(name, *(f"{r[c]:.3f}" if c in r else "-" for c in ("recall@1", "recall@5", "recall@10", "mrr")),
                       f"{r['abstained']:.3f}" if "abstained" in r else "-",
                       f"{r['invalid_id_rate']:.3f}" if "invalid_id_rate" in r else "-")
     out.print(table)
     r = report["ipm"]
     ranked = r["ranking"]
-    out.print(f"ipm ({mem.config.decoding} decoding): an abstention counts as a miss; its best guesses, also "
-              f"when it abstains, rank the right memory first for {ranked['recall@1']:.3f} (recall@5 "
-              f"{ranked['recall@5']:.3f}, @10 {ranked['recall@10']:.3f}, MRR {ranked['mrr']:.3f}); wrong answers "
-              f"{r['wrong_answer_rate']:.3f}, latency p50 {r['latency_ms_p50']:.0f} ms, p95 {r['latency_ms_p95']:.0f} ms")
+    if ranked["n"]:
+        out.print(f"ipm ({mem.config.decoding} decoding): an abstention counts as a miss; its best guesses, also "
+                  f"when it abstains, rank the right memory first for {ranked['recall@1']:.3f} (recall@5 "
+                  f"{ranked['recall@5']:.3f}, @10 {ranked['recall@10']:.3f}, MRR {ranked['mrr']:.3f}); wrong answers "
+                  f"{r['wrong_answer_rate']:.3f}, latency p50 {r['latency_ms_p50']:.0f} ms, p95 {r['latency_ms_p95']:.0f} ms")
     if "out_of_scope" in r:
         out.print(f"out-of-scope questions refused: {r['out_of_scope']['refused']:.3f} of {r['out_of_scope']['n']}")
 

@@ -414,13 +414,21 @@ class IPM:
                 return {**prev_manifest, "up_to_date": True}
             train, calib = self.training_examples(user, base, on_questions, ids=new_ids)
             kept = {m.id for m in memories} - new_ids
-            old = [Example(q, mid) for q, mid in read_questions(prev_dir) if mid in kept]
+            trained_on = read_questions(prev_dir)
+            old = [Example(q, mid) for q, mid in trained_on if mid in kept]
             rng = random.Random(self.config.seed)
             replay = rng.sample(old, min(len(old), int(self.config.replay_ratio * len(train))))
-            # Old memories are in the calibration set too: their texts as questions stand in for
-            # held-back questions (the adapter has seen them, as it has seen theirs in a full run).
-            old_texts = [Example(m.text, m.id) for m in memories if m.id in kept]
-            calib += rng.sample(old_texts, min(len(old_texts), len(calib)))
+            # Old memories are in the calibration set too, with the questions no adapter of theirs
+            # was trained on: made again (the built-in generator is deterministic) less those the
+            # earlier versions trained on. Questions from the LLM are not made again (too slow):
+            # there, their texts stand in (the adapter has seen those).
+            if self.config.question_source == "builtin":
+                seen = set(trained_on)
+                again = self.training_examples(user, base, ids=set(rng.sample(sorted(kept), min(len(kept), len(calib)))))
+                old_held = [ex for ex in again[0] + again[1] if (ex.question, ex.memory_id) not in seen]
+            else:
+                old_held = [Example(m.text, m.id) for m in memories if m.id in kept]
+            calib += rng.sample(old_held, min(len(old_held), len(calib)))
             incremental = {"from_version": prev_dir.name, "new_memories": len(new_ids),
                            "new_examples": len(train), "replayed_examples": len(replay)}
             known = old
@@ -457,7 +465,7 @@ class IPM:
             if progress:
                 progress("calibrate", done[0], (len(cal) + len(OFF_TOPIC)) * len(modes), None)
         for mode, proposer in modes.items():
-            folds = CALIBRATION_FOLDS if mode == "hybrid" and expansion else 0
+            folds = min(CALIBRATION_FOLDS, len({ex.memory_id for ex in cal})) if mode == "hybrid" and expansion else 0
             top1 = self._calibration_top1(decoder, trie, cal, memories, proposer, text_emb, expansion, folds, tick)
             off = [p for _, p in self._top1(decoder, OFF_TOPIC, trie, proposer, tick)]
             calibration[mode] = calibrate(top1, off)
@@ -527,7 +535,7 @@ class IPM:
         random.Random(self.config.seed).shuffle(mids)
         fold = {mid: i % folds for i, mid in enumerate(mids)}
         top1: list = [None] * len(cal)
-        for f in range(min(folds, len(mids))):
+        for f in range(folds):
             idx = [i for i, ex in enumerate(cal) if fold[ex.memory_id] == f]
             without = self._candidates(memories, text_emb, {mid: e for mid, e in expansion.items() if fold.get(mid) != f})
             for i, (mid, p) in zip(idx, self._top1(decoder, [cal[i].question for i in idx], trie, without, tick)):
