@@ -44,12 +44,13 @@ def items(ids: list[str], texts: list[str], questions: list, encoder, n: int, cf
     """Per ipm.evaluate.Question, its hybrid candidates' scores in the form locomo.py keeps them
     ({"gold", "candidates": {id: [adapter 0, cosine, bm25]}}), to be ranked by locomo.fused_metrics.
     With `cfg`, the retrievers also match each memory's built-in training questions."""
-    from ipm.questions import builtin_questions
+    from ipm.questions import Aliases, builtin_questions
     from ipm.retrieve import Candidates
 
     expansion = q_emb = None
     if cfg is not None:
-        expansion = [builtin_questions(i, t, cfg.questions_per_memory, cfg.seed, cfg.question_kinds)[1:]
+        aliases = Aliases(texts)
+        expansion = [builtin_questions(i, t, cfg.questions_per_memory, cfg.seed, cfg.question_kinds, aliases=aliases)[1:]
                      for i, t in zip(ids, texts)]
         flat = encoder.encode([q for qs in expansion for q in qs]).cpu()
         q_emb = list(flat.split([len(qs) for qs in expansion]))

@@ -591,6 +591,20 @@ def test_related_question_kind_trains_on_memories_asked_in_other_words(mem, memo
         mem.training_examples("default")
 
 
+def test_alias_question_kind_reads_who_is_who_from_every_memory(mem, tiny_config):
+    """An incremental train generates questions for the new memories only, but the aliases
+    come from all of them: a new memory naming Priya is asked about as "my wife"."""
+    mem.config = tiny_config.updated(question_kinds=["spans", "aliases"])
+    mem.add("My wife Priya is an ER nurse at Legacy Emanuel.", id="family_wife_job")
+    mem.add("Priya's car is a white 2022 Toyota Prius.", id="personal_car_prius")
+    train, calib = mem.training_examples("default", ids={"personal_car_prius"})
+    car = [e.question for e in train + calib]
+    assert {e.memory_id for e in train + calib} == {"personal_car_prius"}
+    assert "My wife's car is a white 2022 Toyota Prius." in car
+    mem.config = tiny_config.updated(question_kinds=["spans"])
+    assert not any("wife" in e.question for e in sum(mem.training_examples("default", ids={"personal_car_prius"}), []))
+
+
 def test_an_index_on_some_layers_of_the_base_is_served_on_those_layers(home, mem, memories_file, tiny_config,
                                                                         tmp_path):
     """base_layers keeps the top lora_layers layers and the lowest others; the manifest

@@ -5,7 +5,9 @@ import pytest
 from ipm import Config
 from ipm.errors import InvalidInput
 from ipm.questions import (
+    ALIAS_VARIANTS,
     DEFAULT_QUESTION_KINDS,
+    Aliases,
     QUESTION_KINDS,
     RelatedWords,
     builtin_questions,
@@ -68,7 +70,7 @@ def test_model_written_questions_must_name_something_of_the_memory():
 
 def test_config_checks_question_kinds():
     assert Config().updated(question_kinds=["wh", "spans"]).question_kinds == ["wh", "spans"]
-    assert Config().updated(question_kinds=list(QUESTION_KINDS)).question_kinds[-1] == "related"
+    assert Config().updated(question_kinds=list(QUESTION_KINDS)).question_kinds == list(QUESTION_KINDS)
     assert Config().question_kinds == list(DEFAULT_QUESTION_KINDS) and "related" not in Config().question_kinds
     with pytest.raises(InvalidInput, match="question_kinds"):
         Config().updated(question_kinds=["paraphrases"])
@@ -143,3 +145,61 @@ def test_related_words_are_built_once_per_encoder_and_cache(tmp_path):
     calls = enc.calls
     assert related_words(enc, tmp_path) is first and enc.calls == calls  # no reload, no re-encode
     assert related_words(FakeEncoder(), tmp_path) is not first
+
+
+FAMILY = [
+    "My wife Priya is an ER nurse and works night shifts.",
+    "Priya's car is a white Toyota Prius.",
+    "Our son Leo turns 4 on December 5th.",
+    "Leo goes to Little Acorns daycare.",
+    "My manager is Rebecca Lindqvist; we meet every Tuesday.",
+    "My birthday is July 22nd.",
+    "My friend Anna lives in Berlin.",
+    "My friend Tom plays chess.",
+    "Dr. Alicia Moreno is my doctor. My dog's name is Max.",
+]
+
+
+def test_aliases_are_read_from_relations_that_introduce_a_name():
+    a = Aliases(FAMILY)
+    assert a.phrase_of["Priya"] == "my wife" and a.name_of["my wife"] == "Priya"
+    assert a.phrase_of["Leo"] == "our son"
+    assert a.phrase_of["Rebecca Lindqvist"] == a.phrase_of["Rebecca"] == "my manager"
+    assert a.phrase_of["Max"] == "my dog"
+    # a birthday is no relation; a relation with two names names nobody
+    assert "July" not in a.phrase_of and "my birthday" not in a.name_of
+    assert a.phrase_of["Anna"] == a.phrase_of["Tom"] == "my friend" and "my friend" not in a.name_of
+    # a name given two relations is left out
+    assert "Sam" not in Aliases(["My brother Sam is 30.", "My coach Sam is strict."]).phrase_of
+    assert len(Aliases(["Caroline attended a support group.", "Melanie paints."])) == 0
+
+
+def test_alias_variants_swap_a_name_and_its_relation_both_ways():
+    a = Aliases(FAMILY)
+    assert a.variants("What car does Priya drive?") == ["What car does my wife drive?"]
+    assert a.variants("Priya's car?") == ["My wife's car?"]
+    assert a.variants("When does my son go to daycare?") == ["When does Leo go to daycare?"]  # my son = our son
+    assert a.variants("When is my wife's shift?") == ["When is Priya's shift?"]
+    assert a.variants("Who is Rebecca Lindqvist?") == ["Who is my manager?"]  # not "my manager Lindqvist"
+    # nothing to swap where the question or the memory already says who is who
+    assert a.variants("Who is my wife Priya?") == []
+    assert a.variants("Where does Priya work?", text=FAMILY[0]) == []
+    assert a.variants("Where does my friend live?") == []  # two friends: which one?
+    assert a.variants("What is the capital of France?") == []
+
+
+def test_alias_questions_are_added_only_to_memories_that_name_an_alias():
+    a = Aliases(FAMILY)
+    kinds = [*DEFAULT_QUESTION_KINDS, "aliases"]
+    car = builtin_questions("personal_car_prius", FAMILY[1], 24, kinds=kinds, aliases=a)
+    plain = builtin_questions("personal_car_prius", FAMILY[1], 24)
+    assert car[:len(plain)] == plain
+    added = car[len(plain):]
+    assert 1 <= len(added) <= ALIAS_VARIANTS and all("my wife" in q.lower() and "Priya" not in q for q in added)
+    assert added[0] == "My wife's car is a white Toyota Prius."  # the text itself first
+    # the memory that introduces the alias, and one naming no alias, keep their questions
+    for mid, text in [("family_wife_job", FAMILY[0]), ("personal_birthday_self", FAMILY[5])]:
+        assert builtin_questions(mid, text, 24, kinds=kinds, aliases=a) == builtin_questions(mid, text, 24)
+    assert builtin_questions("personal_car_prius", FAMILY[1], 24, seed=1, kinds=kinds, aliases=a) != car
+    with pytest.raises(InvalidInput, match="Aliases"):
+        builtin_questions("personal_car_prius", FAMILY[1], 24, kinds=["aliases"])

@@ -101,7 +101,7 @@ def train(user: str = User, home: Optional[Path] = Home, config: Optional[Path] 
           question_source: Optional[str] = typer.Option(None, "--question-source", help="builtin, llm or both."),
           question_kinds: Optional[str] = typer.Option(None, "--question-kinds",
                                                        help="Built-in question kinds, comma-separated: "
-                                                            "templates, wh, keywords, spans, id (the default), related."),
+                                                            "templates, wh, keywords, spans, id (the default), related, aliases."),
           seed: Optional[int] = typer.Option(None, "--seed"),
           full: bool = typer.Option(False, "--full", help="Retrain from scratch instead of folding new or changed "
                                                          "memories into the current index."),

@@ -50,9 +50,11 @@ class Config:
     questions_per_memory: int = 24
     question_source: str = "builtin"
     # Which kinds of built-in questions to draw from (questions.QUESTION_KINDS): "templates",
-    # "wh", "keywords", "spans", "id", and "related" (off by default; needs the dense model).
-    # benchmarks/question_mix.py compares mixes: on LoCoMo conv-26, adding "wh" took the adapter
-    # alone from 24.8 to 30.6 held-out recall@1; adding "related" changed nothing.
+    # "wh", "keywords", "spans", "id", and, off by default, "related" (needs the dense model) and
+    # "aliases" (names <-> the relations other memories give them). benchmarks/question_mix.py
+    # compares mixes: on LoCoMo conv-26, adding "wh" took the adapter alone from 24.8 to 30.6
+    # held-out recall@1; adding "related" changed nothing; "aliases" moved the demo set's hybrid
+    # recall within its seed-to-seed spread (README).
     question_kinds: list[str] = field(default_factory=lambda: list(DEFAULT_QUESTION_KINDS))
     llm_questions_per_memory: int = 4
     # Incremental training (`train(full=False)`, the default when an index exists): continue

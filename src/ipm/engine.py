@@ -23,7 +23,7 @@ from . import index as index_dir
 from .config import Config, Paths
 from .errors import IndexMissing, InvalidInput, ModelError, NotFound, TrainingError
 from .model import BaseModel, id_token_ids, layer_ranges, load_base, quiet_transformers, resolve_model, wanted_layers
-from .questions import OFF_TOPIC, builtin_questions, content_words, llm_questions, related_words
+from .questions import OFF_TOPIC, Aliases, builtin_questions, content_words, llm_questions, related_words
 from .retrieve import Candidates, load_dense_encoder
 from .search import GenerateDecoder, RunnerDecoder, Signals, fuse
 from .store import Memory, NewMemory, Store, check_namespace, check_question
@@ -315,7 +315,10 @@ class IPM:
         from the memories and user-given questions only; the calibration share is generated
         questions held back."""
         cfg = self.config
-        memories = [m for m in self.store.list(user) if ids is None or m.id in ids]
+        everything = self.store.list(user)
+        memories = [m for m in everything if ids is None or m.id in ids]
+        # who is who is read from every memory, also when training on some of them only
+        aliases = Aliases(m.text for m in everything) if "aliases" in cfg.question_kinds else None
         related = None
         if "related" in cfg.question_kinds and cfg.question_source != "llm":
             try:
@@ -338,7 +341,7 @@ class IPM:
         train, calib = [], []
         for m in memories:
             generated = [] if cfg.question_source == "llm" else builtin_questions(
-                m.id, m.text, cfg.questions_per_memory, cfg.seed, cfg.question_kinds, related)[1:]
+                m.id, m.text, cfg.questions_per_memory, cfg.seed, cfg.question_kinds, related, aliases)[1:]
             generated += extra.get(m.id, [])
             rng.shuffle(generated)
             n_cal = int(len(generated) * cfg.calibration_fraction)
@@ -405,6 +408,7 @@ class IPM:
         on_questions = lambda d, t: progress and progress("questions", d, t, None)  # noqa: E731
         incremental = None
         known: list[Example] = []  # questions of earlier versions still valid, kept for later replays
+        trained_on = None  # the current version's training questions, when continuing from it
         if prev is None:
             train, calib = self.training_examples(user, base, on_questions)
         else:
@@ -442,7 +446,7 @@ class IPM:
         text_emb: dict = {}  # the memories' text embeddings, shared by calibration's retrievers
         try:
             if self.config.expand_retrievers:
-                q_emb = self._embed_questions(rows, prev[0] if prev else None, progress)
+                q_emb = self._embed_questions(rows, prev[0] if prev else None, progress, trained_on)
                 expansion = group_expansion(rows, q_emb, {m.id: m.text for m in memories})
             candidates = self._candidates(memories, text_emb, expansion=expansion)
         except InvalidInput:
@@ -465,8 +469,8 @@ class IPM:
             if progress:
                 progress("calibrate", done[0], (len(cal) + len(OFF_TOPIC)) * len(modes), None)
         for mode, proposer in modes.items():
-            folds = min(CALIBRATION_FOLDS, len({ex.memory_id for ex in cal})) if mode == "hybrid" and expansion else 0
-            top1 = self._calibration_top1(decoder, trie, cal, memories, proposer, text_emb, expansion, folds, tick)
+            folds = CALIBRATION_FOLDS if mode == "hybrid" and expansion else 0
+            top1, folds = self._calibration_top1(decoder, trie, cal, memories, proposer, text_emb, expansion, folds, tick)
             off = [p for _, p in self._top1(decoder, OFF_TOPIC, trie, proposer, tick)]
             calibration[mode] = calibrate(top1, off)
             if mode == "hybrid":  # the threshold holds for these settings only
@@ -521,17 +525,19 @@ class IPM:
 
     def _calibration_top1(self, decoder, trie: Trie, cal: list[Example], memories: list[Memory],
                           candidates: Candidates | None, text_emb: dict, expansion: dict | None, folds: int,
-                          tick: Callable[[int], None]) -> list[tuple[float, bool]]:
-        """(top probability, right) for each held-back question. A held-back question has
+                          tick: Callable[[int], None]) -> tuple[list[tuple[float, bool]], int]:
+        """(top probability, right) for each held-back question, and the number of folds used
+        (at most `folds`, one a memory at least). A held-back question has
         near-duplicates among its memory's training questions (the templates phrase one
         question several ways), and retrievers that match those questions make it far surer
         than a question worded as people ask. With `folds`, its memory's training questions are
         taken out of the retrievers while it is asked: the calibration memories are split into
         `folds` groups and each group is asked of retrievers without that group's questions."""
-        if not folds:
-            return [(p, mid == ex.memory_id)
-                    for ex, (mid, p) in zip(cal, self._top1(decoder, [ex.question for ex in cal], trie, candidates, tick))]
         mids = sorted({ex.memory_id for ex in cal})
+        folds = min(folds, len(mids))
+        if not folds:
+            return [(p, mid == ex.memory_id) for ex, (mid, p)
+                    in zip(cal, self._top1(decoder, [ex.question for ex in cal], trie, candidates, tick))], 0
         random.Random(self.config.seed).shuffle(mids)
         fold = {mid: i % folds for i, mid in enumerate(mids)}
         top1: list = [None] * len(cal)
@@ -540,7 +546,7 @@ class IPM:
             without = self._candidates(memories, text_emb, {mid: e for mid, e in expansion.items() if fold.get(mid) != f})
             for i, (mid, p) in zip(idx, self._top1(decoder, [cal[i].question for i in idx], trie, without, tick)):
                 top1[i] = (p, mid == cal[i].memory_id)
-        return top1
+        return top1, folds
 
     # -- recall ------------------------------------------------------------------------
     def _make_decoder(self, base: BaseModel, model):
@@ -569,15 +575,19 @@ class IPM:
         return Candidates([m.id for m in memories], [m.text for m in memories], encoder, emb, questions, q_emb)
 
     def _embed_questions(self, rows: list[tuple[str, str]], prev_dir: Path | None = None,
-                         progress: Callable | None = None):
+                         progress: Callable | None = None, prev_rows: list[tuple[str, str]] | None = None):
         """MiniLM embeddings (float16) of each (question, memory ID) row, those the version in
-        `prev_dir` embedded copied from it (an incremental train embeds only the new ones)."""
+        `prev_dir` embedded copied from it (an incremental train embeds only the new ones);
+        `prev_rows`: that version's questions, if already read."""
         import torch
 
         encoder = load_dense_encoder()
         out = torch.zeros((len(rows), encoder.model.get_sentence_embedding_dimension()), dtype=torch.float16)
         old = self._read_question_embeddings(prev_dir) if prev_dir is not None else None
-        prev_rows = read_questions(prev_dir) if old is not None else []
+        if old is None:
+            prev_rows = []
+        elif prev_rows is None:
+            prev_rows = read_questions(prev_dir)
         if old is not None and len(old) != len(prev_rows):
             old, prev_rows = None, []  # not the file written with those rows: embed everything
         where = {r: i for i, r in enumerate(prev_rows)}

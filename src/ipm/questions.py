@@ -295,13 +295,89 @@ def _same_stem(a: str, b: str) -> bool:
     return a[:n] == b[:n]
 
 
-QUESTION_KINDS = ("templates", "wh", "keywords", "spans", "id", "related")
+# Who a name is: people and pets are introduced once by their relation to the user ("My wife
+# Priya is a nurse") and later named without it ("Priya's car is a Prius"), while questions
+# use either ("What does my wife drive?"). Only these relations make an alias: a looser
+# pattern would read "my birthday is July" as one.
+RELATIONS = (
+    "wife husband spouse partner fiance fiancé fiancee fiancée girlfriend boyfriend son daughter kid child baby "
+    "stepson stepdaughter mom mother mum dad father stepmom stepmother stepdad stepfather sister brother sibling "
+    "twin grandma grandmother grandpa grandfather grandson granddaughter aunt uncle cousin niece nephew "
+    "friend roommate flatmate neighbor neighbour boss manager supervisor coworker colleague mentor therapist "
+    "doctor dentist vet trainer coach teacher tutor landlord assistant dog cat pet puppy kitten").split()
+_NAME = r"(?:Dr\.?\s+)?[A-ZÀ-ÖØ-Þ][\w’'-]*(?:\s+[A-ZÀ-ÖØ-Þ][\w’'-]*)?"
+_ALIAS = re.compile(r"\b(?P<det>[Mm]y|[Oo]ur)\s+(?P<mods>(?:[a-z-]+\s+){0,3}?)(?P<rel>" + "|".join(RELATIONS)
+                    + r")(?:['’]s name is|,? (?:is called|named|is)|,)?\s+(?P<name>" + _NAME + r")")
+
+
+class Aliases:
+    """Names and the relations that introduce them, read from all of a namespace's memories
+    ("My wife Priya ..." gives Priya <-> my wife), for the `aliases` question kind: a memory's
+    questions that name Priya are asked again about "my wife", and those about "my wife" again
+    about Priya, so the index learns who is who across memories, which no single memory's text
+    tells a retriever. A name given two relations, or a relation given two names, is left out."""
+
+    def __init__(self, texts: Iterable[str]):
+        by_name: dict[str, set[str]] = {}
+        by_phrase: dict[str, set[str]] = {}
+        for text in texts:
+            for m in _ALIAS.finditer(text):
+                name = re.sub(r"['’]s$", "", m["name"].strip())
+                name = re.sub(r"^Dr\.?\s+", "", name)
+                if name.lower() in STOPWORDS or name.lower() in NOT_SWAPPED:
+                    continue
+                mods = m["mods"].strip()
+                full = " ".join([m["det"].lower(), *([mods] if mods else []), m["rel"]])
+                by_name.setdefault(name, set()).add(full)
+                by_phrase.setdefault(full, set()).add(name)
+        self.phrase_of = {n: next(iter(p)) for n, p in by_name.items() if len(p) == 1}
+        self.name_of = {p: next(iter(n)) for p, n in by_phrase.items()
+                        if len(n) == 1 and self.phrase_of.get(next(iter(n))) == p}
+        # a full name also goes by its first word ("Rebecca Lindqvist" -> Rebecca)
+        for name, phrase in list(self.phrase_of.items()):
+            first = name.split()[0]
+            if first != name and first not in self.phrase_of and not any(
+                    o != name and o.split()[0] == first for o in self.phrase_of):
+                self.phrase_of[first] = phrase
+
+    def __len__(self) -> int:
+        return len(self.name_of)
+
+    def variants(self, question: str, text: str = "") -> list[str]:
+        """The question with each aliased name swapped for its relation, and each relation for
+        its name ("Priya's car?" -> "my wife's car?"; "my wife's job?" -> "Priya's job?"); none
+        for an alias the memory's `text` itself spells out ("My wife Priya ...")."""
+        out = []
+        for name, phrase in self.phrase_of.items():
+            # not the first name of a full name ("Rebecca" in "Rebecca Lindqvist")
+            names = re.compile(r"(?<![\w-])" + re.escape(name) + r"(?![\w-])(?!\s+[A-ZÀ-ÖØ-Þ])")
+            # "my son" and "our son" are the same person
+            phrases = re.compile(r"(?<![\w-])(?:my|our)" + re.escape(phrase[phrase.index(" "):]) + r"(?![\w-])", re.I)
+            has_name, has_phrase = names.search(question), phrases.search(question)
+            if has_name and has_phrase or names.search(text) and phrases.search(text):
+                continue  # it already says who is who
+            if has_name:
+                out.append(_capitalised(names.sub(phrase, question), question))
+            elif has_phrase and self.name_of.get(phrase) == name:
+                out.append(_capitalised(phrases.sub(name, question), question))
+        return dedupe(out)
+
+
+def _capitalised(variant: str, original: str) -> str:
+    """Keep the original's capital first letter ("Priya is ..." -> "My wife is ...")."""
+    return variant[0].upper() + variant[1:] if original[:1].isupper() and variant else variant
+
+
+ALIAS_VARIANTS = 4  # alias variants added per memory (the text's first, then sampled questions)
+
+QUESTION_KINDS = ("templates", "wh", "keywords", "spans", "id", "related", "aliases")
 DEFAULT_QUESTION_KINDS = ("templates", "wh", "keywords", "spans", "id")  # Config.question_kinds' default
 
 
 def builtin_questions(memory_id: str, text: str, n: int, seed: int = 0,
                       kinds: Iterable[str] = DEFAULT_QUESTION_KINDS,
-                      related: Callable[[str], list[str]] | None = None) -> list[str]:
+                      related: Callable[[str], list[str]] | None = None,
+                      aliases: Aliases | None = None) -> list[str]:
     """About `n` distinct training inputs for one memory (the text itself first), deterministic
     for (id, text, seed). `kinds` picks the sources, drawn from in turn:
     templates: questions about the phrases after "my", the proper nouns and the ID's topic;
@@ -310,7 +386,9 @@ def builtin_questions(memory_id: str, text: str, n: int, seed: int = 0,
     spans: the sentences and short word spans of the text (doc-as-query);
     id: the words of the ID;
     related: keyword subsets with words swapped for `related(word)` (a RelatedWords), bare or
-    in a frame: the memory asked about in other words."""
+    in a frame: the memory asked about in other words;
+    aliases: up to ALIAS_VARIANTS of the inputs above again, a name swapped for the relation
+    other memories give it or the other way round (see Aliases), on top of the `n`."""
     rng = random.Random(f"{seed}:{memory_id}")
     parts = memory_id.split("_")
     kinds = set(kinds)
@@ -391,6 +469,14 @@ def builtin_questions(memory_id: str, text: str, n: int, seed: int = 0,
         for pool in pools:
             if pool and len(out) < n:
                 out.append(pool.pop())
+    if "aliases" in kinds:
+        if aliases is None:
+            raise InvalidInput("the aliases question kind needs the namespace's Aliases")
+        # After the round robin, so a memory that names no alias keeps exactly its questions.
+        first, *rest = [v for q in out for v in aliases.variants(q, text)] or [None]
+        if first is not None:
+            rest = dedupe(rest)
+            out += [first] + rng.sample(rest, min(len(rest), ALIAS_VARIANTS - 1))
     return dedupe(out)
 
 
