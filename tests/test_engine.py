@@ -601,8 +601,10 @@ def test_alias_question_kind_reads_who_is_who_from_every_memory(mem, tiny_config
     car = [e.question for e in train + calib]
     assert {e.memory_id for e in train + calib} == {"personal_car_prius"}
     assert "My wife's car is a white 2022 Toyota Prius." in car
+    # without the kind: the same split, less the alias questions
     mem.config = tiny_config.updated(question_kinds=["spans"])
-    assert not any("wife" in e.question for e in sum(mem.training_examples("default", ids={"personal_car_prius"}), []))
+    plain_train, plain_calib = mem.training_examples("default", ids={"personal_car_prius"})
+    assert plain_calib == calib and [e for e in train if "wife" not in e.question] == plain_train
 
 
 def test_an_index_on_some_layers_of_the_base_is_served_on_those_layers(home, mem, memories_file, tiny_config,

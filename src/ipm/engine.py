@@ -23,7 +23,8 @@ from . import index as index_dir
 from .config import Config, Paths
 from .errors import IndexMissing, InvalidInput, ModelError, NotFound, TrainingError
 from .model import BaseModel, id_token_ids, layer_ranges, load_base, quiet_transformers, resolve_model, wanted_layers
-from .questions import OFF_TOPIC, Aliases, builtin_questions, content_words, llm_questions, related_words
+from .questions import (OFF_TOPIC, Aliases, alias_questions, builtin_questions, content_words, llm_questions,
+                        related_words)
 from .retrieve import Candidates, load_dense_encoder
 from .search import GenerateDecoder, RunnerDecoder, Signals, fuse
 from .store import Memory, NewMemory, Store, check_namespace, check_question
@@ -318,7 +319,9 @@ class IPM:
         everything = self.store.list(user)
         memories = [m for m in everything if ids is None or m.id in ids]
         # who is who is read from every memory, also when training on some of them only
-        aliases = Aliases(m.text for m in everything) if "aliases" in cfg.question_kinds else None
+        builtin = cfg.question_source != "llm"
+        aliases = Aliases(m.text for m in everything) if builtin and "aliases" in cfg.question_kinds else None
+        kinds = [k for k in cfg.question_kinds if k != "aliases"]
         related = None
         if "related" in cfg.question_kinds and cfg.question_source != "llm":
             try:
@@ -340,14 +343,19 @@ class IPM:
         rng = random.Random(cfg.seed)
         train, calib = [], []
         for m in memories:
-            generated = [] if cfg.question_source == "llm" else builtin_questions(
-                m.id, m.text, cfg.questions_per_memory, cfg.seed, cfg.question_kinds, related, aliases)[1:]
+            generated = builtin_questions(m.id, m.text, cfg.questions_per_memory, cfg.seed, kinds,
+                                          related)[1:] if builtin else []
             generated += extra.get(m.id, [])
             rng.shuffle(generated)
             n_cal = int(len(generated) * cfg.calibration_fraction)
             calib += [Example(q, m.id) for q in generated[:n_cal]]
-            fixed = [m.text] + m.questions
-            train += [Example(q, m.id) for q in dict.fromkeys(fixed + generated[n_cal:])]
+            inputs = list(dict.fromkeys([m.text] + m.questions + generated[n_cal:]))
+            # Alias questions are made from the training share only (one made from a held-back
+            # question would be its near-duplicate) and drawn apart, so the split above is the
+            # same with the kind as without.
+            if aliases is not None:
+                inputs += alias_questions(m.id, m.text, inputs, aliases, cfg.seed)
+            train += [Example(q, m.id) for q in inputs]
         return train, calib
 
     def _with_negatives(self, examples: list[Example], candidates: Candidates, chunk: int = 512) -> list[Example]:

@@ -297,17 +297,48 @@ def _same_stem(a: str, b: str) -> bool:
 
 # Who a name is: people and pets are introduced once by their relation to the user ("My wife
 # Priya is a nurse") and later named without it ("Priya's car is a Prius"), while questions
-# use either ("What does my wife drive?"). Only these relations make an alias: a looser
-# pattern would read "my birthday is July" as one.
+# use either ("What does my wife drive?"). Only these relations, with these words before them,
+# make an alias: a looser pattern would read "my birthday is July" or "my trip with my sister
+# Anna" as one.
 RELATIONS = (
     "wife husband spouse partner fiance fiancé fiancee fiancée girlfriend boyfriend son daughter kid child baby "
     "stepson stepdaughter mom mother mum dad father stepmom stepmother stepdad stepfather sister brother sibling "
     "twin grandma grandmother grandpa grandfather grandson granddaughter aunt uncle cousin niece nephew "
     "friend roommate flatmate neighbor neighbour boss manager supervisor coworker colleague mentor therapist "
     "doctor dentist vet trainer coach teacher tutor landlord assistant dog cat pet puppy kitten").split()
-_NAME = r"(?:Dr\.?\s+)?[A-ZÀ-ÖØ-Þ][\w’'-]*(?:\s+[A-ZÀ-ÖØ-Þ][\w’'-]*)?"
-_ALIAS = re.compile(r"\b(?P<det>[Mm]y|[Oo]ur)\s+(?P<mods>(?:[a-z-]+\s+){0,3}?)(?P<rel>" + "|".join(RELATIONS)
-                    + r")(?:['’]s name is|,? (?:is called|named|is)|,)?\s+(?P<name>" + _NAME + r")")
+RELATION_MODIFIERS = (
+    "older younger elder oldest youngest eldest big little baby best closest close old new former ex step twin "
+    "next-door work primary care family childhood college school favorite favourite").split()
+# Capitalised words that follow "my manager is" without being a name.
+NOT_NAMES = set(
+    "i american british english german french spanish italian polish chinese japanese korean indian mexican "
+    "canadian irish scottish welsh russian ukrainian dutch swedish norwegian danish finnish greek turkish "
+    "brazilian portuguese australian african asian european latina latino jewish christian catholic muslim "
+    "hindu buddhist protestant mormon vegan vegetarian".split())
+TITLE = r"(?:(?:Dr|Mrs|Mr|Ms|Mx|Prof)\.?\s+)"
+_ALIAS = re.compile(
+    r"\b(?P<det>[Mm]y|[Oo]ur)\s+(?P<mods>(?:(?:" + "|".join(map(re.escape, RELATION_MODIFIERS)) + r")\s+){0,2})"
+    r"(?P<rel>" + "|".join(RELATIONS) + r")\b(?P<link>['’]s name is|,? is called|,? named|\s+is|,)?"
+    r"\s+" + TITLE + r"?(?P<name>[^\W\d_][\w’'-]*(?:\s+[^\W\d_][\w’'-]*)?)(?P<after>\s*[,.;:!?)]|\s*$)?")
+POSSESSIVE = re.compile(r"['’]s?$")
+
+
+def _alias_name(m: re.Match) -> str | None:
+    """The name an _ALIAS match introduces, or None: capitalised, its possessive dropped (a
+    possessive ends it: "Rebecca's Tesla"), not a nationality or the like; after a bare comma
+    ("like my dad, Sarah loves ..."), only an apposition ("my wife, Priya, ...")."""
+    words = m["name"].split()
+    if m["link"] == "," and (len(words) > 1 or m["after"] is None):
+        return None
+    name = []
+    for w in words:
+        bare = POSSESSIVE.sub("", w)
+        if not bare[:1].isupper() or bare.lower() in NOT_NAMES or bare.lower() in STOPWORDS or bare.lower() in NOT_SWAPPED:
+            break
+        name.append(bare)
+        if bare != w:
+            break
+    return " ".join(name) or None
 
 
 class Aliases:
@@ -315,33 +346,40 @@ class Aliases:
     ("My wife Priya ..." gives Priya <-> my wife), for the `aliases` question kind: a memory's
     questions that name Priya are asked again about "my wife", and those about "my wife" again
     about Priya, so the index learns who is who across memories, which no single memory's text
-    tells a retriever. A name given two relations, or a relation given two names, is left out."""
+    tells a retriever. A name given two relations is left out; a relation given two names
+    ("my friend" Anna and Tom) is asked about under each name, never swapped back to one."""
 
     def __init__(self, texts: Iterable[str]):
         by_name: dict[str, set[str]] = {}
-        by_phrase: dict[str, set[str]] = {}
+        by_relation: dict[str, set[str]] = {}
+        phrase: dict[str, str] = {}  # relation ("son") -> as first written ("our son")
         for text in texts:
-            for m in _ALIAS.finditer(text):
-                name = re.sub(r"['’]s$", "", m["name"].strip())
-                name = re.sub(r"^Dr\.?\s+", "", name)
-                if name.lower() in STOPWORDS or name.lower() in NOT_SWAPPED:
+            # every "my" starts its own try: a failed one may run over the next ("my wife and my son Leo")
+            for start in re.finditer(r"\b(?:[Mm]y|[Oo]ur)\b", text):
+                m = _ALIAS.match(text, start.start())
+                name = m and _alias_name(m)
+                if name is None:
                     continue
-                mods = m["mods"].strip()
-                full = " ".join([m["det"].lower(), *([mods] if mods else []), m["rel"]])
-                by_name.setdefault(name, set()).add(full)
-                by_phrase.setdefault(full, set()).add(name)
-        self.phrase_of = {n: next(iter(p)) for n, p in by_name.items() if len(p) == 1}
-        self.name_of = {p: next(iter(n)) for p, n in by_phrase.items()
-                        if len(n) == 1 and self.phrase_of.get(next(iter(n))) == p}
-        # a full name also goes by its first word ("Rebecca Lindqvist" -> Rebecca)
-        for name, phrase in list(self.phrase_of.items()):
+                relation = " ".join([*m["mods"].split(), m["rel"]])  # "my son" and "our son" are one
+                phrase.setdefault(relation, f"{m['det'].lower()} {relation}")
+                by_name.setdefault(name, set()).add(relation)
+                by_relation.setdefault(relation, set()).add(name)
+        self.phrase_of = {n: phrase[next(iter(r))] for n, r in by_name.items() if len(r) == 1}
+        self.name_of = {phrase[r]: next(iter(n)) for r, n in by_relation.items()
+                        if len(n) == 1 and next(iter(n)) in self.phrase_of}
+        # a full name also goes by its first word ("Rebecca Lindqvist" -> Rebecca), if no one else does
+        for name, p in list(self.phrase_of.items()):
             first = name.split()[0]
-            if first != name and first not in self.phrase_of and not any(
-                    o != name and o.split()[0] == first for o in self.phrase_of):
-                self.phrase_of[first] = phrase
+            if first != name and not any(o != name and o.split()[0] == first for o in by_name):
+                self.phrase_of[first] = p
+        self._names = {n: re.compile(r"(?<![\w-])" + TITLE + r"?" + re.escape(n) + r"(?![\w-])(?P<next>\s+\S)?")
+                       for n in self.phrase_of}
+        # "my son" and "our son" are the same person
+        self._phrases = {p: re.compile(r"(?<![\w-])(?:my|our)" + re.escape(p[p.index(" "):]) + r"(?![\w-])", re.I)
+                         for p in set(self.phrase_of.values())}
 
     def __len__(self) -> int:
-        return len(self.name_of)
+        return len(self.phrase_of)
 
     def variants(self, question: str, text: str = "") -> list[str]:
         """The question with each aliased name swapped for its relation, and each relation for
@@ -349,18 +387,30 @@ class Aliases:
         for an alias the memory's `text` itself spells out ("My wife Priya ...")."""
         out = []
         for name, phrase in self.phrase_of.items():
-            # not the first name of a full name ("Rebecca" in "Rebecca Lindqvist")
-            names = re.compile(r"(?<![\w-])" + re.escape(name) + r"(?![\w-])(?!\s+[A-ZÀ-ÖØ-Þ])")
-            # "my son" and "our son" are the same person
-            phrases = re.compile(r"(?<![\w-])(?:my|our)" + re.escape(phrase[phrase.index(" "):]) + r"(?![\w-])", re.I)
-            has_name, has_phrase = names.search(question), phrases.search(question)
-            if has_name and has_phrase or names.search(text) and phrases.search(text):
-                continue  # it already says who is who
+            names, phrases = self._names[name], self._phrases[phrase]
+            if _found(names, text) and phrases.search(text):
+                continue  # the memory says who is who
+            has_name, has_phrase = _found(names, question), phrases.search(question)
+            if has_name and has_phrase:
+                continue
             if has_name:
-                out.append(_capitalised(names.sub(phrase, question), question))
+                out.append(_capitalised(names.sub(lambda m: _keep_next(m, phrase), question), question))
             elif has_phrase and self.name_of.get(phrase) == name:
                 out.append(_capitalised(phrases.sub(name, question), question))
         return dedupe(out)
+
+
+def _found(pattern: re.Pattern, s: str) -> bool:
+    """A name matched alone, not as the first word of a longer name ("Rebecca" in "Rebecca Lindqvist")."""
+    return any(not _joined(m) for m in pattern.finditer(s))
+
+
+def _joined(m: re.Match) -> bool:
+    return bool(m["next"]) and m["next"].strip()[:1].isupper()
+
+
+def _keep_next(m: re.Match, phrase: str) -> str:
+    return m[0] if _joined(m) else phrase + (m["next"] or "")
 
 
 def _capitalised(variant: str, original: str) -> str:
@@ -369,6 +419,21 @@ def _capitalised(variant: str, original: str) -> str:
 
 
 ALIAS_VARIANTS = 4  # alias variants added per memory (the text's first, then sampled questions)
+
+
+def alias_questions(memory_id: str, text: str, questions: Iterable[str], aliases: Aliases, seed: int = 0) -> list[str]:
+    """Up to ALIAS_VARIANTS of a memory's inputs (`questions`, its text first) asked again with
+    a name swapped for its relation or the other way round (Aliases.variants): the first
+    variant, then a sample; deterministic for (id, inputs, seed), drawn apart from the memory's
+    other questions so it leaves them as they are."""
+    questions = list(questions)
+    have = {" ".join(q.lower().split()).strip(" ?.!") for q in questions}
+    found = [v for v in dedupe(v for q in questions for v in aliases.variants(q, text))
+             if " ".join(v.lower().split()).strip(" ?.!") not in have]
+    if not found:
+        return []
+    rng = random.Random(f"{seed}:{memory_id}:aliases")
+    return [found[0]] + rng.sample(found[1:], min(len(found) - 1, ALIAS_VARIANTS - 1))
 
 QUESTION_KINDS = ("templates", "wh", "keywords", "spans", "id", "related", "aliases")
 DEFAULT_QUESTION_KINDS = ("templates", "wh", "keywords", "spans", "id")  # Config.question_kinds' default
@@ -472,11 +537,7 @@ def builtin_questions(memory_id: str, text: str, n: int, seed: int = 0,
     if "aliases" in kinds:
         if aliases is None:
             raise InvalidInput("the aliases question kind needs the namespace's Aliases")
-        # After the round robin, so a memory that names no alias keeps exactly its questions.
-        first, *rest = [v for q in out for v in aliases.variants(q, text)] or [None]
-        if first is not None:
-            rest = dedupe(rest)
-            out += [first] + rng.sample(rest, min(len(rest), ALIAS_VARIANTS - 1))
+        out += alias_questions(memory_id, text, out, aliases, seed)
     return dedupe(out)
 
 
