@@ -323,7 +323,7 @@ class IPM:
         aliases = Aliases(m.text for m in everything) if builtin and "aliases" in cfg.question_kinds else None
         kinds = [k for k in cfg.question_kinds if k != "aliases"]
         related = None
-        if "related" in cfg.question_kinds and cfg.question_source != "llm":
+        if builtin and "related" in cfg.question_kinds:
             try:
                 related = related_words(load_dense_encoder(), self.paths.cache)
             except InvalidInput as e:

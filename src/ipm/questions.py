@@ -333,7 +333,8 @@ def _alias_name(m: re.Match) -> str | None:
     name = []
     for w in words:
         bare = POSSESSIVE.sub("", w)
-        if not bare[:1].isupper() or bare.lower() in NOT_NAMES or bare.lower() in STOPWORDS or bare.lower() in NOT_SWAPPED:
+        low = bare.lower()
+        if not bare[:1].isupper() or low in NOT_NAMES or low in STOPWORDS or low in NOT_SWAPPED:
             break
         name.append(bare)
         if bare != w:
@@ -427,13 +428,13 @@ def alias_questions(memory_id: str, text: str, questions: Iterable[str], aliases
     variant, then a sample; deterministic for (id, inputs, seed), drawn apart from the memory's
     other questions so it leaves them as they are."""
     questions = list(questions)
-    have = {" ".join(q.lower().split()).strip(" ?.!") for q in questions}
-    found = [v for v in dedupe(v for q in questions for v in aliases.variants(q, text))
-             if " ".join(v.lower().split()).strip(" ?.!") not in have]
+    have = {_dedupe_key(q) for q in questions}
+    found = [v for v in dedupe(v for q in questions for v in aliases.variants(q, text)) if _dedupe_key(v) not in have]
     if not found:
         return []
     rng = random.Random(f"{seed}:{memory_id}:aliases")
     return [found[0]] + rng.sample(found[1:], min(len(found) - 1, ALIAS_VARIANTS - 1))
+
 
 QUESTION_KINDS = ("templates", "wh", "keywords", "spans", "id", "related", "aliases")
 DEFAULT_QUESTION_KINDS = ("templates", "wh", "keywords", "spans", "id")  # Config.question_kinds' default
@@ -547,10 +548,15 @@ def _keyword_query(words: list[str], rng: random.Random) -> str:
     return rng.choice(KEYWORD_FRAMES).format(k=phrase) if rng.random() < 0.5 else phrase
 
 
+def _dedupe_key(question: str) -> str:
+    """Questions differing only in case, spacing or end punctuation are the same question."""
+    return " ".join(question.lower().split()).strip(" ?.!")
+
+
 def dedupe(questions: Iterable[str]) -> list[str]:
     seen, out = set(), []
     for q in questions:
-        key = " ".join(q.lower().split()).strip(" ?.!")
+        key = _dedupe_key(q)
         if key and key not in seen:
             seen.add(key)
             out.append(" ".join(q.split()))
