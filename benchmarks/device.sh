@@ -11,7 +11,8 @@
 #   call 2 (carry .gpu/a):  cp .gpu/a/part_aa /tmp/part_aa
 #   call 3 (carry .gpu/b):  BUDGET=SECONDS IPM_BENCH_COMMIT=SHA bash benchmarks/device.sh   (results in $OUT)
 #   STEPS picks what runs (default "speed-small speed-full recipe"); "locomo" runs the LoCoMo
-#   observations benchmark on all five conversations with LOCOMO_ARGS (e.g. "--set base_layers=20").
+#   observations benchmark on all five conversations with LOCOMO_ARGS (e.g. "--set base_layers=20");
+#   "turns" the dialog-turns benchmark on one conversation (TURNS, default conv-26) with TURNS_ARGS.
 #   Here, `bash benchmarks/device.sh pack` builds the three folders from this machine's .venv.
 set -u
 cd "$(dirname "$0")/.."
@@ -79,5 +80,13 @@ want recipe && step recipe 400 python3 benchmarks/recipe.py .gpu/b/locomo/conv-2
 # 3. LoCoMo observations, all five conversations, under a configuration of LOCOMO_ARGS.
 want locomo && step locomo 560 python3 benchmarks/locomo.py .gpu/b/locomo/*.json --variant observations \
   --out-dir /tmp/res/locomo --json $OUT/locomo.json ${LOCOMO_ARGS:-}
+# 4. LoCoMo dialog turns of the first conversation in TURNS (default conv-26) under TURNS_ARGS, the others
+#    giving out-of-scope questions; its result is folded into a CPU run with locomo.py --reuse.
+if want turns; then
+  first=${TURNS:-conv-26}
+  others=$(ls .gpu/b/locomo/*.json | grep -v "/$first.json")
+  step turns 540 python3 benchmarks/locomo.py .gpu/b/locomo/$first.json $others --variant turns --conversations 1 \
+    --out-dir /tmp/res/turns --json $OUT/turns.json ${TURNS_ARGS:-}
+fi
 tar czf "$OUT/results.tgz" -C /tmp res 2>/dev/null; ls -la "$OUT"
 [ -z "$FAILED" ] || { echo "failed or cut short:$FAILED"; exit 1; }
