@@ -378,6 +378,8 @@ class Aliases:
         # "my son" and "our son" are the same person
         self._phrases = {p: re.compile(r"(?<![\w-])(?:my|our)" + re.escape(p[p.index(" "):]) + r"(?![\w-])", re.I)
                          for p in set(self.phrase_of.values())}
+        # alias_questions asks about every question of one memory in turn: read its text once
+        self._spelled_out = functools.lru_cache(maxsize=16)(self._spelled_out_uncached)
 
     def __len__(self) -> int:
         return len(self.phrase_of)
@@ -387,9 +389,10 @@ class Aliases:
         its name ("Priya's car?" -> "my wife's car?"; "my wife's job?" -> "Priya's job?"); none
         for an alias the memory's `text` itself spells out ("My wife Priya ...")."""
         out = []
+        spelled_out = self._spelled_out(text)
         for name, phrase in self.phrase_of.items():
             names, phrases = self._names[name], self._phrases[phrase]
-            if _found(names, text) and phrases.search(text):
+            if name in spelled_out:
                 continue  # the memory says who is who
             has_name, has_phrase = _found(names, question), phrases.search(question)
             if has_name and has_phrase:
@@ -399,6 +402,11 @@ class Aliases:
             elif has_phrase and self.name_of.get(phrase) == name:
                 out.append(_capitalised(phrases.sub(name, question), question))
         return dedupe(out)
+
+    def _spelled_out_uncached(self, text: str) -> frozenset[str]:
+        """The names whose relation `text` gives too (both spelled out: "My wife Priya ...")."""
+        return frozenset(name for name, phrase in self.phrase_of.items()
+                         if _found(self._names[name], text) and self._phrases[phrase].search(text))
 
 
 def _found(pattern: re.Pattern, s: str) -> bool:
