@@ -10,6 +10,7 @@ views of it.
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import os
 import platform
@@ -103,6 +104,7 @@ def config(args: argparse.Namespace):
 
 # Options added since some results were written, whose default is not how those runs behaved.
 OFF_BEFORE = {"fusion_bm25_floor": 0.0,  # BM25 scores divided by the best one alone
+              "fusion_bm25_noise": 0.0,  # nothing taken off BM25 scores
               "expand_retrievers": False}  # retrievers matched memory texts only
 
 
@@ -140,6 +142,22 @@ def evaluate_systems(mem, questions, user: str, bars, label: str, decodings=DECO
     for name in baselines:
         out[name] = evaluate_baseline(name, [m.id for m in memories], [m.text for m in memories], questions)
     return out
+
+
+def kept_scores(answers: list) -> list[dict]:
+    """Every hybrid candidate's three scores (adapter log-probability, cosine, raw BM25) for
+    each in-scope (question, Answer) that `evaluate_systems` kept: what a fusion can be scored
+    on again without training (see benchmarks/locomo.py's sweep, benchmarks/fusion_kept.py)."""
+    return [{"gold": sorted(q.gold), "category": q.category,
+             "candidates": {h.id: [h.signals.lora, h.signals.dense, h.signals.bm25] for h in a.candidates}}
+            for q, a in answers if q.gold is not None]
+
+
+def write_kept_scores(path: Path, scores) -> None:
+    """Kept candidate scores beside the results (gzipped JSON: too bulky for the results file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with gzip.open(path, "wt", encoding="utf-8") as f:
+        json.dump(scores, f)
 
 
 def ranked_layout(m: dict) -> dict:

@@ -3,7 +3,8 @@
     python benchmarks/demo.py [--json OUT]
 
 Trains IPM on examples/demo/memories.jsonl (questions generated from the memories only) and
-scores IPM, BM25 and dense retrieval on examples/demo/questions.json in the same run.
+scores IPM, BM25 and dense retrieval on examples/demo/questions.json in the same run. Every
+hybrid candidate's scores are kept in <out-dir>/demo-candidates.json.gz (see fusion_kept.py).
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ def main(argv: list[str] | None = None) -> dict:
         t0 = time.perf_counter()
         manifest = mem.train(progress=bars.train("demo"))
         train_seconds = time.perf_counter() - t0
-        report = common.evaluate_systems(mem, questions, "default", bars, "demo")
+        answers: list = []  # hybrid ranks every candidate anyway: keep their scores for re-analysis
+        report = common.evaluate_systems(mem, questions, "default", bars, "demo", hybrid_answers=answers)
         mem.store.close()
     report["n"] = sum(q.gold is not None for q in questions)
     data = {"benchmark": "demo", "seed": args.seed, "memories": n, "n": report["n"],
@@ -50,6 +52,7 @@ def main(argv: list[str] | None = None) -> dict:
              "`ipm eval` reports as recall@1, an abstention being a miss) / abstained / wrong are "
              "shares of the in-scope questions, out-of-scope refused a share of those no memory answers. "
              "Latency at k=10."]
+    common.write_kept_scores(Path(args.out_dir) / "demo-candidates.json.gz", common.kept_scores(answers))
     common.write_results("demo", data, rows, args.out_dir, args.json, title="Demo set: held-out recall", notes=notes)
     return data
 

@@ -178,28 +178,26 @@ def run_conversation(mem, conv_id: str, conv: dict, others: list[dict], args, ba
     result.update(common.evaluate_systems(mem, questions + oos, conv_id, bars, conv_id, args.decodings,
                                           () if args.no_baselines else BASELINES, added, answers))
     if answers:
-        result["candidate_scores"] = [
-            {"gold": sorted(q.gold), "category": q.category,
-             "candidates": {h.id: [h.signals.lora, h.signals.dense, h.signals.bm25] for h in a.candidates}}
-            for q, a in answers if q.gold is not None]
+        result["candidate_scores"] = common.kept_scores(answers)
     return result
 
 
 # -- fusion sweep ------------------------------------------------------------------------
-def fused_rankings(items: list[dict], weights: tuple[float, float, float], floor: float) -> list[list[str]]:
-    """Each item's candidates ranked by hybrid decoding's fusion with `weights` and BM25 `floor`."""
+def fused_rankings(items: list[dict], weights: tuple[float, float, float], floor: float,
+                   noise: float = 0.0) -> list[list[str]]:
+    """Each item's candidates ranked by hybrid decoding's fusion with `weights`, BM25 `floor` and `noise`."""
     from ipm.search import Signals, fuse
 
     a, d, b = weights
-    return [[mid for mid, _ in fuse({mid: Signals(*v) for mid, v in it["candidates"].items()}, d, b, a, floor)]
+    return [[mid for mid, _ in fuse({mid: Signals(*v) for mid, v in it["candidates"].items()}, d, b, a, floor, noise)]
             for it in items]
 
 
-def fused_metrics(items: list[dict], weights: tuple[float, float, float], floor: float) -> dict:
+def fused_metrics(items: list[dict], weights: tuple[float, float, float], floor: float, noise: float = 0.0) -> dict:
     """Recall and MRR of the candidates re-ranked with `weights`, over the kept candidate scores."""
     from ipm.evaluate import ranking_metrics
 
-    return ranking_metrics(fused_rankings(items, weights, floor), [frozenset(it["gold"]) for it in items])
+    return ranking_metrics(fused_rankings(items, weights, floor, noise), [frozenset(it["gold"]) for it in items])
 
 
 def rescored_hybrid(old: dict, items: list[dict], cfg) -> dict:
@@ -210,7 +208,7 @@ def rescored_hybrid(old: dict, items: list[dict], cfg) -> dict:
     from ipm.evaluate import Question, by_category, ranking_metrics
 
     weights = (cfg.fusion_adapter, cfg.fusion_dense, cfg.fusion_bm25)
-    rankings = fused_rankings(items, weights, cfg.fusion_bm25_floor)
+    rankings = fused_rankings(items, weights, cfg.fusion_bm25_floor, cfg.fusion_bm25_noise)
     questions = [Question("", frozenset(it["gold"]), it.get("category")) for it in items]
     out = {**ranking_metrics(rankings, [q.gold for q in questions]),
            **{k: old[k] for k in ("invalid_id_rate", "latency_ms_p50", "latency_ms_p95") if k in old}}
@@ -245,7 +243,8 @@ def raw_bm25_items(conv: dict, variant: str, limit: int | None, items: list[dict
     return out
 
 
-def sweep(per_conv: dict, tune_on: list[str], configured: tuple[float, float, float], floor: float) -> dict:
+def sweep(per_conv: dict, tune_on: list[str], configured: tuple[float, float, float], floor: float,
+          noise: float = 0.0) -> dict:
     """Score every GRID weight on the tuning conversations, the others and all; pick on tuning."""
     items = {c: r.get("candidate_scores", []) for c, r in per_conv.items()}
     tune = [it for c in tune_on for it in items.get(c, [])]
@@ -255,14 +254,14 @@ def sweep(per_conv: dict, tune_on: list[str], configured: tuple[float, float, fl
         return {}
     rows = []
     for w in dict.fromkeys(GRID + [configured]):
-        t = fused_metrics(tune, w, floor)
-        rows.append({"weights": w, "tune": t, "rest": fused_metrics(rest, w, floor) if rest else None,
-                     "all": fused_metrics(every, w, floor)})
+        t = fused_metrics(tune, w, floor, noise)
+        rows.append({"weights": w, "tune": t, "rest": fused_metrics(rest, w, floor, noise) if rest else None,
+                     "all": fused_metrics(every, w, floor, noise)})
     key = lambda r: (r["tune"]["recall@1"], r["tune"]["mrr"])  # noqa: E731
     best = max((r for r in rows if r["weights"][0] > 0), key=key)  # without the adapter it is not IPM
     best_retrievers = max((r for r in rows if r["weights"][0] == 0), key=key)
     adapter_only = next(r for r in rows if r["weights"] == (1.0, 0.0, 0.0))
-    return {"tune_on": tune_on, "grid": rows, "chosen": best["weights"], "configured": configured, "bm25_floor": floor,
+    return {"tune_on": tune_on, "grid": rows, "chosen": best["weights"], "configured": configured, "bm25_floor": floor, "bm25_noise": noise,
             "retrievers_only": best_retrievers["weights"], "n_tune": len(tune), "n_rest": len(rest),
             "adapter_only": adapter_only["weights"]}
 
@@ -407,14 +406,13 @@ def write(per_conv: dict, evaluated: list[str], systems: tuple[str, ...], args, 
         o["skipped_as_misses"] = {"n": n, **{k: o.get(k, 0.0) * o["n"] / max(1, n) for k in METRICS}}
     name = f"locomo-{args.variant}" + ("-baselines" if args.baselines_only else "")  # never overwrite a full run
     configured = (cfg.fusion_adapter, cfg.fusion_dense, cfg.fusion_bm25)
-    fusion = {} if args.baselines_only else sweep(per_conv, args.tune_on.split(","), configured, cfg.fusion_bm25_floor)
+    fusion = {} if args.baselines_only else sweep(per_conv, args.tune_on.split(","), configured, cfg.fusion_bm25_floor,
+                                                  cfg.fusion_bm25_noise)
     # Every candidate's scores, for re-analysis; too bulky for the results JSON.
     scores = {c: r["candidate_scores"] for c, r in per_conv.items() if r.get("candidate_scores")}
     scores_file = Path(args.out_dir) / f"{name}-candidates.json.gz"
     if scores:
-        Path(args.out_dir).mkdir(parents=True, exist_ok=True)
-        with gzip.open(scores_file, "wt", encoding="utf-8") as f:
-            json.dump(scores, f)
+        common.write_kept_scores(scores_file, scores)
     else:  # never leave an older run's scores beside these results
         scores_file.unlink(missing_ok=True)
     data = {
@@ -484,7 +482,8 @@ def notes(d: dict) -> list[str]:
         out.append(f"Hybrid fusion weights (adapter, dense, bm25) chosen on {', '.join(f['tune_on'])} "
                    f"({f['n_tune']} questions): {f['chosen']}, recall@1 {100 * chosen['tune']['recall@1']:.1f} "
                    f"there{rest}. The ipm-hybrid row uses the configured weights {f['configured']}. BM25 scores "
-                   f"are divided by max(the question's best, {f.get('bm25_floor', 0.0):g}) throughout.")
+                   f"are divided by max(the question's best, {f.get('bm25_floor', 0.0):g}) throughout"
+                   + (f", after {f['bm25_noise']:g} is taken off each (never below 0)." if f.get("bm25_noise") else "."))
     reused = {c: r["reused_from"] for c, r in d["per_conversation"].items() if "reused_from" in r}
     if reused:
         out.append("Taken from earlier runs with the same configuration (--reuse): " + "; ".join(

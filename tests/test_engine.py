@@ -361,24 +361,25 @@ def test_a_threshold_calibrated_under_other_fusion_settings_is_flagged(trained):
         trained.reconfigure(fusion_dense=configured)
 
 
-def test_hybrid_scores_fuse_the_signals_with_the_configured_bm25_floor(trained):
+def test_hybrid_scores_fuse_the_signals_with_the_configured_bm25_floor_and_noise(trained):
     from ipm.search import fuse
 
     q = "Which company do I work for as a data engineer?"
-    scores, configured = {}, trained.config.fusion_bm25_floor
+    scores, configured = {}, (trained.config.fusion_bm25_floor, trained.config.fusion_bm25_noise)
     try:
-        for floor in (0.0, 1000.0):
-            trained.reconfigure(decoding="hybrid", fusion_bm25_floor=floor)
+        for floor, noise in ((0.0, 0.0), (1000.0, 0.0), (0.0, 1000.0)):
+            trained.reconfigure(decoding="hybrid", fusion_bm25_floor=floor, fusion_bm25_noise=noise)
             a = trained.ask(q, k=10)
-            assert max(h.signals.bm25 for h in a.candidates) > 0  # a BM25 match, so the floor matters
+            assert max(h.signals.bm25 for h in a.candidates) > 0  # a BM25 match, so the floor and noise matter
             cfg = trained.config
             want = dict(fuse({h.id: h.signals for h in a.candidates}, cfg.fusion_dense, cfg.fusion_bm25,
-                             cfg.fusion_adapter, floor))
-            scores[floor] = {h.id: h.score for h in a.candidates}
-            assert scores[floor] == pytest.approx(want, rel=1e-6, abs=0)
+                             cfg.fusion_adapter, floor, noise))
+            scores[floor, noise] = {h.id: h.score for h in a.candidates}
+            assert scores[floor, noise] == pytest.approx(want, rel=1e-6, abs=0)
     finally:
-        trained.reconfigure(fusion_bm25_floor=configured)
-    assert scores[0.0] != pytest.approx(scores[1000.0], rel=1e-3, abs=0)  # compared in ratio: tiny scores count
+        trained.reconfigure(fusion_bm25_floor=configured[0], fusion_bm25_noise=configured[1])
+    assert scores[0.0, 0.0] != pytest.approx(scores[1000.0, 0.0], rel=1e-3, abs=0)  # compared in ratio: tiny scores count
+    assert scores[0.0, 0.0] != pytest.approx(scores[0.0, 1000.0], rel=1e-3, abs=0)
 
 
 def test_a_bad_decoding_name_is_refused(trained):

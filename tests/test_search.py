@@ -161,6 +161,21 @@ def test_fuse_divides_bm25_by_the_best_score_or_the_floor():
     assert fuse(zero, 40, 16)[0][0] == "a_b_c"  # no word shared: BM25 adds nothing, no division by 0
 
 
+def test_fuse_takes_the_bm25_noise_off_every_score():
+    from ipm.search import Signals, fuse
+
+    def pair(bm25):  # dense retrieval's pick, and a memory with a BM25 score 2 dense-points behind
+        return {"a_b_c": Signals(lora=0.0, dense=0.50, bm25=0.0), "d_e_f": Signals(lora=0.0, dense=0.45, bm25=bm25)}
+
+    weak, strong = pair(3.0), pair(20.0)
+    assert fuse(weak, 40, 16, bm25_floor=16)[0][0] == "d_e_f"  # 16 * 3 / 16 = 3 > 2
+    assert fuse(weak, 40, 16, bm25_floor=16, bm25_noise=3.0) == fuse(weak, 40, 0)  # one incidental word: nothing
+    assert fuse(weak, 40, 16, bm25_floor=16, bm25_noise=4.0) == fuse(weak, 40, 0)  # never below 0
+    # a strong match keeps its lead, less the noise: 16 * (20 - 3) / 20 = 13.6 > 2
+    assert fuse(strong, 40, 16, bm25_floor=16, bm25_noise=3.0)[0][0] == "d_e_f"
+    assert sum(p for _, p in fuse(strong, 40, 16, bm25_floor=16, bm25_noise=3.0)) == pytest.approx(1.0)
+
+
 def test_hard_negative_choices_are_the_tokens_where_ids_part():
     from ipm.train import _choices
 
@@ -196,3 +211,13 @@ def test_hard_negative_loss_is_minus_log_of_the_hybrid_score(lora_model):
     p_gold = RunnerDecoder(runner, tok).score(question, Trie((m, seqs[m]) for m in [gold, *negatives]))[gold]
     assert parts >= 2
     assert (hard - plain).item() == pytest.approx(0.5 * -math.log(p_gold) / parts, rel=1e-4)
+
+
+@pytest.mark.parametrize("name", ["fusion_adapter", "fusion_dense", "fusion_bm25", "fusion_bm25_floor", "fusion_bm25_noise"])
+def test_a_negative_fusion_setting_is_refused(name):
+    from ipm.config import Config
+    from ipm.errors import InvalidInput
+
+    with pytest.raises(InvalidInput, match=name):
+        Config().updated(**{name: -1.0})
+    assert getattr(Config().updated(**{name: 2.0}), name) == 2.0

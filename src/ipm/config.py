@@ -85,6 +85,8 @@ class Config:
     fusion_dense: float = 40.0
     fusion_bm25: float = 16.0
     fusion_bm25_floor: float = 16.0
+    # BM25 score taken off every candidate's before weighting (never below 0; search.fuse).
+    fusion_bm25_noise: float = 0.0
     # Hybrid decoding's BM25 and dense retrieval also match each memory's training questions
     # (document expansion; see retrieve.py): on LoCoMo observations, held-out hybrid recall@1
     # 55.8 -> 57.8 (53.7 -> 56.5 on the conversations not tuned on); on the demo 84.7 -> 83.7.
@@ -159,8 +161,9 @@ class Config:
                                "it needs lora_layers between 1 and base_layers - 1 (or base_layers 0 = every layer)")
         if self.hard_negatives < 0 or self.hard_negative_weight < 0:
             raise InvalidInput("hard_negatives and hard_negative_weight must be at least 0")
-        if min(self.fusion_adapter, self.fusion_dense, self.fusion_bm25, self.fusion_bm25_floor) < 0:
-            raise InvalidInput("fusion_adapter, fusion_dense, fusion_bm25 and fusion_bm25_floor must be at least 0")
+        fusion = ("fusion_adapter", "fusion_dense", "fusion_bm25", "fusion_bm25_floor", "fusion_bm25_noise")
+        if min(getattr(self, name) for name in fusion) < 0:
+            raise InvalidInput(f"{', '.join(fusion[:-1])} and {fusion[-1]} must be at least 0")
         if self.replay_ratio < 0:
             raise InvalidInput("replay_ratio must be at least 0")
         if not 0 <= self.calibration_fraction < 0.5:

@@ -93,7 +93,7 @@ class _Serving:
 
 
 ASK_BATCH = 16  # questions per forward pass in ask_many (hybrid decoding)
-FUSION_OPTIONS = ("fusion_adapter", "fusion_dense", "fusion_bm25", "fusion_bm25_floor")  # re-rank kept candidate scores
+FUSION_OPTIONS = ("fusion_adapter", "fusion_dense", "fusion_bm25", "fusion_bm25_floor", "fusion_bm25_noise")  # re-rank kept candidate scores
 CALIBRATED_OPTIONS = (*FUSION_OPTIONS, "expand_retrievers")  # what a hybrid threshold hangs on
 QUERY_OPTIONS = {"decoding", "hybrid_candidates", *CALIBRATED_OPTIONS, "beam_size", "max_k", "abstain_threshold"}
 CALIBRATION_QUESTIONS = 300  # held-back questions sampled to calibrate each decoding's threshold
@@ -656,7 +656,8 @@ class IPM:
             for lora, prop in zip(scored, proposed[b:b + ASK_BATCH]):
                 signals = {mid: Signals(math.log(max(lora.get(mid, 0.0), 1e-30)), cos, bm)
                            for mid, (cos, bm) in prop.items()}
-                fused = fuse(signals, cfg.fusion_dense, cfg.fusion_bm25, cfg.fusion_adapter, cfg.fusion_bm25_floor)
+                fused = fuse(signals, cfg.fusion_dense, cfg.fusion_bm25, cfg.fusion_adapter, cfg.fusion_bm25_floor,
+                             cfg.fusion_bm25_noise)
                 out.append([(mid, p, signals[mid]) for mid, p in fused[:k]])
         return out
 

@@ -38,20 +38,25 @@ class Signals:
 
 
 def fuse(signals: dict[str, Signals], dense_weight: float, bm25_weight: float,
-         lora_weight: float = 1.0, bm25_floor: float = 0.0) -> list[tuple[str, float]]:
+         lora_weight: float = 1.0, bm25_floor: float = 0.0, bm25_noise: float = 0.0) -> list[tuple[str, float]]:
     """Rank candidates by a product of experts, best first, with probabilities that sum to 1:
-    p(id) ∝ p_lora(id)^lora_weight · exp(dense_weight·cosine + bm25_weight·bm25 / max(best bm25, bm25_floor)).
+    p(id) ∝ p_lora(id)^lora_weight · exp(dense_weight·cosine
+                                         + bm25_weight·max(0, bm25 - bm25_noise) / max(best bm25, bm25_floor)).
 
     BM25 scores are divided by the best one among the candidates (hybrid decoding's
     candidates always include BM25's own top pick), so a strong lexical match counts the same
     whatever the question's length. The floor keeps a weak one weak: a paraphrased question that shares one incidental word with
     some memory ("old" in "how old is our cat?" and "a 4-year-old corgi") would otherwise give
-    that memory the full BM25 weight; below the floor, scores stay on their absolute scale."""
+    that memory the full BM25 weight; below the floor, scores stay on their absolute scale.
+    `bm25_noise` is the part of a BM25 score that one incidental shared word earns: taken off
+    every candidate's score (never below 0), so that such a match adds nothing at all, and BM25
+    can be given more weight where questions really share words with their memory."""
     if not signals:
         return []
     scale = max(max(s.bm25 for s in signals.values()), bm25_floor)
     bm25_factor = bm25_weight / scale if scale > 0 else 0.0
-    z = {mid: lora_weight * s.lora + dense_weight * s.dense + bm25_factor * s.bm25 for mid, s in signals.items()}
+    z = {mid: lora_weight * s.lora + dense_weight * s.dense + bm25_factor * max(0.0, s.bm25 - bm25_noise)
+         for mid, s in signals.items()}
     top = max(z.values())
     total = sum(math.exp(v - top) for v in z.values())
     return sorted(((mid, math.exp(v - top) / total) for mid, v in z.items()), key=lambda x: (-x[1], x[0]))

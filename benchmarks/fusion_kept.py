@@ -1,0 +1,111 @@
+"""One set of fusion weights for facts, dialog turns and paraphrases, from kept candidate scores.
+
+    python benchmarks/fusion_kept.py [--json OUT]
+
+Hybrid decoding fuses three scores per candidate (`ipm.search.fuse`): the adapter's
+log-probability, MiniLM's cosine and BM25. The benchmarks keep all three for every candidate
+of every held-out question (`*-candidates.json.gz` beside their results), so any fusion can be
+scored again without training. This grids the weights and BM25's noise level (`fusion_bm25_noise`:
+BM25 score taken off every candidate's, so that a match on one incidental word adds nothing)
+over three kinds of memory at once, each with the index its benchmark trained under the
+default configuration:
+  LoCoMo observations (facts) and LoCoMo dialog turns, five conversations each: chosen on
+  conv-26/30/41 (the mean of the two variants' recall@1 there), reported on conv-42/43 too;
+  the demo set, whose questions are paraphrases written to share few words with their memory:
+  a guard, not a target — a choice may not rank it below the configured default.
+No training; about a minute here. Writes results/fusion-kept.{json,md,png}.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import common
+
+TUNE = ("conv-26", "conv-30", "conv-41")
+HELD = ("conv-42", "conv-43")
+ADAPTER = (0.0, 0.25, 0.5, 1.0)
+DENSE = (10.0, 20.0, 30.0, 40.0, 60.0)
+BM25 = (8.0, 16.0, 24.0, 32.0, 48.0, 64.0)
+NOISE = (0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0)
+SETS = ("observations tune", "observations 42/43", "turns tune", "turns 42/43", "demo")
+
+
+def load(path: Path):
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        return json.load(f)
+
+
+def score(items: list[dict], setting: tuple[float, float, float, float], floor: float) -> dict:
+    from ipm.evaluate import ranking_metrics
+    from ipm.search import Signals, fuse
+
+    a, d, b, noise = setting
+    rankings = [[mid for mid, _ in fuse({mid: Signals(*v) for mid, v in it["candidates"].items()}, d, b, a, floor, noise)]
+                for it in items]
+    return ranking_metrics(rankings, [frozenset(it["gold"]) for it in items])
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = common.parser(__doc__.split("\n\n")[0])
+    p.add_argument("--observations", type=Path, default=common.REPO / "results" / "locomo-observations-candidates.json.gz")
+    p.add_argument("--turns", type=Path,
+                   default=common.REPO / "results" / "locomo-turns-default" / "locomo-turns-candidates.json.gz")
+    p.add_argument("--demo", type=Path, default=common.REPO / "results" / "demo-candidates.json.gz")
+    args = p.parse_args(argv)
+    cfg = common.config(args)
+    info = common.run_info(args.seed, common.command(__file__, argv))
+    obs, turns = load(args.observations), load(args.turns)
+    sets = {"observations tune": [i for c in TUNE for i in obs[c]], "observations 42/43": [i for c in HELD for i in obs[c]],
+            "turns tune": [i for c in TUNE for i in turns[c]], "turns 42/43": [i for c in HELD for i in turns[c]],
+            "demo": load(args.demo)}
+    configured = (cfg.fusion_adapter, cfg.fusion_dense, cfg.fusion_bm25, cfg.fusion_bm25_noise)
+    grid = list(dict.fromkeys([(a, d, b, n) for a in ADAPTER for d in DENSE for b in BM25 for n in NOISE] + [configured]))
+    rows = []
+    for setting in grid:
+        m = {name: score(items, setting, cfg.fusion_bm25_floor) for name, items in sets.items()}
+        rows.append({"setting": setting, "metrics": m,
+                     "tune": (m["observations tune"]["recall@1"] + m["turns tune"]["recall@1"]) / 2,
+                     "tune_mrr": (m["observations tune"]["mrr"] + m["turns tune"]["mrr"]) / 2})
+    by_tune = lambda r: (r["tune"], r["tune_mrr"])  # noqa: E731
+    default = next(r for r in rows if r["setting"] == configured)
+    guard = default["metrics"]["demo"]["recall@1"]
+    picks = {
+        "configured default": default,
+        "chosen on the tuning conversations": max((r for r in rows if r["setting"][0] > 0), key=by_tune),
+        "chosen there, no noise": max((r for r in rows if r["setting"][0] > 0 and r["setting"][3] == 0), key=by_tune),
+        "chosen there, demo guarded": max((r for r in rows if r["setting"][0] > 0
+                                           and r["metrics"]["demo"]["recall@1"] >= guard), key=by_tune),
+        "chosen there, demo guarded, no noise": max((r for r in rows if r["setting"][0] > 0 and r["setting"][3] == 0
+                                                     and r["metrics"]["demo"]["recall@1"] >= guard), key=by_tune),
+        "retrievers alone, demo guarded": max((r for r in rows if r["setting"][0] == 0
+                                               and r["metrics"]["demo"]["recall@1"] >= guard), key=by_tune),
+    }
+    table = []
+    for label, r in picks.items():
+        a, d, b, n = r["setting"]
+        table.append({"system": f"{label} (adapter {a:g}, dense {d:g}, bm25 {b:g}, noise {n:g})",
+                      "recall@1": r["tune"],
+                      **{f"{name} recall@1 %": 100 * r["metrics"][name]["recall@1"] for name in SETS}})
+    n = {name: len(items) for name, items in sets.items()}
+    notes = [f"Questions: {', '.join(f'{k} {v}' for k, v in n.items())}. recall@1 of the fused ranking (IPM's "
+             "best guess, also where it would abstain); the recall@1 column is the mean of observations and turns on "
+             f"{', '.join(TUNE)}, the only figure a choice is made on (the demo may only veto: not below the "
+             f"configured default's {100 * guard:.1f}).",
+             f"BM25 floor {cfg.fusion_bm25_floor:g} throughout; grid: adapter {ADAPTER}, dense {DENSE}, bm25 {BM25}, "
+             f"noise {NOISE}.",
+             f"Kept scores from {args.observations}, {args.turns} and {args.demo}."]
+    data = {"benchmark": "fusion-kept", "seed": args.seed, "questions": n, "floor": cfg.fusion_bm25_floor,
+            "picks": {k: {"setting": r["setting"], "tune": r["tune"], "metrics": r["metrics"]} for k, r in picks.items()},
+            "grid": [{"setting": r["setting"], "tune": r["tune"],
+                      **{name: r["metrics"][name]["recall@1"] for name in SETS}} for r in rows],
+            "run": info}
+    common.write_results("fusion-kept", data, table, args.out_dir, args.json,
+                         title="One set of fusion weights: kept candidate scores", notes=notes)
+    return data
+
+
+if __name__ == "__main__":
+    main()
