@@ -38,6 +38,12 @@ def load(path: Path):
         return json.load(f)
 
 
+def shown(path: Path) -> str:
+    """A path as the notes show it: relative to the repository where it lies inside it."""
+    path = path.resolve()
+    return str(path.relative_to(common.REPO)) if path.is_relative_to(common.REPO) else str(path)
+
+
 def score(items: list[dict], setting: tuple[float, float, float, float], floor: float) -> dict:
     from ipm.evaluate import ranking_metrics
     from ipm.search import Signals, fuse
@@ -62,7 +68,8 @@ def main(argv: list[str] | None = None) -> dict:
             "turns tune": [i for c in TUNE for i in turns[c]], "turns 42/43": [i for c in HELD for i in turns[c]],
             "demo": load(args.demo)}
     configured = (cfg.fusion_adapter, cfg.fusion_dense, cfg.fusion_bm25, cfg.fusion_bm25_noise)
-    grid = list(dict.fromkeys([(a, d, b, n) for a in ADAPTER for d in DENSE for b in BM25 for n in NOISE] + [configured]))
+    # the configured setting first: scaling every weight alike ranks the same, and a tie keeps it
+    grid = list(dict.fromkeys([configured] + [(a, d, b, n) for a in ADAPTER for d in DENSE for b in BM25 for n in NOISE]))
     rows = []
     for setting in grid:
         m = {name: score(items, setting, cfg.fusion_bm25_floor) for name, items in sets.items()}
@@ -88,7 +95,7 @@ def main(argv: list[str] | None = None) -> dict:
         a, d, b, n = r["setting"]
         table.append({"system": f"{label} (adapter {a:g}, dense {d:g}, bm25 {b:g}, noise {n:g})",
                       "recall@1": r["tune"],
-                      **{f"{name} recall@1 %": 100 * r["metrics"][name]["recall@1"] for name in SETS}})
+                      **{f"{name} recall@1 %": r["metrics"][name]["recall@1"] for name in SETS}})
     n = {name: len(items) for name, items in sets.items()}
     notes = [f"Questions: {', '.join(f'{k} {v}' for k, v in n.items())}. recall@1 of the fused ranking (IPM's "
              "best guess, also where it would abstain); the recall@1 column is the mean of observations and turns on "
@@ -96,7 +103,7 @@ def main(argv: list[str] | None = None) -> dict:
              f"configured default's {100 * guard:.1f}).",
              f"BM25 floor {cfg.fusion_bm25_floor:g} throughout; grid: adapter {ADAPTER}, dense {DENSE}, bm25 {BM25}, "
              f"noise {NOISE}.",
-             f"Kept scores from {args.observations}, {args.turns} and {args.demo}."]
+             "Kept scores from " + ", ".join(shown(p) for p in (args.observations, args.turns, args.demo)) + "."]
     data = {"benchmark": "fusion-kept", "seed": args.seed, "questions": n, "floor": cfg.fusion_bm25_floor,
             "picks": {k: {"setting": r["setting"], "tune": r["tune"], "metrics": r["metrics"]} for k, r in picks.items()},
             "grid": [{"setting": r["setting"], "tune": r["tune"],

@@ -141,7 +141,7 @@ def test_locomo_smoke(tiny_model, tmp_path, monkeypatch, capsys):
         (tmp_path / "results" / "locomo-observations-candidates.json.gz").read_bytes()))["conv-26"]
     refused_cfg = Config(**{**data["config"], "fusion_bm25": 2.0, "fusion_bm25_floor": 0.0, "fusion_dense": 5.0})
     got = locomo.reusable([first], ns, refused_cfg, ("ipm-hybrid",), convs)["conv-26"]
-    want = locomo.fused_metrics(data_scores, (refused_cfg.fusion_adapter, 5.0, 2.0), 0.0)
+    want = locomo.fused_metrics(data_scores, (refused_cfg.fusion_adapter, 5.0, 2.0), 0.0, refused_cfg.fusion_bm25_noise)
     assert {k: got["ipm-hybrid"][k] for k in want} == want
     assert "abstained" not in got["ipm-hybrid"] and "out_of_scope" not in got["ipm-hybrid"]
     assert got["ipm-hybrid"]["invalid_id_rate"] == 0.0 and got["reused_from"]["fusion"]["fusion_bm25"] == data["config"]["fusion_bm25"]
@@ -236,7 +236,7 @@ def test_incremental_smoke(tiny_model, tmp_path, monkeypatch):
 
 def test_question_mix_smoke(tiny_model, tmp_path, monkeypatch):
     need(SHARED / "locomo" / "conv-26.json")
-    load("locomo", monkeypatch)
+    locomo = load("locomo", monkeypatch)
     mix = load("question_mix", monkeypatch)
     files = [str(SHARED / "locomo" / "conv-26.json"), str(SHARED / "locomo" / "conv-30.json")]
     # a mix's own question kinds win over the ones given for every mix
@@ -267,8 +267,11 @@ def test_question_mix_smoke(tiny_model, tmp_path, monkeypatch):
     assert after["config"]["fusion_dense"] == 5 and after["train_seconds"] == before["train_seconds"]
     assert all("fusion" in r["reused_from"] for r in after["per_conversation"].values())
     assert after["overall"]["ipm-pure"] == before["overall"]["ipm-pure"]
-    row = next(r for r in before["fusion_sweep"]["grid"] if r["weights"] == [0.5, 5.0, before["config"]["fusion_bm25"]])
-    assert after["overall"]["ipm-hybrid"]["recall@1"] == pytest.approx(row["all"]["recall@1"])
+    scores = json.loads(gzip.decompress((kept.parent / "locomo-observations-candidates.json.gz").read_bytes()))
+    had = before["config"]
+    want = locomo.fused_metrics([i for c in before["per_conversation"] for i in scores[c]],
+                                (had["fusion_adapter"], 5.0, had["fusion_bm25"]), had["fusion_bm25_floor"], had["fusion_bm25_noise"])
+    assert after["overall"]["ipm-hybrid"]["recall@1"] == pytest.approx(want["recall@1"])
     # The table names the commit and machine the reused conversations were trained at, not this run's.
     assert {r["reused_from"]["commit"] for r in after["per_conversation"].values()} == {"0123456789abcdef"}
     table = json.loads((tmp_path / "results" / "question-mix.json").read_text())["variants"]["wh"]

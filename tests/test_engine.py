@@ -361,6 +361,25 @@ def test_a_threshold_calibrated_under_other_fusion_settings_is_flagged(trained):
         trained.reconfigure(fusion_dense=configured)
 
 
+def test_an_index_calibrated_before_bm25_noise_existed_ran_without_it(trained):
+    import warnings
+
+    from ipm.engine import CALIBRATED_OPTIONS
+
+    configured = trained.config.fusion_bm25_noise
+    old = {"fusion": {k: getattr(trained.config, k) for k in CALIBRATED_OPTIONS if k != "fusion_bm25_noise"}}
+    try:
+        trained.reconfigure(fusion_bm25_noise=0.0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            trained._warn_if_calibrated_elsewise("default", old)  # the same settings: nothing to say
+        trained.reconfigure(fusion_bm25_noise=3.0)
+        with pytest.warns(UserWarning, match="fusion_bm25_noise 0.0"):
+            trained._warn_if_calibrated_elsewise("default", old)
+    finally:
+        trained.reconfigure(fusion_bm25_noise=configured)
+
+
 def test_hybrid_scores_fuse_the_signals_with_the_configured_bm25_floor_and_noise(trained):
     from ipm.search import fuse
 

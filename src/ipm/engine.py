@@ -669,7 +669,8 @@ class IPM:
         settings refuses more or fewer questions than it was chosen to. Say so; never guess."""
         had = calibration.get("fusion")
         if had is not None:
-            had = {"expand_retrievers": False, **had}  # recorded before the retrievers matched questions
+            # recorded before the retrievers matched questions, or before BM25 noise existed
+            had = {"expand_retrievers": False, "fusion_bm25_noise": 0.0, **had}
         if had == self._calibrated_settings():
             return
         then = ("settings it did not record (an index trained before ipm recorded them)" if had is None else
