@@ -2,7 +2,7 @@
 
     python benchmarks/fusion_transfer.py [--json OUT]
 
-Hybrid decoding's weights were chosen on LoCoMo (conv-26/30/41 observations). This scores the
+Hybrid decoding's weights were once chosen on LoCoMo (conv-26/30/41 observations). This scores the
 two retrievers fused without the adapter (`ipm.search.fuse` over the engine's own candidates,
 `ipm.retrieve.Candidates`) for a grid of (dense, bm25) weights on LoCoMo observations and
 turns and on the demo set, whose questions are paraphrases by design: where the weights that
@@ -133,7 +133,8 @@ def main(argv: list[str] | None = None) -> dict:
     rows.append({"system": f"best on demo {name(best_demo)}", **{g: best_demo[g] for g in groups}})
     notes = [(f"recall@1 of BM25 + dense fused without the adapter over hybrid decoding's candidates (top {n} of "
               "each); ranking = ipm.search.fuse with adapter weight 0. Floor 0: BM25 scores divided by the "
-              "question's best one; otherwise by max(best, floor), which keeps weak lexical matches weak."),
+              "question's best one; otherwise by max(best, floor), which keeps weak lexical matches weak. No BM25 "
+              "noise (fusion_bm25_noise 0): this study predates it (see benchmarks/fusion_kept.py)."),
              ("'over text + questions': both retrievers also match each memory's built-in training questions "
               "(expand_retrievers; see ipm.retrieve). BM25 alone over candidates is BM25's own top 1 where it "
               "matches a word, else dense's."),

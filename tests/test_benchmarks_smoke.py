@@ -76,6 +76,23 @@ def test_reference_smoke(tiny_model, tmp_path, monkeypatch):
             assert data["sets"][name][system]["n"] == n
 
 
+def test_demo_smoke_keeps_the_candidate_scores_it_ranked(tiny_model, tmp_path, monkeypatch):
+    demo = load("demo", monkeypatch)
+    locomo = load("locomo", monkeypatch)
+    data = demo.main(tiny_args(tiny_model, tmp_path))
+    check_files(tmp_path / "results", "demo")
+    for system in ("ipm-hybrid", "ipm-pure", "bm25", "dense"):
+        check_metrics(data[system])
+    kept = json.loads(gzip.decompress((tmp_path / "results" / "demo-candidates.json.gz").read_bytes()))
+    assert len(kept) == data["n"] == data["ipm-hybrid"]["n"]  # the in-scope questions, each once
+    # Ranked again with the run's own fusion, the kept scores give the engine's own figures.
+    cfg = data["config"]
+    again = locomo.fused_metrics(kept, (cfg["fusion_adapter"], cfg["fusion_dense"], cfg["fusion_bm25"]),
+                                 cfg["fusion_bm25_floor"], cfg["fusion_bm25_noise"])
+    for key in ("recall@1", "recall@5", "recall@10", "mrr"):
+        assert again[key] == pytest.approx(data["ipm-hybrid"][key])
+
+
 def test_locomo_smoke(tiny_model, tmp_path, monkeypatch, capsys):
     need(SHARED / "locomo" / "conv-26.json")
     locomo = load("locomo", monkeypatch)
@@ -172,6 +189,20 @@ def test_locomo_smoke(tiny_model, tmp_path, monkeypatch, capsys):
     unfloored.write_text(json.dumps({**data, "config": {k: v for k, v in data["config"].items() if k != "fusion_bm25_floor"}}))
     got = locomo.reusable([unfloored], ns, Config(**data["config"]), ("ipm-hybrid",), convs)["conv-26"]
     assert got["reused_from"]["fusion"]["fusion_bm25_floor"] == 0.0
+    # Nor BM25 noise before it existed: ranked again with this run's noise; only the noise differing is enough.
+    unnoised = tmp_path / "unnoised" / "locomo-observations.json"
+    unnoised.parent.mkdir()
+    (unnoised.parent / "locomo-observations-candidates.json.gz").write_bytes(
+        (tmp_path / "results" / "locomo-observations-candidates.json.gz").read_bytes())
+    unnoised.write_text(json.dumps({**data, "config": {k: v for k, v in data["config"].items() if k != "fusion_bm25_noise"}}))
+    for noise in (data["config"]["fusion_bm25_noise"], 7.0):
+        cfg = Config(**{**data["config"], "fusion_bm25_noise": noise})
+        got = locomo.reusable([unnoised], ns, cfg, ("ipm-hybrid",), convs)["conv-26"]
+        assert got["reused_from"]["fusion"]["fusion_bm25_noise"] == 0.0
+        want = locomo.fused_metrics(data_scores, (cfg.fusion_adapter, cfg.fusion_dense, cfg.fusion_bm25),
+                                    cfg.fusion_bm25_floor, noise)
+        assert {k: got["ipm-hybrid"][k] for k in want} == want
+    assert data["config"]["fusion_bm25_noise"] > 0  # so the old run (no noise) differs from this one
     # Reused again, a result keeps its first origin.
     twice = tmp_path / "twice" / "locomo-observations.json"
     twice.parent.mkdir()
@@ -386,3 +417,52 @@ def test_the_benchmarks_keep_ipms_ranking_recall_and_its_answers_apart(monkeypat
     # no in-scope question at all: nothing answered right, no error
     none = common.ranked_layout(evaluate_ipm(ScriptedEngine(["a_b_c"], {"q": (True, ["a_b_c"])}), [Question("q", None)], "default"))
     assert none["n"] == 0 and none["answered_correct"] == 0.0 and none["out_of_scope"]["refused"] == 1.0
+
+
+def test_fusion_kept_chooses_on_the_tuning_conversations_under_the_demo_guard(tmp_path, monkeypatch):
+    """Synthetic kept scores where LoCoMo's questions need BM25's weight and the demo's
+    paraphrases are misled by one incidental shared word (BM25 4): no weights without noise
+    serve both, taking the noise off does."""
+    bench = load("fusion_kept", monkeypatch)
+
+    def item(gold_bm25, gold_dense, other_bm25, other_dense):
+        return {"gold": ["g_o_ld"], "category": "1",
+                "candidates": {"g_o_ld": [-0.7, gold_dense, gold_bm25], "o_th_er": [-0.7, other_dense, other_bm25]}}
+
+    locomo_like = [item(5.0, 0.30, 0.0, 0.45)] * 2  # right only with weight on BM25
+    convs = {c: locomo_like for c in ("conv-26", "conv-30", "conv-41", "conv-42", "conv-43")}
+    files = {}
+    for name, data in (("locomo-observations", convs), ("locomo-turns", convs),
+                       ("demo", [item(0.0, 0.60, 4.0, 0.50)] * 3)):  # right unless one shared word counts
+        files[name] = tmp_path / "kept" / f"{name}-candidates.json.gz"
+        files[name].parent.mkdir(exist_ok=True)
+        with gzip.open(files[name], "wt") as f:
+            json.dump(data, f)
+    old = ["--set", "fusion_adapter=0.5", "--set", "fusion_dense=40", "--set", "fusion_bm25=16", "--set", "fusion_bm25_noise=0"]
+    argv = ["--observations", str(files["locomo-observations"]), "--turns", str(files["locomo-turns"]),
+            "--demo", str(files["demo"]), "--out-dir", str(tmp_path / "results")]
+    data = bench.main(argv + old)
+    check_files(tmp_path / "results", "fusion-kept")
+    picks = data["picks"]
+    configured = picks["configured default"]
+    assert configured["setting"] == (0.5, 40.0, 16.0, 0.0)
+    assert configured["tune"] == 0.0 and configured["metrics"]["demo"]["recall@1"] == 1.0
+    guarded = picks["chosen there, demo guarded"]
+    assert guarded["tune"] == 1.0 and guarded["metrics"]["demo"]["recall@1"] == 1.0 and guarded["setting"][3] > 0
+    assert guarded["setting"][0] > 0 and picks["retrievers alone, demo guarded"]["setting"][0] == 0
+    assert picks["chosen there, demo guarded, no noise"]["tune"] < 1.0  # no weights alone serve both
+    unguarded = picks["chosen on the tuning conversations"]
+    assert unguarded["tune"] == 1.0 and all(unguarded["tune"] >= p["tune"] for p in picks.values())
+    # Where every setting ranks alike, the configured one is kept.
+    flat = [item(1.0, 0.5, 1.0, 0.5) | {"candidates": {"g_o_ld": [-0.1, 0.5, 1.0]}}] * 2
+    with gzip.open(files["demo"], "wt") as f:
+        json.dump(flat, f)
+    for name in ("locomo-observations", "locomo-turns"):
+        with gzip.open(files[name], "wt") as f:
+            json.dump({c: flat for c in convs}, f)
+    tied = bench.main(argv + old)["picks"]
+    assert tied["chosen on the tuning conversations"]["setting"] == (0.5, 40.0, 16.0, 0.0)
+    # BM25 scores kept divided by the best (older runs) are refused: the noise is in raw units.
+    (files["locomo-turns"].parent / "locomo-turns.json").write_text(json.dumps({"bm25_scores": "divided by the best"}))
+    with pytest.raises(SystemExit, match="not kept raw"):
+        bench.main(argv)

@@ -218,6 +218,6 @@ def test_a_negative_fusion_setting_is_refused(name):
     from ipm.config import Config
     from ipm.errors import InvalidInput
 
-    with pytest.raises(InvalidInput, match=name):
+    with pytest.raises(InvalidInput, match=f"option {name} must be at least 0, got -1.0$"):
         Config().updated(**{name: -1.0})
     assert getattr(Config().updated(**{name: 2.0}), name) == 2.0

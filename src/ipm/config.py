@@ -162,9 +162,9 @@ class Config:
                                "it needs lora_layers between 1 and base_layers - 1 (or base_layers 0 = every layer)")
         if self.hard_negatives < 0 or self.hard_negative_weight < 0:
             raise InvalidInput("hard_negatives and hard_negative_weight must be at least 0")
-        fusion = ("fusion_adapter", "fusion_dense", "fusion_bm25", "fusion_bm25_floor", "fusion_bm25_noise")
-        if min(getattr(self, name) for name in fusion) < 0:
-            raise InvalidInput(f"{', '.join(fusion[:-1])} and {fusion[-1]} must be at least 0")
+        for name in ("fusion_adapter", "fusion_dense", "fusion_bm25", "fusion_bm25_floor", "fusion_bm25_noise"):
+            if getattr(self, name) < 0:
+                raise InvalidInput(f"config option {name} must be at least 0, got {getattr(self, name)}")
         if self.replay_ratio < 0:
             raise InvalidInput("replay_ratio must be at least 0")
         if not 0 <= self.calibration_fraction < 0.5:
