@@ -23,6 +23,7 @@ import json
 from pathlib import Path
 
 import common
+import locomo
 
 TUNE = ("conv-26", "conv-30", "conv-41")
 HELD = ("conv-42", "conv-43")
@@ -51,31 +52,30 @@ def shown(path: Path) -> str:
 
 
 def score(items: list[dict], setting: tuple[float, float, float, float], floor: float) -> dict:
-    from ipm.evaluate import ranking_metrics
-    from ipm.search import Signals, fuse
-
+    """Recall and MRR of the kept candidates ranked under (adapter, dense, bm25, noise) weights."""
     a, d, b, noise = setting
-    rankings = [[mid for mid, _ in fuse({mid: Signals(*v) for mid, v in it["candidates"].items()}, d, b, a, floor, noise)]
-                for it in items]
-    return ranking_metrics(rankings, [frozenset(it["gold"]) for it in items])
+    return locomo.fused_metrics(items, (a, d, b), floor, noise)
 
 
 def main(argv: list[str] | None = None) -> dict:
     p = common.parser(__doc__.split("\n\n")[0])
-    p.add_argument("--observations", type=Path, default=common.REPO / "results" / "locomo-observations-candidates.json.gz")
-    p.add_argument("--turns", type=Path,
-                   default=common.REPO / "results" / "locomo-turns-default" / "locomo-turns-candidates.json.gz")
-    p.add_argument("--demo", type=Path, default=common.REPO / "results" / "demo-candidates.json.gz")
+    results = common.REPO / "results"
+    p.add_argument("--observations", type=Path, default=results / "locomo-observations-candidates.json.gz")
+    p.add_argument("--turns", type=Path, default=results / "locomo-turns-default" / "locomo-turns-candidates.json.gz")
+    p.add_argument("--demo", type=Path, default=results / "demo-candidates.json.gz")
     args = p.parse_args(argv)
     cfg = common.config(args)
     info = common.run_info(args.seed, common.command(__file__, argv))
     obs, turns = load(args.observations), load(args.turns)
-    sets = {"observations tune": [i for c in TUNE for i in obs[c]], "observations 42/43": [i for c in HELD for i in obs[c]],
-            "turns tune": [i for c in TUNE for i in turns[c]], "turns 42/43": [i for c in HELD for i in turns[c]],
+    sets = {"observations tune": [i for c in TUNE for i in obs[c]],
+            "observations 42/43": [i for c in HELD for i in obs[c]],
+            "turns tune": [i for c in TUNE for i in turns[c]],
+            "turns 42/43": [i for c in HELD for i in turns[c]],
             "demo": load(args.demo)}
     configured = (cfg.fusion_adapter, cfg.fusion_dense, cfg.fusion_bm25, cfg.fusion_bm25_noise)
     # the configured setting first: scaling every weight alike ranks the same, and a tie keeps it
-    grid = list(dict.fromkeys([configured] + [(a, d, b, n) for a in ADAPTER for d in DENSE for b in BM25 for n in NOISE]))
+    grid = [(a, d, b, n) for a in ADAPTER for d in DENSE for b in BM25 for n in NOISE]
+    grid = list(dict.fromkeys([configured] + grid))
     rows = []
     for setting in grid:
         m = {name: score(items, setting, cfg.fusion_bm25_floor) for name, items in sets.items()}
@@ -115,7 +115,8 @@ def main(argv: list[str] | None = None) -> dict:
              f"noise {NOISE}.",
              "Kept scores from " + ", ".join(shown(p) for p in (args.observations, args.turns, args.demo)) + "."]
     data = {"benchmark": "fusion-kept", "seed": args.seed, "questions": n, "floor": cfg.fusion_bm25_floor,
-            "picks": {k: {"setting": r["setting"], "tune": r["tune"], "metrics": r["metrics"]} for k, r in picks.items()},
+            "picks": {k: {"setting": r["setting"], "tune": r["tune"], "metrics": r["metrics"]}
+                      for k, r in picks.items()},
             "grid": [{"setting": r["setting"], "tune": r["tune"],
                       **{name: r["metrics"][name]["recall@1"] for name in SETS}} for r in rows],
             "run": info}

@@ -93,7 +93,8 @@ class _Serving:
 
 
 ASK_BATCH = 16  # questions per forward pass in ask_many (hybrid decoding)
-FUSION_OPTIONS = ("fusion_adapter", "fusion_dense", "fusion_bm25", "fusion_bm25_floor", "fusion_bm25_noise")  # re-rank kept candidate scores
+# what kept candidate scores can be ranked again under
+FUSION_OPTIONS = ("fusion_adapter", "fusion_dense", "fusion_bm25", "fusion_bm25_floor", "fusion_bm25_noise")
 CALIBRATED_OPTIONS = (*FUSION_OPTIONS, "expand_retrievers")  # what a hybrid threshold hangs on
 QUERY_OPTIONS = {"decoding", "hybrid_candidates", *CALIBRATED_OPTIONS, "beam_size", "max_k", "abstain_threshold"}
 CALIBRATION_QUESTIONS = 300  # held-back questions sampled to calibrate each decoding's threshold
