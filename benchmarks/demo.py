@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> dict:
              "IPM recall is of its ranking, also when it abstains (like the baselines'); answered right (what "
              "`ipm eval` reports as recall@1, an abstention being a miss) / abstained / wrong are "
              "shares of the in-scope questions, out-of-scope refused a share of those no memory answers. "
-             "Latency at k=10."]
+             "Latency at k=10 (pure); hybrid is asked for all its candidates, which it scores in one pass at any k."]
     common.write_kept_scores(Path(args.out_dir) / "demo-candidates.json.gz", common.kept_scores(answers))
     common.write_results("demo", data, rows, args.out_dir, args.json, title="Demo set: held-out recall", notes=notes)
     return data

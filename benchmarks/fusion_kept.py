@@ -85,19 +85,20 @@ def main(argv: list[str] | None = None) -> dict:
     by_tune = lambda r: (r["tune"], r["tune_mrr"])  # noqa: E731
     default = next(r for r in rows if r["setting"] == configured)
     guard = default["metrics"]["demo"]["recall@1"]
-    def best(keep) -> dict | None:
-        return max((r for r in rows if keep(r)), key=by_tune, default=None)
 
+    def best(*keep) -> dict | None:
+        return max((r for r in rows if all(k(r) for k in keep)), key=by_tune, default=None)
+
+    adapter = lambda r: r["setting"][0] > 0  # noqa: E731  without the adapter it is not IPM
+    no_noise = lambda r: r["setting"][3] == 0  # noqa: E731
+    guarded = lambda r: r["metrics"]["demo"]["recall@1"] >= guard  # noqa: E731
     picks = {
         "configured default": default,
-        # without the adapter it is not IPM: a choice gives it a share
-        "chosen on the tuning conversations": best(lambda r: r["setting"][0] > 0),
-        "chosen there, no noise": best(lambda r: r["setting"][0] > 0 and r["setting"][3] == 0),
-        "chosen there, demo guarded": best(lambda r: r["setting"][0] > 0 and r["metrics"]["demo"]["recall@1"] >= guard),
-        "chosen there, demo guarded, no noise": best(lambda r: r["setting"][0] > 0 and r["setting"][3] == 0
-                                                     and r["metrics"]["demo"]["recall@1"] >= guard),
-        "retrievers alone, demo guarded": best(lambda r: r["setting"][0] == 0
-                                               and r["metrics"]["demo"]["recall@1"] >= guard),
+        "chosen on the tuning conversations": best(adapter),
+        "chosen there, no noise": best(adapter, no_noise),
+        "chosen there, demo guarded": best(adapter, guarded),
+        "chosen there, demo guarded, no noise": best(adapter, no_noise, guarded),
+        "retrievers alone, demo guarded": best(lambda r: not adapter(r), guarded),
     }
     picks = {label: r for label, r in picks.items() if r is not None}
     table = []

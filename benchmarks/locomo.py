@@ -261,8 +261,8 @@ def sweep(per_conv: dict, tune_on: list[str], configured: tuple[float, float, fl
     best = max((r for r in rows if r["weights"][0] > 0), key=key)  # without the adapter it is not IPM
     best_retrievers = max((r for r in rows if r["weights"][0] == 0), key=key)
     adapter_only = next(r for r in rows if r["weights"] == (1.0, 0.0, 0.0))
-    return {"tune_on": tune_on, "grid": rows, "chosen": best["weights"], "configured": configured, "bm25_floor": floor, "bm25_noise": noise,
-            "retrievers_only": best_retrievers["weights"], "n_tune": len(tune), "n_rest": len(rest),
+    return {"tune_on": tune_on, "grid": rows, "chosen": best["weights"], "configured": configured,
+            "bm25_floor": floor, "bm25_noise": noise, "retrievers_only": best_retrievers["weights"], "n_tune": len(tune), "n_rest": len(rest),
             "adapter_only": adapter_only["weights"]}
 
 

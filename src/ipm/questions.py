@@ -391,9 +391,9 @@ class Aliases:
         out = []
         spelled_out = self._spelled_out(text)
         for name, phrase in self.phrase_of.items():
-            names, phrases = self._names[name], self._phrases[phrase]
             if name in spelled_out:
                 continue  # the memory says who is who
+            names, phrases = self._names[name], self._phrases[phrase]
             has_name, has_phrase = _found(names, question), phrases.search(question)
             if has_name and has_phrase:
                 continue
