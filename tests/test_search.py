@@ -38,6 +38,48 @@ def test_runner_matches_the_model_forward(lora_model):
     assert torch.allclose(ref, ours, atol=1e-4)
 
 
+def test_runner_merges_the_adapter_it_serves_and_follows_its_changes(tiny_model):
+    """Without gradients the runner applies each LoRA linear as one merged weight, cached: the
+    cache must follow an optimiser step, a switch of adapter and a disabled adapter."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(2)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model),
+                           LoraConfig(r=4, target_modules=["q_proj", "gate_proj"], init_lora_weights=False))
+    model.add_adapter("other", LoraConfig(r=4, target_modules=["q_proj", "gate_proj"], init_lora_weights=False))
+    model.eval()
+    r = Runner(model)
+    ids = torch.tensor([list(range(5, 17))])
+
+    def runner_logits():
+        with torch.no_grad():
+            return r.logits(r.hidden(ids))
+
+    def model_logits():
+        with torch.no_grad():
+            return model(input_ids=ids).logits
+
+    first = runner_logits()
+    assert torch.allclose(first, model_logits(), atol=1e-4)
+    assert r._merged, "no merged weight was cached"
+    lora_b = next(m for m in model.modules() if hasattr(m, "lora_B")).lora_B["default"].weight
+    with torch.no_grad():
+        lora_b.add_(0.5)  # as an optimiser step does, in place
+    moved = runner_logits()
+    assert not torch.allclose(moved, first, atol=1e-3)
+    assert torch.allclose(moved, model_logits(), atol=1e-4)
+    with torch.enable_grad():  # the unmerged path, as in training
+        assert torch.allclose(r.logits(r.hidden(ids)).detach(), moved, atol=1e-4)
+    model.set_adapter("other")
+    assert torch.allclose(runner_logits(), model_logits(), atol=1e-4)
+    assert not torch.allclose(runner_logits(), moved, atol=1e-3)
+    with model.disable_adapter():
+        assert torch.allclose(runner_logits(), model_logits(), atol=1e-4)
+        base = runner_logits()
+    assert not torch.allclose(runner_logits(), base, atol=1e-3)
+
+
 def exact_scores(model, tok, question, trie):
     """P(ID) = product over branching nodes of softmax over the allowed children."""
     prompt = prompt_ids(tok, question)

@@ -352,6 +352,7 @@ class Runner:
         self.n_kv = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.n_layers = len(self.layers)
+        self._merged: dict = {}  # LoRA linear -> (what its weight was merged from, the weight)
 
     @staticmethod
     def supports(model) -> bool:
@@ -366,14 +367,15 @@ class Runner:
         """One decoder layer. `past` = (k, v) of earlier positions; returns (x, (k, v))."""
         import torch
         import torch.nn.functional as F
+        from torch.nn.attention import SDPBackend, sdpa_kernel
 
         layer = self.layers[i]
-        attn = layer.self_attn
+        attn, mlp, linear = layer.self_attn, layer.mlp, self._linear
         B, T, _ = x.shape
         h = layer.input_layernorm(x)
-        q = attn.q_proj(h).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = attn.k_proj(h).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
-        v = attn.v_proj(h).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        q = linear(attn.q_proj, h).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = linear(attn.k_proj, h).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        v = linear(attn.v_proj, h).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         c, s = cos.unsqueeze(1), sin.unsqueeze(1)
         q = q * c + _rotate_half(q) * s
         k = k * c + _rotate_half(k) * s
@@ -385,10 +387,44 @@ class Runner:
             rep = self.n_heads // self.n_kv
             k = k.repeat_interleave(rep, dim=1)
             v = v.repeat_interleave(rep, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None)
-        x = x + attn.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
-        x = x + layer.mlp(layer.post_attention_layernorm(x))
+        # On CPU the flash kernel's backward costs more than the whole attention of these short
+        # sequences (tens of tokens) done plainly: the math kernel trains ~20% faster.
+        with sdpa_kernel(SDPBackend.MATH) if x.device.type == "cpu" else contextlib.nullcontext():
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None)
+        x = x + linear(attn.o_proj, y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+        h = layer.post_attention_layernorm(x)
+        x = x + linear(mlp.down_proj, mlp.act_fn(linear(mlp.gate_proj, h)) * linear(mlp.up_proj, h))
         return x, kv
+
+    def _linear(self, module, x):
+        """`module(x)`, but a LoRA-wrapped linear is applied with its adapter merged into its
+        weight when no gradient is asked for: one matmul instead of three and the casts to and
+        from the adapter's float32 (decoding on CPU ~15% faster; scores differ only by the
+        rounding of the merged weight to the base model's dtype)."""
+        import torch
+        import torch.nn.functional as F
+
+        if torch.is_grad_enabled() or not hasattr(module, "lora_A") or getattr(module, "merged", False):
+            return module(x)
+        return F.linear(x, self._merged_weight(module), module.base_layer.bias)
+
+    def _merged_weight(self, module):
+        """The base weight plus the active adapters' deltas, cached until the adapter set or
+        any of their weights change (an optimiser step bumps a tensor's version counter)."""
+        import torch
+
+        active = [] if module.disable_adapters else [a for a in module.active_adapters if a in module.lora_A]
+        key = tuple((a, *((t.data_ptr(), t._version) for t in (module.lora_A[a].weight, module.lora_B[a].weight)))
+                    for a in active)
+        cached = self._merged.get(module)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        w = module.base_layer.weight
+        if active:
+            with torch.no_grad():
+                w = (w.float() + sum(module.get_delta_weight(a).float() for a in active)).to(w.dtype)
+        self._merged[module] = (key, w)
+        return w
 
     def hidden(self, input_ids, start: int = 0, end: int | None = None, x=None):
         """Run layers [start, end) causally over right-padded sequences, without a cache.
