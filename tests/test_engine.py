@@ -27,6 +27,10 @@ def test_train_writes_a_complete_version(trained, home):
     assert set(manifest["ids"]) == set(MEMORIES)
     assert manifest["base_model"]["sha256"] and manifest["metrics"]["path"] == "fast"
     assert manifest["config"]["seed"] == 0
+    phases = manifest["metrics"]["phase_seconds"]
+    assert list(phases) == ["questions", "retrievers", "train", "calibrate"] and min(phases.values()) >= 0
+    assert phases["train"] >= manifest["metrics"]["train_seconds"]  # train_adapter's own wall time is inside it
+    assert sum(phases.values()) <= manifest["metrics"]["total_seconds"]
     assert [e.action for e in trained.log()][-1] == "train"
 
 
