@@ -388,9 +388,12 @@ class Runner:
             k = k.repeat_interleave(rep, dim=1)
             v = v.repeat_interleave(rep, dim=1)
         # On CPU the flash kernel's backward costs more than the whole attention of these short
-        # sequences (tens of tokens) done plainly: with the math kernel training ran 9-17% more
-        # examples a second (scratch A/B, 800 demo questions, four alternating runs each).
-        with sdpa_kernel(SDPBackend.MATH) if x.device.type == "cpu" else contextlib.nullcontext():
+        # sequences (tens of tokens) done plainly: training with the math kernel ran x1.2 the
+        # examples a second. Without gradients flash is the faster one (~10% of a query).
+        # (Scratch A/B on the demo index, alternating runs: 6 trainings of 600 questions each,
+        # 120 asks.)
+        math = x.device.type == "cpu" and torch.is_grad_enabled()
+        with sdpa_kernel(SDPBackend.MATH) if math else contextlib.nullcontext():
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None)
         x = x + linear(attn.o_proj, y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
         h = layer.post_attention_layernorm(x)
@@ -400,7 +403,7 @@ class Runner:
     def _linear(self, module, x):
         """`module(x)`, but a LoRA-wrapped linear is applied with its adapter merged into its
         weight when no gradient is asked for: one matmul instead of three, and none of the casts
-        to and from the adapter's float32 (a hybrid scoring pass ~10% faster on CPU; scores
+        to and from the adapter's float32 (a hybrid ask ~10% faster on CPU; scores
         differ by the rounding of the merged weight to the base model's dtype)."""
         import torch
         import torch.nn.functional as F
