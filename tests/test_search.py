@@ -72,12 +72,24 @@ def test_runner_merges_the_adapter_it_serves_and_follows_its_changes(tiny_model)
     with torch.enable_grad():  # the unmerged path, as in training
         assert torch.allclose(r.logits(r.hidden(ids)).detach(), moved, atol=1e-4)
     model.set_adapter("other")
-    assert torch.allclose(runner_logits(), model_logits(), atol=1e-4)
-    assert not torch.allclose(runner_logits(), moved, atol=1e-3)
+    other = runner_logits()
+    assert torch.allclose(other, model_logits(), atol=1e-4)
+    assert not torch.allclose(other, moved, atol=1e-3)
     with model.disable_adapter():
         assert torch.allclose(runner_logits(), model_logits(), atol=1e-4)
         base = runner_logits()
     assert not torch.allclose(runner_logits(), base, atol=1e-3)
+    model.set_adapter("default")  # back again: served from its kept merge, still right
+    assert torch.allclose(runner_logits(), moved, atol=1e-5)
+    # A namespace retrained and loaded again under the same adapter name gets new tensors.
+    model.set_adapter("other")
+    model.delete_adapter("other")
+    torch.manual_seed(3)
+    model.add_adapter("other", LoraConfig(r=4, target_modules=["q_proj", "gate_proj"], init_lora_weights=False))
+    model.set_adapter("other")
+    model.eval()
+    assert torch.allclose(runner_logits(), model_logits(), atol=1e-4)
+    assert not torch.allclose(runner_logits(), other, atol=1e-3)
 
 
 def exact_scores(model, tok, question, trie):
