@@ -40,7 +40,8 @@ def test_runner_matches_the_model_forward(lora_model):
 
 def test_runner_merges_the_adapter_it_serves_and_follows_its_changes(tiny_model):
     """Without gradients the runner applies each LoRA linear as one merged weight, cached: the
-    cache must follow an optimiser step, a switch of adapter and a disabled adapter."""
+    cache must follow an optimiser step, a switch of adapter (and back), a disabled adapter and
+    an adapter loaded again under the same name."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 

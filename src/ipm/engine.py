@@ -446,7 +446,11 @@ class IPM:
                            "new_examples": len(train), "replayed_examples": len(replay)}
             known = old
             train = train + replay
-        phases = {"questions": time.perf_counter() - t0}  # seconds per phase, for the manifest
+        phases: dict[str, float] = {}  # seconds per phase, for the manifest
+
+        def lap(phase: str) -> None:
+            phases[phase] = time.perf_counter() - t0 - sum(phases.values())
+        lap("questions")
         # The training questions this version keeps (and replays from later); the retrievers
         # also match them when expand_retrievers is on. Calibration questions stay out of both.
         rows = list(dict.fromkeys((e.question, e.memory_id) for e in train + known))
@@ -465,10 +469,10 @@ class IPM:
             candidates = None
         if self.config.hard_negatives:
             train = self._with_negatives(train, candidates)
-        phases["retrievers"] = time.perf_counter() - t0 - sum(phases.values())
+        lap("retrievers")
         result = train_adapter(base, train, self.config, lambda s, t, l: progress and progress("train", s, t, l),
                                init_from=prev[0] if prev else None)
-        phases["train"] = time.perf_counter() - t0 - sum(phases.values())
+        lap("train")
         trie = Trie((m.id, id_token_ids(base.tokenizer, m.id)) for m in memories)
         decoder = self._make_decoder(base, result.model)
         # Calibrate the abstention threshold for both decodings, so either can serve this index.
@@ -488,7 +492,7 @@ class IPM:
             if mode == "hybrid":  # the threshold holds for these settings only
                 calibration[mode]["fusion"] = self._calibrated_settings()
                 calibration[mode]["expansion_folds"] = folds
-        phases["calibrate"] = time.perf_counter() - t0 - sum(phases.values())
+        lap("calibrate")
         root = self.paths.index_root(user)
         name, tmp = index_dir.new_version(root)
         try:
