@@ -80,12 +80,14 @@ want recipe && step recipe 400 python3 benchmarks/recipe.py .gpu/b/locomo/conv-2
 # 3. LoCoMo observations, all five conversations, under a configuration of LOCOMO_ARGS.
 want locomo && step locomo 560 python3 benchmarks/locomo.py .gpu/b/locomo/*.json --variant observations \
   --out-dir /tmp/res/locomo --json $OUT/locomo.json ${LOCOMO_ARGS:-}
-# 4. LoCoMo dialog turns of the first conversation in TURNS (default conv-26) under TURNS_ARGS, the others
-#    giving out-of-scope questions; its result is folded into a CPU run with locomo.py --reuse.
+# 4. LoCoMo dialog turns of the conversations in TURNS (default conv-26; e.g. TURNS="conv-26 conv-30")
+#    under TURNS_ARGS, the others giving out-of-scope questions; the result is folded into a CPU run
+#    with locomo.py --reuse.
 if want turns; then
-  first=${TURNS:-conv-26}
-  others=$(ls .gpu/b/locomo/*.json | grep -v "/$first.json")
-  step turns 540 python3 benchmarks/locomo.py .gpu/b/locomo/$first.json $others --variant turns --conversations 1 \
+  chosen=(${TURNS:-conv-26})
+  files=$(printf ".gpu/b/locomo/%s.json " "${chosen[@]}")
+  others=$(ls .gpu/b/locomo/*.json | grep -vE "/($(IFS='|'; echo "${chosen[*]}")).json$")
+  step turns 560 python3 benchmarks/locomo.py $files $others --variant turns --conversations ${#chosen[@]} \
     --out-dir /tmp/res/turns --json $OUT/turns.json ${TURNS_ARGS:-}
 fi
 tar czf "$OUT/results.tgz" -C /tmp res 2>/dev/null; ls -la "$OUT"
