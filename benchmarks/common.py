@@ -84,20 +84,25 @@ def config_argv(args: argparse.Namespace) -> list[str]:
 
 def config(args: argparse.Namespace):
     """ipm.Config defaults, with the seed and whatever overrides were given on the command line
-    (`--set` last, so it wins over a named flag)."""
+    (`--set` last, so it wins over a named flag). Every decoding the benchmark scores (its
+    `decodings`, default both) is calibrated at training time, so each is scored with its own
+    abstention threshold."""
     import ipm
 
     extra = overrides(getattr(args, "overrides", []))
     if "seed" in extra:
         raise SystemExit("use --seed, not --set seed=...: the seed also seeds the benchmark's own sampling")
     try:
-        return ipm.Config().updated(seed=args.seed, base_model=args.base_model, epochs=args.epochs,
-                                    questions_per_memory=args.questions_per_memory, lora_layers=args.lora_layers,
-                                    decoding=args.decoding, id_scheme=args.id_scheme,
-                                    question_source=args.question_source,
-                                    question_kinds=None if args.question_kinds is None else
-                                    [k for k in args.question_kinds.split(",") if k]
-                                    ).updated(**extra)
+        cfg = ipm.Config().updated(seed=args.seed, base_model=args.base_model, epochs=args.epochs,
+                                   questions_per_memory=args.questions_per_memory, lora_layers=args.lora_layers,
+                                   decoding=args.decoding, id_scheme=args.id_scheme,
+                                   question_source=args.question_source,
+                                   question_kinds=None if args.question_kinds is None else
+                                   [k for k in args.question_kinds.split(",") if k]
+                                   ).updated(**extra)
+        if "also_calibrate" not in extra:
+            cfg = cfg.updated(also_calibrate=sorted(set(getattr(args, "decodings", DECODINGS)) - {cfg.decoding}))
+        return cfg
     except ipm.InvalidInput as e:
         raise SystemExit(f"error: {e}") from None
 
@@ -105,7 +110,8 @@ def config(args: argparse.Namespace):
 # Options added since some results were written, whose default is not how those runs behaved.
 OFF_BEFORE = {"fusion_bm25_floor": 0.0,  # BM25 scores divided by the best one alone
               "fusion_bm25_noise": 0.0,  # nothing taken off BM25 scores
-              "expand_retrievers": False}  # retrievers matched memory texts only
+              "expand_retrievers": False,  # retrievers matched memory texts only
+              "also_calibrate": ["pure"]}  # both decodings calibrated (hybrid was the configured one)
 
 
 def run_config(recorded: dict) -> dict:

@@ -173,6 +173,7 @@ def run_conversation(mem, conv_id: str, conv: dict, others: list[dict], args, ba
     result["train_seconds"] = round(time.perf_counter() - t0, 2)
     result["train_examples"] = manifest["metrics"].get("examples")
     result["calibration"] = manifest["metrics"]["calibration"]
+    result["phase_seconds"] = manifest["metrics"].get("phase_seconds")
     # Hybrid ranks every candidate anyway: asking for all of them keeps their scores for the sweep.
     answers: list = []
     result.update(common.evaluate_systems(mem, questions + oos, conv_id, bars, conv_id, args.decodings,

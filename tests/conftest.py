@@ -47,8 +47,9 @@ def tiny_model(tmp_path_factory) -> Path:
 def tiny_config(tiny_model):
     from ipm import Config
 
+    # Both decodings calibrated: the tests ask each of the same index.
     return Config(base_model=str(tiny_model), epochs=30, lora_layers=2, lora_r=8, batch_size=16,
-                  learning_rate=5e-3, questions_per_memory=8, beam_size=4)
+                  learning_rate=5e-3, questions_per_memory=8, beam_size=4, also_calibrate=["pure"])
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ def trained_default(tmp_path_factory):
     if not (SEED / "memories.json").is_file():
         pytest.skip("../shared/data/ipm2-seed is not present")
     home = tmp_path_factory.mktemp("e2e")
-    mem = ipm.open(home)  # the defaults a user gets
+    mem = ipm.open(home, config=ipm.Config(also_calibrate=["pure"]))  # the defaults, and pure decoding calibrated too
     mem.import_(SEED / "memories.json")
     mem.import_(SEED / "train_data.json")
     manifest = mem.train()

@@ -580,6 +580,27 @@ def test_ids_are_minted_with_the_configured_scheme(mem, home, tiny_config, tmp_p
         tiny_config.updated(id_scheme="random")
 
 
+def test_only_the_configured_decoding_is_calibrated_unless_asked(home, memories_file, tiny_config, tmp_path):
+    """Calibrating a decoding costs indexing time, so by default only the one that will serve is
+    calibrated; switching to another gives an error that says how to calibrate it too."""
+    mem = ipm.open(home, config=tiny_config.updated(also_calibrate=[]), cache=tmp_path / "cache")
+    mem.import_(memories_file)
+    calibration = mem.train()["metrics"]["calibration"]
+    assert set(calibration) == {"hybrid"} and calibration["hybrid"]["seconds"] > 0
+    assert mem.ask(MEMORIES["work_job_acme"], k=1).candidates[0].id == "work_job_acme"
+    mem.reconfigure(decoding="pure")
+    with pytest.raises(IndexMissing, match=r"calibrated for hybrid decoding, not pure: .*--also-calibrate pure"):
+        mem.ask(MEMORIES["work_job_acme"])
+    mem.reconfigure(abstain_threshold=0.5)  # a threshold of one's own serves without calibration
+    assert mem.ask(MEMORIES["work_job_acme"], k=1).candidates[0].id == "work_job_acme"
+    # Asked for, the other decoding is calibrated as well, each with its own time.
+    pure = ipm.open(home, config=tiny_config.updated(decoding="pure", also_calibrate=["hybrid"]), cache=tmp_path / "cache")
+    both = pure.train(full=True)["metrics"]["calibration"]
+    assert set(both) == {"pure", "hybrid"} and all(c["seconds"] > 0 for c in both.values())
+    with pytest.raises(InvalidInput, match="also_calibrate"):
+        tiny_config.updated(also_calibrate=["greedy"])
+
+
 def test_hard_negatives_from_the_retrievers_train_and_recall(home, memories_file, tiny_config, tmp_path):
     mem = ipm.open(home, config=tiny_config.updated(hard_negatives=2, epochs=20), cache=tmp_path / "cache")
     mem.import_(memories_file)

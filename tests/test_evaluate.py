@@ -71,8 +71,9 @@ def test_cli_eval_json_reports_recall_with_abstentions_as_misses(tiny_model, mem
     settings = (f"base_model = {json.dumps(str(tiny_model))}\nlora_layers = 2\nepochs = 2\n"
                 "questions_per_memory = 4\ndecoding = \"pure\"\n")
     (tmp_path / "clihome" / "ipm.toml").write_text(settings)
-    trained = runner.invoke(app, ["train", "--home", home])
+    trained = runner.invoke(app, ["train", "--home", home, "--also-calibrate", "hybrid", "--json"])
     assert trained.exit_code == 0, trained.output
+    assert set(json.loads(trained.stdout)["metrics"]["calibration"]) == {"pure", "hybrid"}
     qfile = tmp_path / "questions.json"
     qfile.write_text(json.dumps([{"question": "What is my dog called?", "memory_id": "personal_pet_max"},
                                  {"question": "Where does Anna live?", "memory_id": "family_sister_anna"},

@@ -103,6 +103,9 @@ def train(user: str = User, home: Optional[Path] = Home, config: Optional[Path] 
                                                        help="Built-in question kinds, comma-separated: "
                                                             "templates, wh, keywords, spans, id (the default), related, aliases."),
           seed: Optional[int] = typer.Option(None, "--seed"),
+          also_calibrate: List[str] = typer.Option([], "--also-calibrate",
+                                                   help="Also calibrate this decoding's abstention threshold (pure or "
+                                                        "hybrid), so `ipm ask --decoding` can switch to it (repeatable)."),
           full: bool = typer.Option(False, "--full", help="Retrain from scratch instead of folding new or changed "
                                                          "memories into the current index."),
           json_out: bool = Json):
@@ -110,6 +113,7 @@ def train(user: str = User, home: Optional[Path] = Home, config: Optional[Path] 
     plus replayed questions of the others) when an index exists, else on every memory."""
     mem = _open(home, config, base_model=base_model, epochs=epochs, lora_r=lora_r, lora_layers=lora_layers,
                 base_layers=base_layers, questions_per_memory=questions_per_memory, question_source=question_source, seed=seed,
+                also_calibrate=also_calibrate or None,
                 question_kinds=None if question_kinds is None else [k.strip() for k in question_kinds.split(",") if k.strip()])
     with _progress() as bar:
         tasks = {}

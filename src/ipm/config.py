@@ -82,6 +82,10 @@ class Config:
     # three LoCoMo conversations' observations and turns together, not below the old
     # weights (0.5, 40, 16, no noise) on the demo set's paraphrases.
     decoding: str = "hybrid"
+    # Decodings whose abstention threshold is calibrated at training time besides `decoding`'s,
+    # so that switching to them (`ipm ask --decoding`) abstains where it should: e.g. ["pure"].
+    # Each costs its share of indexing time (README, "Abstention" and "Speed").
+    also_calibrate: list[str] = field(default_factory=list)
     hybrid_candidates: int = 10
     fusion_adapter: float = 0.25
     fusion_dense: float = 30.0
@@ -146,6 +150,8 @@ class Config:
             raise InvalidInput("dtype must be 'auto', 'float32' or 'bfloat16'")
         if self.decoding not in ("pure", "hybrid"):
             raise InvalidInput("decoding must be 'pure' or 'hybrid'")
+        if not isinstance(self.also_calibrate, list) or not set(self.also_calibrate) <= {"pure", "hybrid"}:
+            raise InvalidInput("also_calibrate must be a list of decodings: 'pure', 'hybrid'")
         from .questions import QUESTION_KINDS
 
         if not isinstance(self.question_kinds, list) or not set(self.question_kinds) <= set(QUESTION_KINDS):

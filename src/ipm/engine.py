@@ -464,7 +464,7 @@ class IPM:
                 expansion = group_expansion(rows, q_emb, {m.id: m.text for m in memories})
             candidates = self._candidates(memories, text_emb, expansion=expansion)
         except InvalidInput:
-            if self.config.decoding == "hybrid" or self.config.hard_negatives:
+            if "hybrid" in self._decodings_to_calibrate() or self.config.hard_negatives:
                 raise
             candidates = None
         if self.config.hard_negatives:
@@ -475,8 +475,10 @@ class IPM:
         lap("train")
         trie = Trie((m.id, id_token_ids(base.tokenizer, m.id)) for m in memories)
         decoder = self._make_decoder(base, result.model)
-        # Calibrate the abstention threshold for both decodings, so either can serve this index.
-        modes = {"pure": None} | ({"hybrid": candidates} if candidates is not None else {})
+        # Calibrate the abstention threshold of the decoding that will serve this index, and
+        # of any other that may (Config.also_calibrate): each costs its share of indexing time.
+        wanted = self._decodings_to_calibrate()
+        modes = {mode: proposer for mode, proposer in (("pure", None), ("hybrid", candidates)) if mode in wanted}
         cal = random.Random(self.config.seed).sample(calib, min(len(calib), CALIBRATION_QUESTIONS))
         calibration, done = {}, [0]
 
@@ -485,10 +487,12 @@ class IPM:
             if progress:
                 progress("calibrate", done[0], (len(cal) + len(OFF_TOPIC)) * len(modes), None)
         for mode, proposer in modes.items():
+            started = time.perf_counter()
             folds = CALIBRATION_FOLDS if mode == "hybrid" and expansion else 0
             top1, folds = self._calibration_top1(decoder, trie, cal, memories, proposer, text_emb, expansion, folds, tick)
             off = [p for _, p in self._top1(decoder, OFF_TOPIC, trie, proposer, tick)]
             calibration[mode] = calibrate(top1, off)
+            calibration[mode]["seconds"] = round(time.perf_counter() - started, 2)
             if mode == "hybrid":  # the threshold holds for these settings only
                 calibration[mode]["fusion"] = self._calibrated_settings()
                 calibration[mode]["expansion_folds"] = folds
@@ -671,6 +675,9 @@ class IPM:
                 out.append([(mid, p, signals[mid]) for mid, p in fused[:k]])
         return out
 
+    def _decodings_to_calibrate(self) -> set[str]:
+        return {self.config.decoding, *self.config.also_calibrate}
+
     def _calibrated_settings(self) -> dict:
         return {k: getattr(self.config, k) for k in CALIBRATED_OPTIONS}
 
@@ -742,9 +749,11 @@ class IPM:
             if self.config.abstain_threshold is not None:
                 s.threshold = self.config.abstain_threshold
             elif calibrated is None:
-                raise IndexMissing(f"the index of namespace {user!r} has no abstention threshold for "
-                                   f"{self.config.decoding} decoding (was the dense model installed when it was "
-                                   "trained?): retrain with `ipm train`, or set abstain_threshold")
+                had = " and ".join(sorted(s.calibration)) or "no"
+                raise IndexMissing(f"the index of namespace {user!r} was calibrated for {had} decoding, not "
+                                   f"{self.config.decoding}: retrain it with `ipm train --full --also-calibrate "
+                                   f"{self.config.decoding}` (or also_calibrate = [\"{self.config.decoding}\"] in "
+                                   "the config), or set abstain_threshold")
             else:
                 s.threshold = calibrated
                 if self.config.decoding == "hybrid":
