@@ -100,9 +100,8 @@ def config(args: argparse.Namespace):
                                    question_kinds=None if args.question_kinds is None else
                                    [k for k in args.question_kinds.split(",") if k]
                                    ).updated(**extra)
-        if "also_calibrate" not in extra:
-            cfg = cfg.updated(also_calibrate=sorted(set(getattr(args, "decodings", DECODINGS)) - {cfg.decoding}))
-        return cfg
+        scored = set(cfg.also_calibrate) | set(getattr(args, "decodings", DECODINGS))
+        return cfg.updated(also_calibrate=sorted(scored - {cfg.decoding}))
     except ipm.InvalidInput as e:
         raise SystemExit(f"error: {e}") from None
 

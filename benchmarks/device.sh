@@ -10,6 +10,8 @@
 # into /tmp/gpu, and the last one runs:
 #   call 1 (carry .gpu/c), call 2 (carry .gpu/a):  bash benchmarks/device.sh stage
 #   call 3 (carry .gpu/b):  BUDGET=SECONDS IPM_BENCH_COMMIT=SHA bash benchmarks/device.sh   (results in $OUT)
+#   BUDGET (default 480) bounds the whole call, each step ending 30 s before it: two conversations'
+#   turns took 501 s on an H200 (BUDGET=585 with timeout_s 600).
 #   STEPS picks what runs (default "speed-small speed-full recipe"); "locomo" runs the LoCoMo
 #   observations benchmark on all five conversations with LOCOMO_ARGS (e.g. "--set base_layers=20");
 #   "turns" the dialog-turns benchmark on the conversations in TURNS (default conv-26) with TURNS_ARGS.
@@ -42,7 +44,7 @@ PY
   mv .gpu/part_aa .gpu/a/ && mv .gpu/part_ab .gpu/b/
   mv .gpu/c/site/{wordfreq,langcodes}{,-*.dist-info} .gpu/b/site/  # three loads of about the same size
   cp ../shared/data/locomo/*.json .gpu/a/locomo/
-  tree=$(git ls-files -z | du -cb --files0-from=- | tail -1 | cut -f1)
+  tree=$(git ls-files -z -co --exclude-standard | du -cb --files0-from=- | tail -1 | cut -f1)  # what travels
   for d in a b c; do  # each call carries one folder with the tree, at most 64 MiB in all
     n=$(( tree + $(du -sb .gpu/$d | cut -f1) ))
     echo ".gpu/$d with the tree: $(( n / 1048576 )) MiB$( (( n <= 67108864 )) || echo ': over the 64 MiB a call carries')"
@@ -91,7 +93,8 @@ want locomo && step locomo 560 python3 benchmarks/locomo.py $L/*.json --variant 
 #    under TURNS_ARGS, the others giving out-of-scope questions; the result is folded into a CPU run
 #    with locomo.py --reuse.
 if want turns; then
-  chosen=(${TURNS:-conv-26})
+  chosen=($(tr ' ' '\n' <<<"${TURNS:-conv-26}" | awk 'NF && !seen[$0]++'))
+  for c in "${chosen[@]}"; do [ -f "$L/$c.json" ] || { echo "TURNS: no conversation $c in $L"; exit 1; }; done
   files=$(printf "$L/%s.json " "${chosen[@]}")
   others=$(ls $L/*.json | grep -vE "/($(IFS='|'; echo "${chosen[*]}")).json$")
   step turns 560 python3 benchmarks/locomo.py $files $others --variant turns --conversations ${#chosen[@]} \

@@ -582,8 +582,10 @@ def test_ids_are_minted_with_the_configured_scheme(mem, home, tiny_config, tmp_p
 
 def test_only_the_configured_decoding_is_calibrated_unless_asked(home, memories_file, tiny_config, tmp_path):
     """Calibrating a decoding costs indexing time, so by default only the one that will serve is
-    calibrated; switching to another gives an error that says how to calibrate it too."""
-    mem = ipm.open(home, config=tiny_config.updated(also_calibrate=[]), cache=tmp_path / "cache")
+    calibrated; switching to another gives an error that says how to calibrate it too. Once
+    asked for, a calibration is kept by later trainings."""
+    opened = lambda **cfg: ipm.open(home, config=tiny_config.updated(**cfg), cache=tmp_path / "cache")  # noqa: E731
+    mem = opened(also_calibrate=[])
     mem.import_(memories_file)
     calibration = mem.train()["metrics"]["calibration"]
     assert set(calibration) == {"hybrid"} and calibration["hybrid"]["seconds"] > 0
@@ -593,10 +595,17 @@ def test_only_the_configured_decoding_is_calibrated_unless_asked(home, memories_
         mem.ask(MEMORIES["work_job_acme"])
     mem.reconfigure(abstain_threshold=0.5)  # a threshold of one's own serves without calibration
     assert mem.ask(MEMORIES["work_job_acme"], k=1).candidates[0].id == "work_job_acme"
-    # Asked for, the other decoding is calibrated as well, each with its own time.
-    pure = ipm.open(home, config=tiny_config.updated(decoding="pure", also_calibrate=["hybrid"]), cache=tmp_path / "cache")
-    both = pure.train(full=True)["metrics"]["calibration"]
-    assert set(both) == {"pure", "hybrid"} and all(c["seconds"] > 0 for c in both.values())
+    # Asked for on an index with nothing new to learn: trained again, calibrated for both.
+    manifest = opened(also_calibrate=["pure"]).train()
+    assert not manifest.get("up_to_date") and manifest["metrics"]["full_because"] == "pure decoding was not calibrated"
+    assert set(manifest["metrics"]["calibration"]) == {"pure", "hybrid"}
+    assert all(c["seconds"] > 0 for c in manifest["metrics"]["calibration"].values())
+    # The next training, under a config that names neither, keeps both.
+    later = opened(decoding="pure", also_calibrate=[])
+    later.add("My cat is called Tom.")
+    manifest = later.train()
+    assert manifest["metrics"]["incremental"] and set(manifest["metrics"]["calibration"]) == {"pure", "hybrid"}
+    assert later.train().get("up_to_date")
     with pytest.raises(InvalidInput, match="also_calibrate"):
         tiny_config.updated(also_calibrate=["greedy"])
 

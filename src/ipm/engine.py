@@ -103,6 +103,12 @@ QUESTIONS_FILE = "questions.jsonl"  # an index version's training questions, one
 QUESTION_EMBEDDINGS = "question_embeddings.safetensors"  # their MiniLM embeddings (float16), row for row
 
 
+def _calibrations(manifest: dict) -> dict:
+    """An index's abstention calibration per decoding ({decoding: {"threshold", ...}})."""
+    calibration = manifest["metrics"]["calibration"]
+    return {"pure": calibration} if "threshold" in calibration else calibration  # before hybrid decoding
+
+
 def read_questions(version_dir: Path) -> list[tuple[str, str]]:
     """An index version's training questions as (question, memory ID) rows, in file order."""
     with (version_dir / QUESTIONS_FILE).open(encoding="utf-8") as f:
@@ -401,8 +407,10 @@ class IPM:
         Incremental by default: when an index exists (same base model and LoRA shape), the new
         adapter continues from it, trained on the questions of new or changed memories plus a
         replayed sample (`replay_ratio`) of the questions the current adapter was trained on.
-        If nothing is new, the current manifest is returned with `"up_to_date": true`.
-        `full=True` retrains from scratch on every memory.
+        If nothing is new, the current manifest is returned with `"up_to_date": true`, unless
+        it lacks a decoding's calibration that is now asked for (then it is trained again in full).
+        `full=True` retrains from scratch on every memory. The decodings calibrated are the
+        configured one, `also_calibrate`'s, and those the current index was calibrated for.
 
         `progress(phase, done, total, loss)` is called with phase "questions", "embed" (the
         retrievers' question embeddings), "train" and "calibrate". The previous version keeps
@@ -414,6 +422,13 @@ class IPM:
         t0 = time.perf_counter()
         base = self._index_base()
         prev, full_because = (None, None) if full else self._incremental_from(user, base)
+        current = index_dir.current_dir(self.paths.index_root(user))
+        had = set(_calibrations(json.loads((current / index_dir.MANIFEST).read_text()))) if current else set()
+        wanted = self._decodings_to_calibrate() | had
+        if prev is not None and wanted - had and all(prev[1]["ids"].get(m.id) == m.sha256 for m in memories):
+            # Nothing new to train on, but a calibration is missing: the adapter is trained again
+            # in full (the calibration questions are drawn anew with the training split).
+            prev, full_because = None, f"{' and '.join(sorted(wanted - had))} decoding was not calibrated"
         on_questions = lambda d, t: progress and progress("questions", d, t, None)  # noqa: E731
         incremental = None
         known: list[Example] = []  # questions of earlier versions still valid, kept for later replays
@@ -477,8 +492,8 @@ class IPM:
         decoder = self._make_decoder(base, result.model)
         # Calibrate the abstention threshold of the decoding that will serve this index, and
         # of any other that may (Config.also_calibrate): each costs its share of indexing time.
-        wanted = self._decodings_to_calibrate()
-        modes = {mode: proposer for mode, proposer in (("pure", None), ("hybrid", candidates)) if mode in wanted}
+        modes = {mode: proposer for mode, proposer in (("pure", None), ("hybrid", candidates))
+                 if mode in wanted and not (mode == "hybrid" and candidates is None)}  # (kept from the last index only)
         cal = random.Random(self.config.seed).sample(calib, min(len(calib), CALIBRATION_QUESTIONS))
         calibration, done = {}, [0]
 
@@ -739,9 +754,7 @@ class IPM:
             self._model.eval()
             s.version, s.adapter, s.expansion = version_dir.name, adapter, None
             s.indexed = manifest["ids"]
-            s.calibration = manifest["metrics"]["calibration"]
-            if "threshold" in s.calibration:  # format of indexes trained before hybrid decoding
-                s.calibration = {"pure": s.calibration}
+            s.calibration = _calibrations(manifest)
             s.generation = -1
         gen = self.store.generation(user)
         if s.generation != gen and s.version is not None:
@@ -751,9 +764,9 @@ class IPM:
             elif calibrated is None:
                 had = " and ".join(sorted(s.calibration)) or "no"
                 raise IndexMissing(f"the index of namespace {user!r} was calibrated for {had} decoding, not "
-                                   f"{self.config.decoding}: retrain it with `ipm train --full --also-calibrate "
+                                   f"{self.config.decoding}: train it with `ipm train --also-calibrate "
                                    f"{self.config.decoding}` (or also_calibrate = [\"{self.config.decoding}\"] in "
-                                   "the config), or set abstain_threshold")
+                                   "the config; hybrid needs the dense model installed), or set abstain_threshold")
             else:
                 s.threshold = calibrated
                 if self.config.decoding == "hybrid":
