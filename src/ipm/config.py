@@ -84,7 +84,7 @@ class Config:
     decoding: str = "hybrid"
     # Decodings whose abstention threshold is calibrated at training time besides `decoding`'s,
     # so that switching to them (`ipm ask --decoding`) abstains where it should: e.g. ["pure"].
-    # Each costs its share of indexing time (README, "Abstention" and "Speed").
+    # Each costs its share of indexing time (README, "Abstention").
     also_calibrate: list[str] = field(default_factory=list)
     hybrid_candidates: int = 10
     fusion_adapter: float = 0.25
