@@ -425,7 +425,8 @@ class IPM:
         current = index_dir.current_dir(self.paths.index_root(user))
         had = set(_calibrations(json.loads((current / index_dir.MANIFEST).read_text()))) if current else set()
         wanted = self._decodings_to_calibrate() | had
-        if prev is not None and wanted - had and all(prev[1]["ids"].get(m.id) == m.sha256 for m in memories):
+        new_ids = {m.id for m in memories if prev[1]["ids"].get(m.id) != m.sha256} if prev else None
+        if prev is not None and wanted - had and not new_ids:
             # Nothing new to train on, but a calibration is missing: the adapter is trained again
             # in full (the calibration questions are drawn anew with the training split).
             prev, full_because = None, f"{' and '.join(sorted(wanted - had))} decoding was not calibrated"
@@ -437,7 +438,6 @@ class IPM:
             train, calib = self.training_examples(user, base, on_questions)
         else:
             prev_dir, prev_manifest = prev
-            new_ids = {m.id for m in memories if prev_manifest["ids"].get(m.id) != m.sha256}
             if not new_ids:
                 return {**prev_manifest, "up_to_date": True}
             train, calib = self.training_examples(user, base, on_questions, ids=new_ids)
