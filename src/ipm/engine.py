@@ -422,8 +422,12 @@ class IPM:
         t0 = time.perf_counter()
         base = self._index_base()
         prev, full_because = (None, None) if full else self._incremental_from(user, base)
-        current = index_dir.current_dir(self.paths.index_root(user))
-        had = set(_calibrations(json.loads((current / index_dir.MANIFEST).read_text()))) if current else set()
+        if prev is not None:
+            current_manifest = prev[1]
+        else:
+            current = index_dir.current_dir(self.paths.index_root(user))
+            current_manifest = json.loads((current / index_dir.MANIFEST).read_text()) if current else None
+        had = set(_calibrations(current_manifest)) if current_manifest else set()
         wanted = self._decodings_to_calibrate() | had
         new_ids = {m.id for m in memories if prev[1]["ids"].get(m.id) != m.sha256} if prev else None
         if prev is not None and wanted - had and not new_ids:
@@ -823,7 +827,8 @@ class IPM:
                 s = self._serve(user)
                 found = [[] for _ in chunk]
                 if s.adapter is not None and len(s.trie):
-                    self._model.set_adapter(s.adapter)
+                    if self._model.active_adapter != s.adapter:  # PEFT's set_adapter walks every module
+                        self._model.set_adapter(s.adapter)
                     found = self._rank_many(self._decoder, chunk, s.trie, s.candidates, k)
                 texts = self.store.get_many(user, sorted({mid for f in found for mid, _, _ in f}))
                 # The trie only holds live IDs, and the store is checked again here: a memory
