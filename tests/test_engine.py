@@ -1,6 +1,7 @@
 """The public API end to end on the tiny model: store -> train -> recall, versions, forgetting."""
 
 import json
+from dataclasses import replace
 
 import pytest
 
@@ -150,6 +151,28 @@ def test_namespaces_never_leak(mem, tmp_path, decoding):
             for h in a.candidates:
                 assert h.text == mem.get(h.id, user=user).text
     assert mem.ask("safe code 1234", k=4, user="carol").hits == []
+
+
+def test_each_namespace_is_scored_by_its_own_adapter_across_switches(mem, home, tiny_config, tmp_path, decoding):
+    """One process serving two namespaces switches adapters only when the other one is active:
+    a namespace's scores are the same before and after the other is asked, and the same as in a
+    process that serves it alone."""
+    mem.reconfigure(decoding=decoding)
+    for user in ("alice", "bob"):
+        for mid, text in MEMORIES.items():
+            mem.add(text if user == "alice" else text[::-1], id=mid, user=user)
+        mem.train(user=user)
+    q = MEMORIES["family_sister_anna"]
+
+    def scores(engine, user):
+        return [(h.id, h.score) for h in engine.ask(q, k=4, user=user).candidates]
+
+    first = scores(mem, "alice")
+    bob = scores(mem, "bob")
+    assert scores(mem, "alice") == first and scores(mem, "bob") == bob
+    assert first != bob  # the adapters differ, so serving the wrong one would show
+    alone = ipm.open(home, config=replace(tiny_config, decoding=decoding), cache=tmp_path / "cache")
+    assert scores(alone, "alice") == first
 
 
 def test_interrupted_training_keeps_the_previous_index(trained, home, monkeypatch):

@@ -54,3 +54,15 @@ def test_expanded_retrievers_also_match_each_memorys_questions():
     assert got[1] == pytest.approx(cos_text[1].item(), abs=1e-5)  # no questions: the text's cosine
     assert got[2] > cos_text[2].item()
     assert expanded.dense.rank([question], k=1) == [[ids[max(range(4), key=got.__getitem__)]]]
+
+
+def test_one_text_is_encoded_as_in_a_batch():
+    """A single question takes a shorter path through MiniLM than a batch; same unit vectors."""
+    encoder = load_dense_encoder()
+    texts = ["Where does my sister live?", "My dog's name is Max and he is a beagle, four years old."]
+    batch = encoder.encode(texts)
+    for i, text in enumerate(texts):
+        one = encoder.encode([text])
+        assert one.shape == (1, batch.shape[1])
+        assert (one[0] - batch[i]).abs().max().item() < 1e-5
+        assert abs(one[0].norm().item() - 1) < 1e-5
