@@ -57,6 +57,25 @@ def score(items: list[dict], setting: tuple[float, float, float, float], floor: 
     return locomo.fused_metrics(items, (a, d, b), floor, noise)
 
 
+SIGNALS = {"adapter": (1.0, 0.0, 0.0), "dense": (0.0, 1.0, 0.0), "bm25": (0.0, 0.0, 1.0)}
+
+
+def ceilings(items: list[dict], floor: float) -> dict:
+    """What the kept candidates allow, recall@1 as a fraction: each signal ranking alone; an
+    oracle taking, question by question, whichever signal's first pick is right (no single
+    fusion does better than that on a question where every signal is wrong, and none reaches
+    it unless some weighting agrees with the oracle everywhere); the right memory among the
+    candidates at all (recall@1 of a perfect re-ranker)."""
+    firsts = {name: [r[0] if r else None for r in locomo.fused_rankings(items, w, floor)]
+              for name, w in SIGNALS.items()}
+    gold = [set(it["gold"]) for it in items]
+    n = len(items) or 1
+    out = {f"{name} alone": sum(f in g for f, g in zip(fs, gold)) / n for name, fs in firsts.items()}
+    out["best signal per question"] = sum(any(fs[i] in g for fs in firsts.values()) for i, g in enumerate(gold)) / n
+    out["among the candidates"] = sum(bool(g & set(it["candidates"])) for g, it in zip(gold, items)) / n
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = common.parser(__doc__.split("\n\n")[0])
     results = common.REPO / "results"
@@ -107,6 +126,11 @@ def main(argv: list[str] | None = None) -> dict:
         table.append({"system": f"{label} (adapter {a:g}, dense {d:g}, bm25 {b:g}, noise {n:g})",
                       "recall@1": r["tune"],
                       **{f"{name} recall@1 %": r["metrics"][name]["recall@1"] for name in SETS}})
+    bounds = {name: ceilings(items, cfg.fusion_bm25_floor) for name, items in sets.items()}
+    for label in next(iter(bounds.values())):
+        table.append({"system": f"ceiling: {label}",
+                      "recall@1": (bounds["observations tune"][label] + bounds["turns tune"][label]) / 2,
+                      **{f"{name} recall@1 %": bounds[name][label] for name in SETS}})
     n = {name: len(items) for name, items in sets.items()}
     notes = [f"Questions: {', '.join(f'{k} {v}' for k, v in n.items())}. recall@1 of the fused ranking (IPM's "
              "best guess, also where it would abstain); the recall@1 column is the mean of observations and turns on "
@@ -114,10 +138,15 @@ def main(argv: list[str] | None = None) -> dict:
              f"configured default's {100 * guard:.1f}).",
              f"BM25 floor {cfg.fusion_bm25_floor:g} throughout; grid: adapter {ADAPTER}, dense {DENSE}, bm25 {BM25}, "
              f"noise {NOISE}.",
+             "Ceilings (not settings): each signal ranking the candidates alone; 'best signal per question' "
+             "counts a question right if any one signal ranks its memory first (an oracle: fusing the signals "
+             "beats it only where they combine to lift a memory none ranks first); 'among the candidates' is "
+             "what a perfect re-ranker of hybrid decoding's candidates would score.",
              "Kept scores from " + ", ".join(shown(p) for p in (args.observations, args.turns, args.demo)) + "."]
     data = {"benchmark": "fusion-kept", "seed": args.seed, "questions": n, "floor": cfg.fusion_bm25_floor,
             "picks": {k: {"setting": r["setting"], "tune": r["tune"], "metrics": r["metrics"]}
                       for k, r in picks.items()},
+            "ceilings": bounds,
             "grid": [{"setting": r["setting"], "tune": r["tune"],
                       **{name: r["metrics"][name]["recall@1"] for name in SETS}} for r in rows],
             "run": info}

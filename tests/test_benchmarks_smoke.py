@@ -466,3 +466,19 @@ def test_fusion_kept_chooses_on_the_tuning_conversations_under_the_demo_guard(tm
     (files["locomo-turns"].parent / "locomo-turns.json").write_text(json.dumps({"bm25_scores": "divided by the best"}))
     with pytest.raises(SystemExit, match="not kept raw"):
         bench.main(argv)
+
+
+def test_fusion_kept_ceilings_count_what_each_signal_and_the_candidates_allow(monkeypatch):
+    bench = load("fusion_kept", monkeypatch)
+
+    def item(gold, adapter, dense, bm25):  # three candidates a, b, c; each list is their scores
+        return {"gold": [gold], "candidates": {m: [adapter[i], dense[i], bm25[i]] for i, m in enumerate("abc")}}
+
+    items = [item("a", [-0.1, -2, -3], [0.1, 0.5, 0.2], [0, 0, 9]),  # the adapter alone is right
+             item("b", [-0.1, -2, -3], [0.1, 0.5, 0.2], [0, 0, 9]),  # dense alone
+             item("c", [-0.1, -2, -3], [0.1, 0.5, 0.2], [0, 0, 9]),  # BM25 alone
+             item("c", [-0.1, -2, -3], [0.9, 0.5, 0.2], [5, 0, 0]),  # none, though among the candidates
+             item("z", [-0.1, -2, -3], [0.1, 0.5, 0.2], [0, 0, 9])]  # not among the candidates
+    got = bench.ceilings(items, floor=16.0)
+    assert got == {"adapter alone": 0.2, "dense alone": 0.2, "bm25 alone": 0.2,
+                   "best signal per question": 0.6, "among the candidates": 0.8}
