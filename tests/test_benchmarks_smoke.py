@@ -443,6 +443,10 @@ def test_fusion_kept_chooses_on_the_tuning_conversations_under_the_demo_guard(tm
             "--demo", str(files["demo"]), "--out-dir", str(tmp_path / "results")]
     data = bench.main(argv + old)
     check_files(tmp_path / "results", "fusion-kept")
+    for name, bound in data["ceilings"].items():  # an oracle over the grid is above any one setting of it
+        assert (bound["some grid setting per question"] >= bound["best grid setting for this set alone"]
+                >= data["picks"]["configured default"]["metrics"][name]["recall@1"])
+    assert data["ceilings"]["demo"]["best grid setting for this set alone"] == 1.0
     picks = data["picks"]
     configured = picks["configured default"]
     assert configured["setting"] == (0.5, 40.0, 16.0, 0.0)

