@@ -78,6 +78,7 @@ def train_adapter(base: BaseModel, examples: list[Example], config: Config,
     same LoRA shape required)."""
     import torch
     from peft import get_peft_model
+    from peft.helpers import disable_input_dtype_casting
 
     if not examples:
         raise TrainingError("nothing to train on: add memories first")
@@ -117,7 +118,14 @@ def train_adapter(base: BaseModel, examples: list[Example], config: Config,
     optim = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda s: _schedule(s, total, max(1, int(total * config.warmup_ratio))))
     losses: list[float] = []
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else _null()
+    # bf16 compute on CUDA, and on a bf16 base model on CPU. PEFT keeps the adapter's weights in
+    # float32 and casts each LoRA layer's input up to them, a copy of every activation; under
+    # autocast that cast is not needed (the matmul casts the small adapter weights down
+    # instead), so it is turned off. On CPU, the LoRA path in bf16 trained in x0.85 the time
+    # of the float32 one, same losses to 3 decimals (medians of 8 alternating trainings of 480
+    # demo questions; scratch A/B). The optimiser still updates float32 weights.
+    bf16 = device.startswith("cuda") or model.dtype == torch.bfloat16
+    autocast = torch.autocast(device.split(":")[0], dtype=torch.bfloat16) if bf16 else _null()
 
     if fast:
         runner = Runner(peft_model)
@@ -130,22 +138,23 @@ def train_adapter(base: BaseModel, examples: list[Example], config: Config,
         t_cache = time.perf_counter() - t0
     peft_model.train()
     step = 0
-    for _epoch in range(config.epochs):
-        for batch in _length_bucketed_batches(seqs, config.batch_size, rng):
-            with autocast:
-                if fast:
-                    loss = _fast_loss(runner, [seqs[i] for i in batch], [cached[i] for i in batch], split, vocab_t, col,
-                                      device, [choices[i] for i in batch], config.hard_negative_weight)
-                else:
-                    loss = _naive_loss(peft_model, [seqs[i] for i in batch], tok, device)
-            loss.backward()
-            optim.step()
-            sched.step()
-            optim.zero_grad(set_to_none=True)
-            losses.append(loss.item())
-            step += 1
-            if progress:
-                progress(step, total, losses[-1])
+    with disable_input_dtype_casting(peft_model, active=bf16):
+        for _epoch in range(config.epochs):
+            for batch in _length_bucketed_batches(seqs, config.batch_size, rng):
+                with autocast:
+                    if fast:
+                        loss = _fast_loss(runner, [seqs[i] for i in batch], [cached[i] for i in batch], split, vocab_t, col,
+                                          device, [choices[i] for i in batch], config.hard_negative_weight)
+                    else:
+                        loss = _naive_loss(peft_model, [seqs[i] for i in batch], tok, device)
+                loss.backward()
+                optim.step()
+                sched.step()
+                optim.zero_grad(set_to_none=True)
+                losses.append(loss.item())
+                step += 1
+                if progress:
+                    progress(step, total, losses[-1])
     peft_model.eval()
     seconds = time.perf_counter() - t0
     metrics = {
