@@ -121,9 +121,9 @@ def train_adapter(base: BaseModel, examples: list[Example], config: Config,
     # bf16 compute on CUDA, and on a bf16 base model on CPU. PEFT keeps the adapter's weights in
     # float32 and casts each LoRA layer's input up to them, a copy of every activation; under
     # autocast that cast is not needed (the matmul casts the small adapter weights down
-    # instead), so it is turned off. On CPU, the LoRA path in bf16 trained in x0.85 the time
-    # of the float32 one, same losses to 3 decimals (medians of 8 alternating trainings of 480
-    # demo questions; scratch A/B). The optimiser still updates float32 weights.
+    # instead), so it is turned off. On CPU, the LoRA path in bf16 trained in x0.90 the time
+    # of the float32 one, same losses to 3 decimals (median of 12 paired ratios of alternating
+    # trainings on demo questions; scratch A/B). The optimiser still updates float32 weights.
     bf16 = device.startswith("cuda") or model.dtype == torch.bfloat16
     autocast = torch.autocast(device.split(":")[0], dtype=torch.bfloat16) if bf16 else _null()
 
