@@ -103,7 +103,8 @@ class Config:
     abstain_threshold: float | None = None
     # Hardware: "auto" picks CUDA when present. dtype of the frozen base model's weights:
     # "auto" = bfloat16 on CUDA and on CPUs with native bf16 (AVX512-BF16, AMX), else float32.
-    # The LoRA weights are always trained in float32.
+    # The LoRA weights are always kept and updated in float32 (on a bf16 base their matmuls run
+    # in bf16 under autocast while training).
     device: str = "auto"
     dtype: str = "auto"
     threads: int = 0  # 0 = torch default
