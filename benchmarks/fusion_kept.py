@@ -70,13 +70,11 @@ def ceilings(items: list[dict], floor: float) -> dict:
     oracle taking, question by question, whichever signal's first pick is right (a fusion can
     still rank first a memory that no signal ranks first, when it is second or third under
     each); the right memory among the candidates at all (recall@1 of a perfect re-ranker)."""
-    firsts = {name: [r[0] if r else None for r in locomo.fused_rankings(items, w, floor)]
-              for name, w in SIGNALS.items()}
-    gold = [set(it["gold"]) for it in items]
+    right = {name: score(items, (*w, 0.0), floor)[1] for name, w in SIGNALS.items()}
     n = len(items) or 1
-    out = {f"{name} alone": sum(f in g for f, g in zip(fs, gold)) / n for name, fs in firsts.items()}
-    out["best signal per question"] = sum(any(fs[i] in g for fs in firsts.values()) for i, g in enumerate(gold)) / n
-    out["among the candidates"] = sum(bool(g & set(it["candidates"])) for g, it in zip(gold, items)) / n
+    out = {f"{name} alone": sum(r) / n for name, r in right.items()}
+    out["best signal per question"] = sum(map(any, zip(*right.values()))) / n
+    out["among the candidates"] = sum(bool(set(it["gold"]) & set(it["candidates"])) for it in items) / n
     return out
 
 

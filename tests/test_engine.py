@@ -1,7 +1,6 @@
 """The public API end to end on the tiny model: store -> train -> recall, versions, forgetting."""
 
 import json
-from dataclasses import replace
 
 import pytest
 
@@ -171,7 +170,7 @@ def test_each_namespace_is_scored_by_its_own_adapter_across_switches(mem, home, 
     bob = scores(mem, "bob")
     assert scores(mem, "alice") == first and scores(mem, "bob") == bob
     assert first != bob  # the adapters differ, so serving the wrong one would show
-    alone = ipm.open(home, config=replace(tiny_config, decoding=decoding), cache=tmp_path / "cache")
+    alone = ipm.open(home, config=tiny_config.updated(decoding=decoding), cache=tmp_path / "cache")
     assert scores(alone, "alice") == first
     alone.store.close()
 
