@@ -91,7 +91,7 @@ want locomo && step locomo 560 python3 benchmarks/locomo.py $L/*.json --variant 
   --out-dir /tmp/res/locomo --json $OUT/locomo.json ${LOCOMO_ARGS:-}
 # 4. LoCoMo dialog turns of the conversations in TURNS (default conv-26; e.g. TURNS="conv-26 conv-30")
 #    under TURNS_ARGS, the others giving out-of-scope questions; the result is folded into a CPU run
-#    with locomo.py --reuse.
+#    with locomo.py --reuse. "turns-parallel" runs each of them in its own process at once (see 5).
 if want turns; then
   chosen=($(tr ' ' '\n' <<<"${TURNS:-conv-26}" | awk 'NF && !seen[$0]++'))
   for c in "${chosen[@]}"; do [ -f "$L/$c.json" ] || { echo "TURNS: no conversation $c in $L"; exit 1; }; done
@@ -99,6 +99,31 @@ if want turns; then
   others=$(ls $L/*.json | grep -vE "/($(IFS='|'; echo "${chosen[*]}")).json$")
   step turns 560 python3 benchmarks/locomo.py $files $others --variant turns --conversations ${#chosen[@]} \
     --out-dir /tmp/res/turns --json $OUT/turns.json ${TURNS_ARGS:-}
+fi
+# 5. The same, each conversation of TURNS in its own process, all at once ("turns-parallel"): a 135M
+#    model leaves the GPU idle between kernel launches, so several processes share it well. The
+#    model is converted into the cache first, so that the processes do not race to write it.
+if want turns-parallel; then
+  chosen=($(tr ' ' '\n' <<<"${TURNS:-conv-26}" | awk 'NF && !seen[$0]++'))
+  for c in "${chosen[@]}"; do [ -f "$L/$c.json" ] || { echo "TURNS: no conversation $c in $L"; exit 1; }; done
+  mkdir -p /tmp/res/turns-parallel
+  python3 -c "from ipm.config import Config, Paths; from ipm.model import load_base; load_base(Config(), Paths.at('/tmp/warm'))" \
+    >/tmp/res/turns-parallel/warm.log 2>&1 || { FAILED="$FAILED warm"; tail -5 /tmp/res/turns-parallel/warm.log; }
+  t=$(left 30); (( t > 560 )) && t=560
+  threads=$(( $(nproc) / ${#chosen[@]} )); (( threads < 1 )) && threads=1
+  echo "== turns-parallel (limit ${t}s, $threads threads each): ${chosen[*]} ${TURNS_ARGS:-}"
+  t0=$(date +%s); pids=()
+  for c in "${chosen[@]}"; do
+    others=$(ls $L/*.json | grep -v "/$c.json$")
+    OMP_NUM_THREADS=$threads timeout $t python3 benchmarks/locomo.py $L/$c.json $others --variant turns --conversations 1 \
+      --out-dir /tmp/res/turns-parallel/$c ${TURNS_ARGS:-} >/tmp/res/turns-parallel/$c.log 2>&1 &
+    pids+=($!)
+  done
+  for i in "${!chosen[@]}"; do
+    wait ${pids[$i]}; rc=$?
+    echo "== ${chosen[$i]}: rc $rc after $(( $(date +%s) - t0 ))s"; quiet </tmp/res/turns-parallel/${chosen[$i]}.log | tail -4
+    (( rc == 0 )) || FAILED="$FAILED turns-${chosen[$i]}"
+  done
 fi
 tar czf "$OUT/results.tgz" -C /tmp res 2>/dev/null; ls -la "$OUT"
 [ -z "$FAILED" ] || { echo "failed or cut short:$FAILED"; exit 1; }
