@@ -66,3 +66,40 @@ def test_one_text_is_encoded_as_in_a_batch():
         assert one.shape == (1, batch.shape[1])
         assert (one[0] - batch[i]).abs().max().item() < 1e-5
         assert abs(one[0].norm().item() - 1) < 1e-5
+
+
+FAKE_JAX_SCRIPT = """
+import json, sys
+from ipm.retrieve import BM25
+bm25 = BM25(["a_b_c", "d_e_f"], ["my dog is called Max", "the car is red"])
+print(json.dumps(bm25.rank(["what is my dog called?"], k=2)))
+"""
+
+
+@pytest.mark.parametrize("user_setting", [None, "true"])
+def test_bm25s_does_not_let_jax_reserve_the_gpu(tmp_path, user_setting):
+    """bm25s runs JAX once when imported; where JAX has a GPU, that reserves 75% of its memory
+    unless XLA_PYTHON_CLIENT_PREALLOCATE says otherwise. A stand-in `jax` records what it saw."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "jax").mkdir()
+    (tmp_path / "jax" / "__init__.py").write_text("from . import lax\n")
+    (tmp_path / "jax" / "lax.py").write_text(
+        "import os\n"
+        "def top_k(x, k):\n"
+        "    with open(os.environ['FAKE_JAX_LOG'], 'a') as f:\n"
+        "        f.write(os.environ.get('XLA_PYTHON_CLIENT_PREALLOCATE', 'unset') + '\\n')\n"
+        "    return None, None\n")
+    log = tmp_path / "jax.log"
+    env = {k: v for k, v in os.environ.items() if k != "XLA_PYTHON_CLIENT_PREALLOCATE"}
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), env.get("PYTHONPATH", "")])
+    env["FAKE_JAX_LOG"] = str(log)
+    if user_setting:
+        env["XLA_PYTHON_CLIENT_PREALLOCATE"] = user_setting
+    out = subprocess.run([sys.executable, "-c", FAKE_JAX_SCRIPT], env=env, capture_output=True, text=True, check=True)
+    # JAX was probed once, at import, with preallocation off unless the user chose; ranking used numpy.
+    assert log.read_text().split() == [user_setting or "false"]
+    assert json.loads(out.stdout) == [["a_b_c"]]

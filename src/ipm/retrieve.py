@@ -15,8 +15,25 @@ from __future__ import annotations
 
 import functools
 import heapq
+import os
+import sys
 
 from .errors import InvalidInput
+
+
+def import_bm25s():
+    """bm25s, imported without letting JAX reserve the GPU.
+
+    bm25s tries JAX when imported (for an optional top-k) and runs it once; where JAX is
+    installed with GPU support, that first use reserves 75% of the GPU's memory for the
+    process, which starves the model and every other process on the card (seen on a lent H200:
+    three indexing processes died out of memory). Unless the user has chosen otherwise, JAX
+    then allocates as it goes. Ranking itself uses bm25s's numpy top-k."""
+    if "jax" not in sys.modules:
+        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    import bm25s
+
+    return bm25s
 
 
 class BM25:
@@ -25,8 +42,7 @@ class BM25:
     name = "bm25"
 
     def __init__(self, ids: list[str], texts: list[str]):
-        import bm25s
-
+        bm25s = import_bm25s()
         self._bm25s = bm25s
         self.ids = ids
         self.retriever = bm25s.BM25()
@@ -35,7 +51,7 @@ class BM25:
     def rank(self, questions: list[str], k: int = 10) -> list[list[str]]:
         k = min(k, len(self.ids))
         tokens = self._bm25s.tokenize(questions, stopwords="en", show_progress=False)
-        docs, scores = self.retriever.retrieve(tokens, k=k, show_progress=False)
+        docs, scores = self.retriever.retrieve(tokens, k=k, show_progress=False, backend_selection="numpy")
         return [[self.ids[d] for d, s in zip(row, srow) if s > 0] for row, srow in zip(docs, scores)]
 
     def scores(self, question: str) -> list[float]:
