@@ -12,7 +12,8 @@
 #   calls 1-3 (carry .gpu/c, then .gpu/a, then .gpu/b):  bash benchmarks/device.sh stage
 #   call 4 (carry .gpu/d):  BUDGET=SECONDS IPM_BENCH_COMMIT=SHA bash benchmarks/device.sh   (results in $OUT)
 #   BUDGET (default 480) bounds the whole call, each step ending 30 s before it: two conversations'
-#   turns took 501 s on an H200 (BUDGET=585 with timeout_s 600).
+#   turns took 501 s on an H200 one after the other (BUDGET=585 with timeout_s 600); conv-41, 42 and 43
+#   side by side ("turns-parallel"), 407 s (BUDGET=595).
 #   STEPS picks what runs (default "speed-small speed-full recipe"); "locomo" runs the LoCoMo
 #   observations benchmark on all five conversations with LOCOMO_ARGS (e.g. "--set base_layers=20");
 #   "turns" the dialog-turns benchmark on the conversations in TURNS (default conv-26) with TURNS_ARGS.
