@@ -99,9 +99,12 @@ want locomo && step locomo 560 python3 benchmarks/locomo.py $L/*.json --variant 
 # 4. LoCoMo dialog turns of the conversations in TURNS (default conv-26; e.g. TURNS="conv-26 conv-30")
 #    under TURNS_ARGS, the others giving out-of-scope questions; the result is folded into a CPU run
 #    with locomo.py --reuse. "turns-parallel" runs each of them in its own process at once (see 5).
-if want turns; then
+turns_chosen() {  # chosen=(the conversations named in TURNS, each once), or stop if one is missing
   chosen=($(tr ' ' '\n' <<<"${TURNS:-conv-26}" | awk 'NF && !seen[$0]++'))
   for c in "${chosen[@]}"; do [ -f "$L/$c.json" ] || { echo "TURNS: no conversation $c in $L"; exit 1; }; done
+}
+if want turns; then
+  turns_chosen
   files=$(printf "$L/%s.json " "${chosen[@]}")
   others=$(ls $L/*.json | grep -vE "/($(IFS='|'; echo "${chosen[*]}")).json$")
   step turns 560 python3 benchmarks/locomo.py $files $others --variant turns --conversations ${#chosen[@]} \
@@ -111,8 +114,7 @@ fi
 #    model leaves the GPU idle between kernel launches, so several processes share it well. The
 #    model is converted into the cache first, so that the processes do not race to write it.
 if want turns-parallel; then
-  chosen=($(tr ' ' '\n' <<<"${TURNS:-conv-26}" | awk 'NF && !seen[$0]++'))
-  for c in "${chosen[@]}"; do [ -f "$L/$c.json" ] || { echo "TURNS: no conversation $c in $L"; exit 1; }; done
+  turns_chosen
   mkdir -p /tmp/res/turns-parallel
   t=$(left 30); (( t > 560 )) && t=560
   if (( t < 20 )); then

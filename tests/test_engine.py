@@ -281,7 +281,7 @@ def test_base_model_dtype_is_configurable_and_lora_trains_in_float32(mem, memori
         tiny_config.updated(dtype="float8")
 
 
-def test_a_bf16_base_trains_its_lora_path_in_bf16_and_keeps_float32_adapter_weights(mem, tiny_config):
+def test_a_bf16_base_trains_its_lora_path_in_bf16_and_keeps_float32_adapter_weights(mem, tiny_config, monkeypatch):
     """On a bf16 base the adapter's matmuls run under autocast with PEFT's input casting off
     during training only; the weights the optimiser updates stay float32, and the loss falls."""
     import torch
@@ -298,11 +298,8 @@ def test_a_bf16_base_trains_its_lora_path_in_bf16_and_keeps_float32_adapter_weig
         seen.append(getattr(self, "cast_input_dtype_enabled", True))
         return original(self, x, dtype)
 
-    BaseTunerLayer._cast_input_dtype = spy
-    try:
-        result = train_adapter(base, [Example(t, m) for m, t in MEMORIES.items()], tiny_config.updated(epochs=8))
-    finally:
-        BaseTunerLayer._cast_input_dtype = original
+    monkeypatch.setattr(BaseTunerLayer, "_cast_input_dtype", spy)
+    result = train_adapter(base, [Example(t, m) for m, t in MEMORIES.items()], tiny_config.updated(epochs=8))
     assert seen and not any(seen)  # every LoRA forward in training ran without the float32 cast
     layers = [m for m in result.model.modules() if isinstance(m, BaseTunerLayer)]
     assert layers and all(m.cast_input_dtype_enabled for m in layers)  # restored for serving
