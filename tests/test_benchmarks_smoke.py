@@ -265,6 +265,24 @@ def test_incremental_smoke(tiny_model, tmp_path, monkeypatch):
     assert data["runs"]["+100%"]["full_retrain"]["seconds"] > 0
 
 
+def test_int8_smoke_trains_when_the_home_has_no_index_then_reuses_it(tiny_model, tmp_path, monkeypatch):
+    from ipm.model import int8_available
+
+    if not int8_available():
+        pytest.skip("this PyTorch has no oneDNN int8 matmul")
+    int8 = load("int8", monkeypatch)
+    for run in range(2):
+        data = int8.main(tiny_args(tiny_model, tmp_path) + ["--timed", "3"])
+        assert ("trained" in data) == (run == 0)
+        for decoding in ("hybrid", "pure"):
+            for q in ("none", "int8"):
+                m = data[decoding][q]
+                check_metrics(m)
+                assert m["n"] == data["questions"] == 300 and m["p50_ms"] > 0
+            assert 0 <= data[decoding]["same_first_answer"] <= 300 and data[decoding]["int8"]["median_ratio"] > 0
+    check_files(tmp_path / "results", "int8")
+
+
 def test_question_mix_smoke(tiny_model, tmp_path, monkeypatch):
     need(SHARED / "locomo" / "conv-26.json")
     locomo = load("locomo", monkeypatch)

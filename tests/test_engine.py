@@ -6,7 +6,7 @@ import pytest
 
 import ipm
 from ipm import index as index_dir
-from ipm.errors import IndexMissing, InvalidInput, NotFound, TrainingError
+from ipm.errors import IndexMissing, InvalidInput, ModelError, NotFound, TrainingError
 from ipm.train import Example
 from tests.conftest import MEMORIES
 
@@ -784,3 +784,42 @@ def test_cli_train_says_when_it_retrains_from_scratch(tiny_model, memories_file,
     assert second.exit_code == 0, second.output
     said = " ".join(second.output.split())  # rich wraps long lines
     assert "retrained from scratch, not incrementally: the current index was trained on base layers 0,2-3" in said
+
+
+def test_int8_asks_answer_from_the_store_and_bad_settings_are_refused(trained, tmp_path):
+    from ipm.model import int8_available
+
+    with pytest.raises(InvalidInput, match="quantize"):
+        trained.reconfigure(quantize="int4")
+    if not int8_available():
+        with pytest.raises(ModelError, match="int8"):
+            trained.reconfigure(quantize="int8")
+        return
+    for decoding in ("hybrid", "pure"):
+        trained.reconfigure(decoding=decoding, quantize="none")
+        plain = trained.ask(MEMORIES["family_sister_anna"], k=4)
+        trained.reconfigure(quantize="int8")
+        quantized = trained.ask(MEMORIES["family_sister_anna"], k=4)
+        assert {h.id for h in quantized.candidates} <= set(MEMORIES)
+        assert quantized.candidates[0].id == plain.candidates[0].id == "family_sister_anna"
+        for h in quantized.hits:
+            assert h.text == MEMORIES[h.id]
+        assert sum(h.score for h in quantized.candidates) == pytest.approx(1.0, abs=1e-4)
+    trained.reconfigure(quantize="none")
+
+
+def test_int8_is_refused_where_it_cannot_run(tiny_model):
+    """A non-Llama model (the generic decoder) or a GPU gets one clear error, not a crash."""
+    from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+
+    from ipm.engine import IPM
+    from ipm.model import BaseModel
+
+    cfg = ipm.Config(quantize="int8")
+    gpt2 = BaseModel("gpt2ish", tiny_model, "0", None, GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2)), "cpu")
+    with pytest.raises(ModelError, match="Llama-family"):
+        IPM._int8(gpt2, cfg)
+    llama = AutoModelForCausalLM.from_pretrained(tiny_model)
+    with pytest.raises(ModelError, match="on a CPU"):
+        IPM._int8(BaseModel("tiny", tiny_model, "0", None, llama, "cuda"), cfg)
+    assert IPM._int8(BaseModel("tiny", tiny_model, "0", None, llama, "cuda"), ipm.Config()) is False

@@ -276,3 +276,79 @@ def test_a_negative_fusion_setting_is_refused(name):
     with pytest.raises(InvalidInput, match=f"option {name} must be at least 0, got -1.0$"):
         Config().updated(**{name: -1.0})
     assert getattr(Config().updated(**{name: 2.0}), name) == 2.0
+
+
+int8 = pytest.mark.skipif(not __import__("ipm.model", fromlist=["x"]).int8_available(),
+                          reason="this PyTorch has no oneDNN int8 matmul")
+
+
+def int8_hidden(r, ids):
+    """The runner's last hidden states with every layer's linear maps in int8."""
+    w8 = r.int8_weights()
+    with torch.inference_mode():
+        x = r.embed(ids)
+        cos, sin = r.rope(x, torch.arange(ids.shape[1])[None])
+        for i in range(r.n_layers):
+            x, _ = r.layer(i, x, cos, sin, causal=True, int8=w8[i])
+    return x
+
+
+@int8
+def test_int8_layers_stay_close_to_the_models_own_and_follow_the_adapter(tiny_model):
+    """quantize = "int8": each layer's linear maps in int8 (per output channel, per token), made
+    from the weights the runner would apply, merged adapter included, and made again when it
+    changes: an optimiser step in place, a switch of adapter, a disabled adapter."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from ipm.model import INT8_SETS
+
+    torch.manual_seed(4)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model),
+                           LoraConfig(r=4, target_modules=["q_proj", "v_proj", "gate_proj", "down_proj"],
+                                      layers_to_transform=[2, 3], init_lora_weights=False))
+    model.add_adapter("other", LoraConfig(r=4, target_modules=["q_proj", "up_proj"], init_lora_weights=False))
+    model.eval()
+    r = Runner(model)
+    ids = torch.tensor([list(range(5, 30))])
+
+    def close_to_float():
+        with torch.no_grad():
+            ref = r.hidden(ids)
+        got = int8_hidden(r, ids)
+        assert got.dtype == torch.float32
+        err = ((got - ref).norm() / ref.norm()).item()
+        assert err < 0.1, err  # 8-bit rounding through 4 random layers: ~7%; the adapter's change below moves more
+        return got
+
+    first = close_to_float()
+    lora_b = model.base_model.model.model.layers[3].mlp.down_proj.lora_B["default"].weight
+    with torch.no_grad():
+        lora_b.add_(1.0)
+    moved = close_to_float()
+    assert ((moved - first).norm() / first.norm()).item() > 0.3
+    model.set_adapter("other")
+    close_to_float()
+    with model.disable_adapter():
+        close_to_float()
+    model.set_adapter("default")
+    assert torch.equal(close_to_float(), moved)
+    assert all(len(kept) <= INT8_SETS for kept in r._int8.values())
+
+
+@int8
+@pytest.mark.parametrize("question", ["what is my dog called?", "Which medicine can't I take?"])
+def test_int8_decoding_gives_nearly_the_exact_probabilities(lora_model, question):
+    model, tok = lora_model
+    trie = Trie((m, id_token_ids(tok, m)) for m in IDS)
+    exact = exact_scores(model, tok, question, trie)
+    decoder = RunnerDecoder(Runner(model), tok, int8=True)
+    scored = decoder.score(question, trie)
+    searched = dict(decoder.search(question, trie, k=len(IDS), beam_size=len(IDS)))
+    assert set(scored) == set(searched) == set(IDS)
+    assert sum(scored.values()) == pytest.approx(1.0, abs=1e-4)
+    for mid in IDS:
+        # Each token is quantized on its own (per-token scales), so how tokens are batched
+        # (one tree pass, or beam steps over a cache) does not change its numbers.
+        assert searched[mid] == pytest.approx(scored[mid], rel=1e-3, abs=1e-6)
+        assert scored[mid] == pytest.approx(exact[mid], abs=0.1)  # ~0.07 at most on this random model

@@ -22,7 +22,8 @@ from typing import Callable, Iterable
 from . import index as index_dir
 from .config import Config, Paths
 from .errors import IndexMissing, InvalidInput, ModelError, NotFound, TrainingError
-from .model import BaseModel, id_token_ids, layer_ranges, load_base, quiet_transformers, resolve_model, wanted_layers
+from .model import (RUNNER_MODEL_TYPES, BaseModel, Runner, id_token_ids, int8_available, layer_ranges, load_base,
+                    quiet_transformers, resolve_model, wanted_layers)
 from .questions import (OFF_TOPIC, Aliases, alias_questions, builtin_questions, content_words, llm_questions,
                         related_words)
 from .retrieve import Candidates, load_dense_encoder
@@ -96,7 +97,7 @@ ASK_BATCH = 16  # questions per forward pass in ask_many (hybrid decoding)
 # what kept candidate scores can be ranked again under
 FUSION_OPTIONS = ("fusion_adapter", "fusion_dense", "fusion_bm25", "fusion_bm25_floor", "fusion_bm25_noise")
 CALIBRATED_OPTIONS = (*FUSION_OPTIONS, "expand_retrievers")  # what a hybrid threshold hangs on
-QUERY_OPTIONS = {"decoding", "hybrid_candidates", *CALIBRATED_OPTIONS, "beam_size", "max_k", "abstain_threshold"}
+QUERY_OPTIONS = {"decoding", "hybrid_candidates", *CALIBRATED_OPTIONS, "beam_size", "max_k", "abstain_threshold", "quantize"}
 CALIBRATION_QUESTIONS = 300  # held-back questions sampled to calibrate each decoding's threshold
 CALIBRATION_FOLDS = 10  # see IPM._calibration_top1
 QUESTIONS_FILE = "questions.jsonl"  # an index version's training questions, one {"question", "memory_id"} a line
@@ -285,7 +286,10 @@ class IPM:
             raise InvalidInput(f"only query-time options can change on an open engine ({', '.join(sorted(QUERY_OPTIONS))}); "
                                f"not {', '.join(sorted(other))}: open it with that config instead")
         with self._lock:
-            self.config = self.config.updated(**overrides)
+            config = self.config.updated(**overrides)
+            if self._decoder is not None and self._base is not None:
+                self._decoder.int8 = self._int8(self._base, config)
+            self.config = config
             for s in self._serving.values():
                 s.generation = -1  # re-derive threshold and retrievers on the next ask
             return self.config
@@ -593,8 +597,23 @@ class IPM:
     def _make_decoder(self, base: BaseModel, model):
         runner = base.runner(model)
         if runner is not None:
-            return RunnerDecoder(runner, base.tokenizer, base.device)
+            return RunnerDecoder(runner, base.tokenizer, base.device, int8=self._int8(base, self.config))
+        self._int8(base, self.config, runner=False)
         return GenerateDecoder(model, base.tokenizer, base.device)
+
+    @staticmethod
+    def _int8(base: BaseModel, config: Config, runner: bool = True) -> bool:
+        """Whether to ask with int8 linear maps (Config.quantize); a clear error where it cannot."""
+        if config.quantize == "none":
+            return False
+        if not runner or not Runner.supports(base.model):
+            raise ModelError(f"quantize = 'int8' needs a Llama-family base model ({', '.join(RUNNER_MODEL_TYPES)}); "
+                             f"{base.label} is not one: set quantize = 'none'")
+        if base.device != "cpu" or not int8_available():
+            raise ModelError("quantize = 'int8' runs on a CPU with PyTorch's oneDNN int8 kernels (x86); "
+                             f"this is {base.device}" + ("" if base.device != "cpu" else " without them")
+                             + ": set quantize = 'none'")
+        return True
 
     def _candidates(self, memories: list[Memory], embeddings: dict | None = None,
                     expansion: dict | None = None) -> Candidates:

@@ -73,10 +73,11 @@ class Beam:
 class RunnerDecoder:
     """Beam search with our own key/value tensors (see module docstring)."""
 
-    def __init__(self, runner: Runner, tokenizer, device: str = "cpu"):
+    def __init__(self, runner: Runner, tokenizer, device: str = "cpu", int8: bool = False):
         self.runner = runner
         self.tokenizer = tokenizer
         self.device = device
+        self.int8 = int8  # the model's linear maps in int8 (Config.quantize; CPU only)
 
     def search(self, question: str, trie: Trie, k: int = 1, beam_size: int = 4) -> list[tuple[str, float]]:
         import torch
@@ -95,8 +96,9 @@ class RunnerDecoder:
             pos = torch.arange(T, device=self.device).unsqueeze(0)
             cos, sin = r.rope(x, pos)
             prompt_kv = []
+            w8 = self._int8_weights()
             for i in range(r.n_layers):
-                x, kv = r.layer(i, x, cos, sin, causal=True)
+                x, kv = r.layer(i, x, cos, sin, causal=True, int8=w8[i])
                 prompt_kv.append(kv)
             h = x[:, -1]
             beams = [Beam(0.0, start, 0, [])]
@@ -161,8 +163,9 @@ class RunnerDecoder:
             x = r.embed(ids.to(self.device))
             cos, sin = r.rope(x, pos.to(self.device))
             m = mask.to(self.device)[:, None]
+            w8 = self._int8_weights()
             for i in range(r.n_layers):
-                x, _ = r.layer(i, x, cos, sin, mask=m)
+                x, _ = r.layer(i, x, cos, sin, mask=m, int8=w8[i])
             rows = [(b, row) for b, (_, t) in enumerate(trees) for row in t.branch_rows]
             h = x[torch.tensor([b for b, _ in rows]), torch.tensor([row for _, row in rows])]
             logp, vocab = self._allowed_logp(h, [a for _, t in trees for a in t.allowed])
@@ -176,6 +179,10 @@ class RunnerDecoder:
                 j += 1
             out[i] = t.probabilities(choices)
         return out
+
+    def _int8_weights(self) -> list:
+        """Per layer, the int8 weights to apply (`self.int8`), or None for the model's own."""
+        return self.runner.int8_weights() if self.int8 else [None] * self.runner.n_layers
 
     def _expand(self, h, beams: list[Beam], beam_size: int) -> list[tuple[float, int, int]]:
         """The best (logp, beam row, token) continuations: logits over the union of the beams'
@@ -233,6 +240,7 @@ class RunnerDecoder:
         x = r.embed(new)
         cos, sin = r.rope(x, pos)
         out_kv = []
+        w8 = self._int8_weights()
         for i in range(r.n_layers):
             pk, pv = prompt_kv[i]
             if suffix_kv is None:
@@ -241,7 +249,7 @@ class RunnerDecoder:
                 sk, sv = suffix_kv[i]
                 past = (torch.cat([pk.expand(B, -1, -1, -1), sk[parents]], 2),
                         torch.cat([pv.expand(B, -1, -1, -1), sv[parents]], 2))
-            x, (k, v) = r.layer(i, x, cos, sin, past=past, mask=mask)
+            x, (k, v) = r.layer(i, x, cos, sin, past=past, mask=mask, int8=w8[i])
             out_kv.append((k[:, :, prompt_len:], v[:, :, prompt_len:]))
         last = torch.tensor([len(b.new_tokens) - 1 for b in beams], device=self.device)
         h = x[torch.arange(B, device=self.device), last]
