@@ -823,3 +823,26 @@ def test_int8_is_refused_where_it_cannot_run(tiny_model):
     with pytest.raises(ModelError, match="on a CPU"):
         IPM._int8(BaseModel("tiny", tiny_model, "0", None, llama, "cuda"), cfg)
     assert IPM._int8(BaseModel("tiny", tiny_model, "0", None, llama, "cuda"), ipm.Config()) is False
+
+
+def test_int8_where_it_cannot_run_is_refused_before_anything_changes(trained, monkeypatch):
+    """Without the int8 kernels: `reconfigure` refuses and keeps the config; `train` refuses
+    before training (nothing written)."""
+    import ipm.engine
+
+    monkeypatch.setattr(ipm.engine, "int8_available", lambda: False)
+    trained.ask("what is my dog called?")  # the base model is loaded
+    with pytest.raises(ModelError, match="int8"):
+        trained.reconfigure(quantize="int8")
+    assert trained.config.quantize == "none"
+    assert trained.ask("what is my dog called?").candidates  # still serving
+    trained.add("My cat is called Luna.", user="other")
+    configured = trained.config
+    trained.config = configured.updated(quantize="int8")  # as if opened with it
+    try:
+        with pytest.raises(ModelError, match="int8"):
+            trained.train(user="other")
+    finally:
+        trained.config = configured
+    assert index_dir.current_dir(trained.paths.index_root("other")) is None
+    assert not [e for e in trained.log(user="other") if e.action == "train"]

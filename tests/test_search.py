@@ -352,3 +352,26 @@ def test_int8_decoding_gives_nearly_the_exact_probabilities(lora_model, question
         # (one tree pass, or beam steps over a cache) does not change its numbers.
         assert searched[mid] == pytest.approx(scored[mid], rel=1e-3, abs=1e-6)
         assert scored[mid] == pytest.approx(exact[mid], abs=0.1)  # ~0.07 at most on this random model
+
+
+@int8
+def test_int8_on_a_bf16_model_with_biases_scores_every_id(tiny_model, tmp_path):
+    """The benchmarked case (a bf16 base, float32 int8 path, logits read in bf16) and linear
+    maps with biases (Qwen2-style q/k/v), which are fused with their weights."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    cfg = LlamaConfig.from_pretrained(tiny_model)
+    cfg.attention_bias = cfg.mlp_bias = True
+    torch.manual_seed(5)
+    for model in (AutoModelForCausalLM.from_pretrained(tiny_model, torch_dtype=torch.bfloat16),
+                  LlamaForCausalLM(cfg).eval()):
+        r = Runner(model)
+        ids = torch.tensor([list(range(5, 30))])
+        with torch.no_grad():
+            ref = r.hidden(ids).float()
+        err = ((int8_hidden(r, ids) - ref).norm() / ref.norm()).item()
+        assert err < 0.1, err
+        trie = Trie((m, id_token_ids(tok, m)) for m in IDS)
+        scores = RunnerDecoder(r, tok, int8=True).score("what is my dog called?", trie)
+        assert set(scores) == set(IDS) and sum(scores.values()) == pytest.approx(1.0, abs=1e-3)

@@ -107,10 +107,13 @@ class Config:
     # in bf16 under autocast while training).
     device: str = "auto"
     dtype: str = "auto"
-    # Answer (and calibrate) with the base model's linear maps in int8 on the CPU ("int8"):
-    # weights per output channel, activations per token, oneDNN's int8 matmul. Training is not
-    # affected. On the demo index a hybrid ask took x0.86 the time (p50 60 -> 52 ms) and gave 297
-    # of 300 questions the same first answer (README, "int8 asks"). "none" = the model's dtype.
+    # Answer with the base model's linear maps in int8 on the CPU ("int8"): weights per output
+    # channel, activations per token, oneDNN's int8 matmul. The adapter is trained as without
+    # it; set at training time, the abstention threshold is calibrated on int8 scores (and a
+    # hybrid index calibrated the other way warns when served with it). On the demo index a
+    # hybrid ask took x0.86-0.89 the time in three runs (p50 60 -> 52 ms in the quietest, 77 ->
+    # 68 and 99 -> 88 on a busy host) and gave 297 of 300 questions the same first answer
+    # (README, "int8 asks"). "none" = the model's dtype.
     quantize: str = "none"
     threads: int = 0  # 0 = torch default
     # Store: text size limit, and how IDs are minted for memories added without one

@@ -96,7 +96,7 @@ class _Serving:
 ASK_BATCH = 16  # questions per forward pass in ask_many (hybrid decoding)
 # what kept candidate scores can be ranked again under
 FUSION_OPTIONS = ("fusion_adapter", "fusion_dense", "fusion_bm25", "fusion_bm25_floor", "fusion_bm25_noise")
-CALIBRATED_OPTIONS = (*FUSION_OPTIONS, "expand_retrievers")  # what a hybrid threshold hangs on
+CALIBRATED_OPTIONS = (*FUSION_OPTIONS, "expand_retrievers", "quantize")  # what a hybrid threshold hangs on
 QUERY_OPTIONS = {"decoding", "hybrid_candidates", *CALIBRATED_OPTIONS, "beam_size", "max_k", "abstain_threshold", "quantize"}
 CALIBRATION_QUESTIONS = 300  # held-back questions sampled to calibrate each decoding's threshold
 CALIBRATION_FOLDS = 10  # see IPM._calibration_top1
@@ -287,8 +287,10 @@ class IPM:
                                f"not {', '.join(sorted(other))}: open it with that config instead")
         with self._lock:
             config = self.config.updated(**overrides)
-            if self._decoder is not None and self._base is not None:
-                self._decoder.int8 = self._int8(self._base, config)
+            if self._base is not None:  # else checked when the base model is loaded
+                int8 = self._int8(self._base, config)
+                if self._decoder is not None:
+                    self._decoder.int8 = int8
             self.config = config
             for s in self._serving.values():
                 s.generation = -1  # re-derive threshold and retrievers on the next ask
@@ -425,6 +427,7 @@ class IPM:
             raise TrainingError(f"namespace {user!r} has no memories to train on: add or import some first")
         t0 = time.perf_counter()
         base = self._index_base()
+        self._int8(base, self.config)  # refused now, not after training, where calibration would use it
         prev, full_because = (None, None) if full else self._incremental_from(user, base)
         if prev is not None:
             current_manifest = prev[1]
@@ -724,8 +727,8 @@ class IPM:
         settings refuses more or fewer questions than it was chosen to. Say so; never guess."""
         had = calibration.get("fusion")
         if had is not None:
-            # recorded before the retrievers matched questions, or before BM25 noise existed
-            had = {"expand_retrievers": False, "fusion_bm25_noise": 0.0, **had}
+            # recorded before the retrievers matched questions, BM25 noise or int8 asks existed
+            had = {"expand_retrievers": False, "fusion_bm25_noise": 0.0, "quantize": "none", **had}
         if had == self._calibrated_settings():
             return
         then = ("settings it did not record (an index trained before ipm recorded them)" if had is None else
@@ -759,6 +762,7 @@ class IPM:
                 self._model = self._decoder = None
                 s.adapter, s.trie = None, Trie()
             if self._model is None:
+                self._int8(base, self.config)  # a clear error before anything is half set up
                 self._base = base
                 self._model = PeftModel.from_pretrained(copy.deepcopy(base.model), version_dir, adapter_name=adapter)
                 self._decoder = self._make_decoder(base, self._model)

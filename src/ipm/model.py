@@ -33,7 +33,7 @@ DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 RUNNER_MODEL_TYPES = ("llama", "mistral", "qwen2")
 MERGED_ADAPTER_SETS = 4  # adapter sets a Runner keeps merged weights for (~70 MB each for the default)
-INT8_SETS = 2  # weight sets a Runner keeps int8 copies of, per layer (~3.5 MB a layer for the default)
+INT8_SETS = 4  # weight sets a Runner keeps int8 copies of, per layer (~3.5 MB a layer for the default)
 
 
 def quiet_transformers() -> None:
@@ -440,6 +440,8 @@ class Runner:
 
         if type(module) is torch.nn.Linear:
             return module.weight
+        if getattr(module, "merged", False):  # PEFT merged the adapter into the base weight itself
+            return module.base_layer.weight
         if type(getattr(module, "base_layer", None)) is not torch.nn.Linear or any(
                 module.lora_bias.get(a) or a in getattr(module, "lora_variant", {}) for a in module.active_adapters):
             raise ModelError("quantize = 'int8' supports plain LoRA adapters on nn.Linear layers only; "
@@ -471,6 +473,7 @@ class Runner:
         key = tuple(map(id, flat))
         hit = kept.get(key)
         if hit is not None and hit[1] == state and all(r() is w for r, w in zip(hit[0], flat)):
+            kept[key] = kept.pop(key)  # most recently used last
             return hit[2]
         with torch.no_grad():
             packed, j = [], 0
