@@ -442,11 +442,10 @@ class Runner:
             return module.weight
         if getattr(module, "merged", False):  # PEFT merged the adapter into the base weight itself
             return module.base_layer.weight
-        if type(getattr(module, "base_layer", None)) is not torch.nn.Linear or any(
-                module.lora_bias.get(a) or a in getattr(module, "lora_variant", {}) for a in module.active_adapters):
+        active = self._mergeable_adapters(module)
+        if active is None:
             raise ModelError("quantize = 'int8' supports plain LoRA adapters on nn.Linear layers only; "
                              "set quantize = 'none'")
-        active = [] if module.disable_adapters else [a for a in module.active_adapters if a in module.lora_A]
         return self._merged_weight(module, active)
 
     def int8_weights(self) -> list:
@@ -503,12 +502,26 @@ class Runner:
         import torch.nn.functional as F
 
         if (torch.is_grad_enabled() or not hasattr(module, "lora_A") or getattr(module, "merged", False)
-                or module.training or type(getattr(module, "base_layer", None)) is not torch.nn.Linear):
+                or module.training):
             return module(x)
-        active = [] if module.disable_adapters else [a for a in module.active_adapters if a in module.lora_A]
-        if any(module.lora_bias.get(a) or a in getattr(module, "lora_variant", {}) for a in active):
+        active = self._mergeable_adapters(module)
+        if active is None:
             return module(x)
         return F.linear(x, self._merged_weight(module, active), module.base_layer.bias)
+
+    @staticmethod
+    def _mergeable_adapters(module) -> list[str] | None:
+        """A LoRA linear's active adapters, or None where merging them into its weight would
+        not reproduce it (a LoRA bias or variant such as DoRA, a base that is not a plain
+        nn.Linear, e.g. quantized)."""
+        import torch
+
+        if type(getattr(module, "base_layer", None)) is not torch.nn.Linear:
+            return None
+        active = [] if module.disable_adapters else [a for a in module.active_adapters if a in module.lora_A]
+        if any(module.lora_bias.get(a) or a in getattr(module, "lora_variant", {}) for a in active):
+            return None
+        return active
 
     def _merged_weight(self, module, active: list[str]):
         """The base weight plus the `active` adapters' updates. Kept for the last few adapter
