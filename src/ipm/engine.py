@@ -97,7 +97,7 @@ ASK_BATCH = 16  # questions per forward pass in ask_many (hybrid decoding)
 # what kept candidate scores can be ranked again under
 FUSION_OPTIONS = ("fusion_adapter", "fusion_dense", "fusion_bm25", "fusion_bm25_floor", "fusion_bm25_noise")
 CALIBRATED_OPTIONS = (*FUSION_OPTIONS, "expand_retrievers", "quantize")  # what a hybrid threshold hangs on
-QUERY_OPTIONS = {"decoding", "hybrid_candidates", *CALIBRATED_OPTIONS, "beam_size", "max_k", "abstain_threshold", "quantize"}
+QUERY_OPTIONS = {"decoding", "hybrid_candidates", *CALIBRATED_OPTIONS, "beam_size", "max_k", "abstain_threshold"}
 CALIBRATION_QUESTIONS = 300  # held-back questions sampled to calibrate each decoding's threshold
 CALIBRATION_FOLDS = 10  # see IPM._calibration_top1
 QUESTIONS_FILE = "questions.jsonl"  # an index version's training questions, one {"question", "memory_id"} a line
@@ -598,18 +598,18 @@ class IPM:
 
     # -- recall ------------------------------------------------------------------------
     def _make_decoder(self, base: BaseModel, model):
+        int8 = self._int8(base, self.config)  # (refused for a model without a Runner)
         runner = base.runner(model)
         if runner is not None:
-            return RunnerDecoder(runner, base.tokenizer, base.device, int8=self._int8(base, self.config))
-        self._int8(base, self.config, runner=False)
+            return RunnerDecoder(runner, base.tokenizer, base.device, int8=int8)
         return GenerateDecoder(model, base.tokenizer, base.device)
 
     @staticmethod
-    def _int8(base: BaseModel, config: Config, runner: bool = True) -> bool:
+    def _int8(base: BaseModel, config: Config) -> bool:
         """Whether to ask with int8 linear maps (Config.quantize); a clear error where it cannot."""
         if config.quantize == "none":
             return False
-        if not runner or not Runner.supports(base.model):
+        if not Runner.supports(base.model):
             raise ModelError(f"quantize = 'int8' needs a Llama-family base model ({', '.join(RUNNER_MODEL_TYPES)}); "
                              f"{base.label} is not one: set quantize = 'none'")
         if base.device != "cpu" or not int8_available():
