@@ -1,6 +1,7 @@
 """The public API end to end on the tiny model: store -> train -> recall, versions, forgetting."""
 
 import json
+import warnings
 
 import pytest
 
@@ -397,7 +398,6 @@ def test_hybrid_candidates_come_from_the_retrievers(trained):
 
 
 def test_a_threshold_calibrated_under_other_fusion_settings_is_flagged(trained):
-    import warnings
 
     manifest = index_dir.read_manifest(trained.paths.index_root("default"))
     assert manifest["metrics"]["calibration"]["hybrid"]["fusion"]["fusion_bm25_floor"] == trained.config.fusion_bm25_floor
@@ -415,7 +415,6 @@ def test_a_threshold_calibrated_under_other_fusion_settings_is_flagged(trained):
 
 
 def test_an_index_calibrated_before_bm25_noise_existed_ran_without_it(trained):
-    import warnings
 
     from ipm.engine import CALIBRATED_OPTIONS
 
@@ -454,6 +453,14 @@ def test_hybrid_scores_fuse_the_signals_with_the_configured_bm25_floor_and_noise
     assert scores[0.0, 0.0] != pytest.approx(scores[0.0, 1000.0], rel=1e-3, abs=0)
 
 
+def test_a_threshold_of_ones_own_can_be_set_back_to_the_calibrated_one():
+    cfg = ipm.Config().updated(abstain_threshold=0.5)
+    assert cfg.updated(abstain_threshold=None).abstain_threshold is None
+    for bad in ("0.5", True):
+        with pytest.raises(InvalidInput, match="abstain_threshold must be a number"):
+            cfg.updated(abstain_threshold=bad)
+
+
 def test_a_bad_decoding_name_is_refused(trained):
     with pytest.raises(InvalidInput, match="decoding"):
         trained.reconfigure(decoding="greedy")
@@ -481,7 +488,6 @@ def test_incremental_training_folds_in_new_memories(trained, home):
 
 def test_the_retrievers_match_the_training_questions_kept_with_the_index(mem, home, memories_file, tiny_config,
                                                                         tmp_path, monkeypatch):
-    import warnings
 
     import torch
     from safetensors.torch import load_file

@@ -142,7 +142,13 @@ class Config:
                 continue
             if name not in known:
                 raise InvalidInput(f"unknown config option {name!r}; known: {', '.join(sorted(known))}")
-            default = getattr(self, name)
+            # Types come from the class's defaults: an option set to a number (abstain_threshold)
+            # can be set back to None.
+            f = known[name]
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            if name == "abstain_threshold" and value is not None and (
+                    isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise InvalidInput(f"config option {name} must be a number, got {value!r}")
             if isinstance(default, bool) and not isinstance(value, bool):
                 raise InvalidInput(f"config option {name} must be true or false")
             if isinstance(default, (int, float)) and not isinstance(default, bool) and not isinstance(value, (int, float)):
