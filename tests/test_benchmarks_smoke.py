@@ -504,3 +504,24 @@ def test_fusion_kept_ceilings_count_what_each_signal_and_the_candidates_allow(mo
     got = bench.ceilings(items, floor=16.0)
     assert got == {"adapter alone": 0.2, "dense alone": 0.2, "bm25 alone": 0.2,
                    "best signal per question": 0.6, "among the candidates": 0.8}
+
+
+def test_rerank_kept_smoke_scores_the_likelihood_and_again_from_its_file(tiny_model, tmp_path, monkeypatch):
+    need(SHARED / "locomo" / "conv-43.json")
+    bench = load("rerank_kept", monkeypatch)
+    argv = ["--base-model", str(tiny_model), "--limit", "3", "--out-dir", str(tmp_path / "results"),
+            "--set", "rerank_candidates=4"]
+    data = bench.main(argv)
+    check_files(tmp_path / "results", "rerank-kept")
+    assert data["questions"] == {name: 3 for name in bench.SETS}
+    with gzip.open(tmp_path / "results" / "rerank-kept-likelihood.json.gz", "rt") as f:
+        kept = json.load(f)
+    assert all(len(q) == 4 and all(v < 0 for v in q.values()) for name in bench.SETS for q in kept[name])
+    from ipm import Config
+
+    off = next(r for r in data["grid"] if r["weight"] == 0)  # weight 0 is the fusion alone
+    demo = bench.fusion_kept.load(ROOT / "results" / "demo-candidates.json.gz")[:3]
+    assert off["demo"] == pytest.approx(sum(bench.fused_order(it, Config())[0][0] in it["gold"] for it in demo) / 3)
+    assert data["chosen"]["tune"] == max(r["tune"] for r in data["grid"])
+    again = bench.main(argv + ["--likelihood", str(tmp_path / "results" / "rerank-kept-likelihood.json.gz")])
+    assert again["grid"] == data["grid"]

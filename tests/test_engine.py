@@ -453,6 +453,59 @@ def test_hybrid_scores_fuse_the_signals_with_the_configured_bm25_floor_and_noise
     assert scores[0.0, 0.0] != pytest.approx(scores[0.0, 1000.0], rel=1e-3, abs=0)
 
 
+def test_rerank_orders_the_best_hybrid_candidates_by_the_base_models_likelihood(trained):
+    from ipm.search import fuse, query_likelihood, rerank
+
+    q = "Which company do I work for as a data engineer?"
+    plain = trained.ask(q, k=10)
+    assert all(h.signals.likelihood is None for h in plain.candidates)  # off by default
+    try:
+        trained.reconfigure(decoding="hybrid", rerank_likelihood=0.5, rerank_candidates=3)
+        with pytest.warns(UserWarning, match="rerank_likelihood 0.0"):  # its threshold was calibrated without it
+            a = trained.ask(q, k=10)
+        cfg = trained.config
+        signals = {h.id: h.signals for h in a.candidates}
+        fused = fuse(signals, cfg.fusion_dense, cfg.fusion_bm25, cfg.fusion_adapter, cfg.fusion_bm25_floor,
+                     cfg.fusion_bm25_noise)
+        scored = [mid for mid, _ in fused[:3]]
+        assert {h.id for h in a.candidates if h.signals.likelihood is not None} == set(scored)
+        texts = {h.id: h.text for h in a.candidates}
+        likelihood = dict(zip(scored, query_likelihood(trained._model, trained._base.tokenizer,
+                                                       [(q, texts[mid]) for mid in scored])))
+        assert {mid: signals[mid].likelihood for mid in scored} == pytest.approx(likelihood, abs=1e-3)
+        want = rerank(fused, likelihood, 0.5)
+        assert [h.id for h in a.candidates] == [mid for mid, _ in want]
+        assert {h.id: h.score for h in a.candidates} == pytest.approx(dict(want), rel=1e-4, abs=1e-9)
+        assert {h.id: h.score for h in a.candidates} != pytest.approx({h.id: h.score for h in plain.candidates},
+                                                                      rel=1e-3, abs=0)
+        for h in a.candidates:
+            assert h.text == trained.get(h.id).text
+        # The pure decoding has no candidates to rerank: the option does not touch it.
+        trained.reconfigure(decoding="pure", abstain_threshold=0.0)
+        assert all(h.signals is None for h in trained.ask(q, k=3).candidates)
+    finally:
+        trained.reconfigure(decoding="hybrid", rerank_likelihood=0.0, rerank_candidates=6, abstain_threshold=None)
+    with pytest.raises(InvalidInput, match="rerank_likelihood"):
+        trained.reconfigure(rerank_likelihood=-1.0)
+    with pytest.raises(InvalidInput, match="rerank_candidates"):
+        trained.reconfigure(rerank_candidates=0)
+
+
+def test_an_index_calibrated_with_the_rerank_serves_it_without_a_warning(mem, memories_file):
+    mem.import_(memories_file)
+    mem.reconfigure(rerank_likelihood=0.5)
+    manifest = mem.train()
+    assert manifest["metrics"]["calibration"]["hybrid"]["fusion"]["rerank_likelihood"] == 0.5
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        a = mem.ask("Which company do I work for as a data engineer?", k=3)
+    assert any(h.signals.likelihood is not None for h in a.candidates)
+    # Another number of reranked candidates is another calibration; with the rerank off it is not.
+    mem.reconfigure(rerank_candidates=2)
+    with pytest.warns(UserWarning, match="rerank_candidates 6"):
+        mem.ask("Which company do I work for as a data engineer?")
+
+
 def test_a_threshold_of_ones_own_can_be_set_back_to_the_calibrated_one():
     cfg = ipm.Config().updated(abstain_threshold=0.5)
     assert cfg.updated(abstain_threshold=None).abstain_threshold is None

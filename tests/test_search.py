@@ -375,3 +375,68 @@ def test_int8_on_a_bf16_model_with_biases_scores_every_id(tiny_model, tmp_path):
         trie = Trie((m, id_token_ids(tok, m)) for m in IDS)
         scores = RunnerDecoder(r, tok, int8=True).score("what is my dog called?", trie)
         assert set(scores) == set(IDS) and sum(scores.values()) == pytest.approx(1.0, abs=1e-3)
+
+
+def test_query_likelihood_is_the_base_models_log_probability_of_the_question(lora_model):
+    """Batched and right-padded, with the adapter switched off, it must equal summing the base
+    model's own next-token log-probabilities over the question, one pair at a time."""
+    from ipm.search import likelihood_prompt, query_likelihood
+
+    model, tok = lora_model
+    pairs = [("what is my dog called?", "My dog's name is Max."),
+             ("what is my dog called?", "I can't take penicillin; it gives me hives, and my doctor has it on file."),
+             ("x", "Anna is my sister.")]
+
+    def one(question, text, adapter: bool):
+        prompt = likelihood_prompt(tok, text)
+        q = tok(" " + question, add_special_tokens=False).input_ids
+        with torch.no_grad():
+            if adapter:
+                logits = model(input_ids=torch.tensor([prompt + q])).logits[0]
+            else:
+                with model.disable_adapter():
+                    logits = model(input_ids=torch.tensor([prompt + q])).logits[0]
+        logp = torch.log_softmax(logits.float(), -1)
+        return sum(logp[len(prompt) - 1 + j, t].item() for j, t in enumerate(q))
+
+    got = query_likelihood(model, tok, pairs)
+    for (question, text), value in zip(pairs, got):
+        assert value == pytest.approx(one(question, text, adapter=False), abs=1e-3)
+        assert value != pytest.approx(one(question, text, adapter=True), abs=1e-3)  # the adapter is off
+    assert got[0] != pytest.approx(got[1], abs=1e-3)  # the text matters
+    assert query_likelihood(model, tok, []) == []
+    # Both decoders offer it, on the model they decode with.
+    assert RunnerDecoder(Runner(model), tok, model=model).likelihood(pairs) == pytest.approx(got, abs=1e-4)
+    assert GenerateDecoder(model, tok).likelihood(pairs) == pytest.approx(got, abs=1e-4)
+
+
+def test_a_long_memory_is_read_up_to_the_likelihood_limit(lora_model):
+    from ipm.search import LIKELIHOOD_TEXT_TOKENS, likelihood_prompt
+
+    _, tok = lora_model
+    long = " ".join(["word"] * (3 * LIKELIHOOD_TEXT_TOKENS))
+    assert LIKELIHOOD_TEXT_TOKENS < len(likelihood_prompt(tok, long)) < LIKELIHOOD_TEXT_TOKENS + 30
+    short = likelihood_prompt(tok, "My dog's name is Max.")
+    assert tok.decode(short).count("Max") == 1
+
+
+def test_rerank_orders_the_best_few_again_and_keeps_their_probability():
+    from ipm.search import rerank
+
+    fused = [("a_b_c", 0.5), ("d_e_f", 0.3), ("g_h_i", 0.15), ("j_k_l", 0.05)]
+    # The likelihood favours d_e_f strongly: with enough weight it goes first.
+    out = dict(rerank(fused, {"a_b_c": -20.0, "d_e_f": -5.0}, 1.0))
+    assert sum(out.values()) == pytest.approx(1.0)
+    assert out["d_e_f"] > out["a_b_c"]
+    assert out["a_b_c"] + out["d_e_f"] == pytest.approx(0.8)  # the pair keeps the mass fuse gave it
+    assert out["g_h_i"] == 0.15 and out["j_k_l"] == 0.05  # the rest as they were
+    ranked = rerank(fused, {"a_b_c": -20.0, "d_e_f": -5.0}, 1.0)
+    assert [m for m, _ in ranked] == ["d_e_f", "g_h_i", "j_k_l", "a_b_c"]  # sorted by probability again
+    # p ∝ p_fused · exp(w · likelihood), exactly.
+    w = 0.1
+    z = {"a_b_c": math.log(0.5) - 20 * w, "d_e_f": math.log(0.3) - 5 * w}
+    total = sum(math.exp(v) for v in z.values())
+    assert dict(rerank(fused, {"a_b_c": -20.0, "d_e_f": -5.0}, w))["a_b_c"] == pytest.approx(0.8 * math.exp(z["a_b_c"]) / total)
+    # Weight 0, or fewer than two candidates scored: nothing moves.
+    assert rerank(fused, {"a_b_c": -20.0, "d_e_f": -5.0}, 0.0) == fused
+    assert rerank(fused, {"d_e_f": -5.0}, 1.0) == fused

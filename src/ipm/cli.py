@@ -43,6 +43,8 @@ Decoding = typer.Option(None, "--decoding", help="hybrid (adapter fused with BM2
                                                   "(adapter over every ID); default from the config.")
 Quantize = typer.Option(None, "--quantize", help="int8: the model's linear maps in int8 (CPU; faster asks), or none; "
                                                  "default from the config.")
+Rerank = typer.Option(None, "--rerank", help="Weight of the base model's likelihood of the question given each of the "
+                                             "best hybrid candidates' texts (0 = off); default from the config.")
 
 
 def _print_json(data) -> None:
@@ -146,11 +148,11 @@ def train(user: str = User, home: Optional[Path] = Home, config: Optional[Path] 
 @app.command()
 def ask(questions: List[str] = typer.Argument(..., metavar="QUESTION...", help="One or more questions."),
         k: int = typer.Option(1, "-k", "--k", help="How many hits."),
-        decoding: Optional[str] = Decoding, quantize: Optional[str] = Quantize, user: str = User,
-        home: Optional[Path] = Home, json_out: bool = Json):
+        decoding: Optional[str] = Decoding, quantize: Optional[str] = Quantize, rerank: Optional[float] = Rerank,
+        user: str = User, home: Optional[Path] = Home, json_out: bool = Json):
     """Recall the memory that answers a question (or say there is none). Several questions are
     answered in one batch; --json then prints a list."""
-    answers = _open(home, decoding=decoding, quantize=quantize).ask_many(questions, k=k, user=user)
+    answers = _open(home, decoding=decoding, quantize=quantize, rerank_likelihood=rerank).ask_many(questions, k=k, user=user)
     if json_out:
         _print_json(answers[0].to_dict() if len(answers) == 1 else [a.to_dict() for a in answers])
         return
@@ -228,12 +230,12 @@ def log(user: str = User, limit: int = typer.Option(50, "--limit", "-n"), home: 
 def eval_(questions_file: Path = typer.Argument(..., help="[{question, memory_id}] held-out questions; "
                                                            "memory_id null = out of scope, a list = any of them."),
           baselines: str = typer.Option("", "--baselines", help="Comma-separated: bm25,dense."),
-          decoding: Optional[str] = Decoding, quantize: Optional[str] = Quantize, user: str = User,
-          home: Optional[Path] = Home, json_out: bool = Json):
+          decoding: Optional[str] = Decoding, quantize: Optional[str] = Quantize, rerank: Optional[float] = Rerank,
+          user: str = User, home: Optional[Path] = Home, json_out: bool = Json):
     """Score recall on held-out questions (an abstention is a miss; the ranking behind it apart)."""
     from .evaluate import evaluate, load_questions
 
-    mem = _open(home, decoding=decoding, quantize=quantize)
+    mem = _open(home, decoding=decoding, quantize=quantize, rerank_likelihood=rerank)
     qs = load_questions(questions_file)
     names = [b.strip() for b in baselines.split(",") if b.strip()]
     with _progress() as bar:

@@ -96,6 +96,14 @@ class Config:
     # (document expansion; see retrieve.py): on LoCoMo observations, held-out hybrid recall@1
     # 55.8 -> 57.8 (53.7 -> 56.5 on the conversations not tuned on); on the demo 84.7 -> 83.7.
     expand_retrievers: bool = True
+    # Rerank (hybrid decoding): the best `rerank_candidates` fused candidates are ranked again
+    # among themselves by p_fused · exp(rerank_likelihood · log P(question | memory text)), the
+    # base model's likelihood of the question after the memory's text, adapter off
+    # (search.query_likelihood, search.rerank). 0 = off. It reads each candidate's text with the
+    # question, which neither the adapter nor the retrievers do, and costs a forward pass over
+    # those texts per ask (README, "Rerank").
+    rerank_likelihood: float = 0.0
+    rerank_candidates: int = 6
     beam_size: int = 8
     max_k: int = 10
     # Abstain when the best hit's probability is below this; None = use the value calibrated
@@ -175,7 +183,8 @@ class Config:
             raise InvalidInput(f"question_kinds must be a list of: {', '.join(QUESTION_KINDS)}")
         if self.question_source not in ("builtin", "llm", "both"):
             raise InvalidInput("question_source must be 'builtin', 'llm' or 'both'")
-        for name in ("lora_r", "epochs", "batch_size", "beam_size", "questions_per_memory", "hybrid_candidates"):
+        for name in ("lora_r", "epochs", "batch_size", "beam_size", "questions_per_memory", "hybrid_candidates",
+                     "rerank_candidates"):
             if getattr(self, name) < 1:
                 raise InvalidInput(f"config option {name} must be at least 1")
         if self.base_layers < 0:
@@ -185,7 +194,8 @@ class Config:
                                "it needs lora_layers between 1 and base_layers - 1 (or base_layers 0 = every layer)")
         if self.hard_negatives < 0 or self.hard_negative_weight < 0:
             raise InvalidInput("hard_negatives and hard_negative_weight must be at least 0")
-        for name in ("fusion_adapter", "fusion_dense", "fusion_bm25", "fusion_bm25_floor", "fusion_bm25_noise"):
+        for name in ("fusion_adapter", "fusion_dense", "fusion_bm25", "fusion_bm25_floor", "fusion_bm25_noise",
+                     "rerank_likelihood"):
             if getattr(self, name) < 0:
                 raise InvalidInput(f"config option {name} must be at least 0, got {getattr(self, name)}")
         if self.replay_ratio < 0:

@@ -27,7 +27,7 @@ from .model import (RUNNER_MODEL_TYPES, BaseModel, Runner, id_token_ids, int8_av
 from .questions import (OFF_TOPIC, Aliases, alias_questions, builtin_questions, content_words, llm_questions,
                         related_words)
 from .retrieve import Candidates, load_dense_encoder
-from .search import GenerateDecoder, RunnerDecoder, Signals, fuse
+from .search import GenerateDecoder, RunnerDecoder, Signals, fuse, rerank
 from .store import Memory, NewMemory, Store, check_namespace, check_question
 from .train import Example, calibrate, train_adapter
 from .trie import Trie
@@ -41,7 +41,7 @@ class Hit:
     text: str
     score: float
     pending: bool = False
-    # Hybrid decoding: what the adapter, dense retrieval and BM25 each said (not in to_dict).
+    # Hybrid decoding: what the adapter, dense retrieval, BM25 (and the rerank) each said (not in to_dict).
     signals: Signals | None = None
 
     def to_dict(self) -> dict:
@@ -96,12 +96,19 @@ class _Serving:
 ASK_BATCH = 16  # questions per forward pass in ask_many (hybrid decoding)
 # what kept candidate scores can be ranked again under
 FUSION_OPTIONS = ("fusion_adapter", "fusion_dense", "fusion_bm25", "fusion_bm25_floor", "fusion_bm25_noise")
-CALIBRATED_OPTIONS = (*FUSION_OPTIONS, "expand_retrievers", "quantize")  # what a hybrid threshold hangs on
+RERANK_OPTIONS = ("rerank_likelihood", "rerank_candidates")
+CALIBRATED_OPTIONS = (*FUSION_OPTIONS, "expand_retrievers", "quantize", *RERANK_OPTIONS)  # what a hybrid threshold hangs on
 QUERY_OPTIONS = {"decoding", "hybrid_candidates", *CALIBRATED_OPTIONS, "beam_size", "max_k", "abstain_threshold"}
 CALIBRATION_QUESTIONS = 300  # held-back questions sampled to calibrate each decoding's threshold
 CALIBRATION_FOLDS = 10  # see IPM._calibration_top1
 QUESTIONS_FILE = "questions.jsonl"  # an index version's training questions, one {"question", "memory_id"} a line
 QUESTION_EMBEDDINGS = "question_embeddings.safetensors"  # their MiniLM embeddings (float16), row for row
+
+
+def _bearing(settings: dict) -> dict:
+    """Calibrated settings as far as they bear on hybrid scores: with the rerank off, the number
+    of candidates it would rerank does not."""
+    return settings if settings.get("rerank_likelihood") else {**settings, "rerank_candidates": None}
 
 
 def _calibrations(manifest: dict) -> dict:
@@ -601,7 +608,7 @@ class IPM:
         int8 = self._int8(base, self.config)  # (refused for a model without a Runner)
         runner = base.runner(model)
         if runner is not None:
-            return RunnerDecoder(runner, base.tokenizer, base.device, int8=int8)
+            return RunnerDecoder(runner, base.tokenizer, base.device, int8=int8, model=model)
         return GenerateDecoder(model, base.tokenizer, base.device)
 
     @staticmethod
@@ -708,12 +715,29 @@ class IPM:
         for b in range(0, len(questions), ASK_BATCH):
             # every candidate's exact probability, for a batch of questions per forward pass
             scored = decoder.score_many(list(zip(questions[b:b + ASK_BATCH], subs[b:b + ASK_BATCH])))
+            batch = []
             for lora, prop in zip(scored, proposed[b:b + ASK_BATCH]):
                 signals = {mid: Signals(math.log(max(lora.get(mid, 0.0), 1e-30)), cos, bm)
                            for mid, (cos, bm) in prop.items()}
-                fused = fuse(signals, cfg.fusion_dense, cfg.fusion_bm25, cfg.fusion_adapter, cfg.fusion_bm25_floor,
-                             cfg.fusion_bm25_noise)
-                out.append([(mid, p, signals[mid]) for mid, p in fused[:k]])
+                batch.append((signals, fuse(signals, cfg.fusion_dense, cfg.fusion_bm25, cfg.fusion_adapter,
+                                            cfg.fusion_bm25_floor, cfg.fusion_bm25_noise)))
+            if cfg.rerank_likelihood > 0:
+                batch = self._reranked(decoder, questions[b:b + ASK_BATCH], batch, candidates)
+            out += [[(mid, p, signals[mid]) for mid, p in fused[:k]] for signals, fused in batch]
+        return out
+
+    def _reranked(self, decoder, questions: list[str], batch: list[tuple[dict, list]],
+                  candidates: Candidates) -> list[tuple[dict, list]]:
+        """Each question's best `rerank_candidates` fused candidates ranked again by the base
+        model's likelihood of the question given their texts (search.rerank), in one pass."""
+        cfg = self.config
+        pairs = [(q, mid) for q, (_, fused) in zip(questions, batch) for mid, _ in fused[:cfg.rerank_candidates]]
+        scores = iter(decoder.likelihood([(q, candidates.texts[mid]) for q, mid in pairs]))
+        out = []
+        for signals, fused in batch:
+            likelihood = {mid: next(scores) for mid, _ in fused[:cfg.rerank_candidates]}
+            signals = {mid: replace(s, likelihood=likelihood.get(mid)) for mid, s in signals.items()}
+            out.append((signals, rerank(fused, likelihood, cfg.rerank_likelihood)))
         return out
 
     def _decodings_to_calibrate(self) -> set[str]:
@@ -728,8 +752,9 @@ class IPM:
         had = calibration.get("fusion")
         if had is not None:
             # recorded before the retrievers matched questions, BM25 noise or int8 asks existed
-            had = {"expand_retrievers": False, "fusion_bm25_noise": 0.0, "quantize": "none", **had}
-        if had == self._calibrated_settings():
+            had = {"expand_retrievers": False, "fusion_bm25_noise": 0.0, "quantize": "none", "rerank_likelihood": 0.0,
+                   **had}
+        if _bearing(had) == _bearing(self._calibrated_settings()):
             return
         then = ("settings it did not record (an index trained before ipm recorded them)" if had is None else
                 ", ".join(f"{k} {had.get(k)}" for k in CALIBRATED_OPTIONS))

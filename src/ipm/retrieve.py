@@ -147,6 +147,7 @@ class Candidates:
     def __init__(self, ids: list[str], texts: list[str], encoder: DenseEncoder, embeddings=None,
                  questions: list[list[str]] | None = None, question_embeddings: list | None = None):
         self.ids = ids
+        self.texts = dict(zip(ids, texts))
         docs = texts if questions is None else ["\n".join([t, *qs]) for t, qs in zip(texts, questions)]
         self.bm25 = BM25(ids, docs)
         self.dense = Dense(ids, texts, encoder, embeddings, question_embeddings)
