@@ -388,7 +388,7 @@ def reusable(paths: list[Path], args, cfg, systems: tuple[str, ...], convs: dict
                 print(f"--reuse {path}: {conv_id} was calibrated before cross-fitting: its abstention figures are "
                       "left out", flush=True)
             if refuse and "ipm-hybrid" in result:
-                if kept:
+                if kept and not cfg.rerank_likelihood:  # kept scores hold no likelihood to rerank by
                     result["ipm-hybrid"] = rescored_hybrid(result["ipm-hybrid"], kept, cfg)
                 else:  # nothing to rank again from: never pass on figures of other settings
                     del result["ipm-hybrid"]
@@ -407,7 +407,8 @@ def write(per_conv: dict, evaluated: list[str], systems: tuple[str, ...], args, 
         o["skipped_as_misses"] = {"n": n, **{k: o.get(k, 0.0) * o["n"] / max(1, n) for k in METRICS}}
     name = f"locomo-{args.variant}" + ("-baselines" if args.baselines_only else "")  # never overwrite a full run
     configured = (cfg.fusion_adapter, cfg.fusion_dense, cfg.fusion_bm25)
-    fusion = {} if args.baselines_only else sweep(per_conv, args.tune_on.split(","), configured, cfg.fusion_bm25_floor,
+    # (kept scores hold no likelihood: under the rerank, a fusion ranked again from them is not this run's)
+    fusion = {} if args.baselines_only or cfg.rerank_likelihood else sweep(per_conv, args.tune_on.split(","), configured, cfg.fusion_bm25_floor,
                                                   cfg.fusion_bm25_noise)
     # Every candidate's scores, for re-analysis; too bulky for the results JSON.
     scores = {c: r["candidate_scores"] for c, r in per_conv.items() if r.get("candidate_scores")}

@@ -178,6 +178,16 @@ def test_locomo_smoke(tiny_model, tmp_path, monkeypatch, capsys):
     unkept.parent.mkdir()
     unkept.write_text(first.read_text())  # no candidate scores beside it
     assert "ipm-hybrid" not in locomo.reusable([unkept], ns, refused_cfg, ("ipm-pure",), convs)["conv-26"]
+    # Under the likelihood rerank the kept scores (which hold no likelihood) cannot rank it again.
+    reranked = tmp_path / "reranked" / "locomo-observations.json"
+    reranked.parent.mkdir()
+    reranked.write_text(json.dumps({**data, "config": {**data["config"], "rerank_likelihood": 1.0}}))
+    (reranked.parent / "locomo-observations-candidates.json.gz").write_bytes(
+        (tmp_path / "results" / "locomo-observations-candidates.json.gz").read_bytes())
+    rerank_cfg = Config(**{**data["config"], "rerank_likelihood": 1.0})
+    assert "ipm-hybrid" in locomo.reusable([reranked], ns, rerank_cfg, ("ipm-pure",), convs)["conv-26"]
+    moved = Config(**{**data["config"], "rerank_likelihood": 1.0, "fusion_dense": 5.0})
+    assert "ipm-hybrid" not in locomo.reusable([reranked], ns, moved, ("ipm-pure",), convs)["conv-26"]
     capsys.readouterr()
     assert locomo.reusable([unkept], ns, Config(**data["config"]), ("ipm-hybrid",), convs) == {}
     assert "conv-26 not reused, its candidate scores are not in" in capsys.readouterr().out
