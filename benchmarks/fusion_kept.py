@@ -78,12 +78,17 @@ def ceilings(items: list[dict], floor: float) -> dict:
     return out
 
 
-def main(argv: list[str] | None = None) -> dict:
-    p = common.parser(__doc__.split("\n\n")[0])
+def kept_arguments(p) -> None:
+    """The kept candidate scores to read (also benchmarks/rerank_kept.py's)."""
     results = common.REPO / "results"
     p.add_argument("--observations", type=Path, default=results / "locomo-observations-candidates.json.gz")
     p.add_argument("--turns", type=Path, default=results / "locomo-turns-default" / "locomo-turns-candidates.json.gz")
     p.add_argument("--demo", type=Path, default=results / "demo-candidates.json.gz")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = common.parser(__doc__.split("\n\n")[0])
+    kept_arguments(p)
     args = p.parse_args(argv)
     cfg = common.config(args)
     info = common.run_info(args.seed, common.command(__file__, argv))

@@ -13,7 +13,7 @@ as benchmarks/fusion_kept.py:
   conv-26/30/41 (the mean of the two kinds' recall@1 there), reported on conv-42/43 too;
   the demo set (paraphrased questions): reported, not chosen on.
 Memory texts come from the data files: the LoCoMo IDs are minted again the way the benchmark
-minted them (the store's default scheme, in file order). About 40 minutes on the 2-core CPU
+minted them (the store's default scheme, in file order). 37 minutes on the 2-core CPU
 (fp32); the likelihoods are written beside the results (results/rerank-kept-likelihood.json.gz)
 and `--likelihood FILE` scores a grid again from them without the model.
 """
@@ -84,10 +84,7 @@ def recall1(items: list[dict], scores: list[dict[str, float]], weight: float, cf
 
 def main(argv: list[str] | None = None) -> dict:
     p = common.parser(__doc__.split("\n\n")[0])
-    results = common.REPO / "results"
-    p.add_argument("--observations", type=Path, default=results / "locomo-observations-candidates.json.gz")
-    p.add_argument("--turns", type=Path, default=results / "locomo-turns-default" / "locomo-turns-candidates.json.gz")
-    p.add_argument("--demo", type=Path, default=results / "demo-candidates.json.gz")
+    fusion_kept.kept_arguments(p)
     p.add_argument("--likelihood", type=Path, default=None, metavar="FILE",
                    help="likelihoods written by an earlier run (rerank-kept-likelihood.json.gz): no model")
     p.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N questions of each set (smoke tests)")
