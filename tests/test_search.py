@@ -420,23 +420,20 @@ def test_a_long_memory_is_read_up_to_the_likelihood_limit(lora_model):
     assert tok.decode(short).count("Max") == 1
 
 
-def test_rerank_orders_the_best_few_again_and_keeps_their_probability():
+def test_rerank_orders_the_best_few_again_above_the_rest():
     from ipm.search import rerank
 
     fused = [("a_b_c", 0.5), ("d_e_f", 0.3), ("g_h_i", 0.15), ("j_k_l", 0.05)]
-    # The likelihood favours d_e_f strongly: with enough weight it goes first.
-    out = dict(rerank(fused, {"a_b_c": -20.0, "d_e_f": -5.0}, 1.0))
-    assert sum(out.values()) == pytest.approx(1.0)
-    assert out["d_e_f"] > out["a_b_c"]
-    assert out["a_b_c"] + out["d_e_f"] == pytest.approx(0.8)  # the pair keeps the mass fuse gave it
-    assert out["g_h_i"] == 0.15 and out["j_k_l"] == 0.05  # the rest as they were
-    ranked = rerank(fused, {"a_b_c": -20.0, "d_e_f": -5.0}, 1.0)
-    assert [m for m, _ in ranked] == ["d_e_f", "g_h_i", "j_k_l", "a_b_c"]  # sorted by probability again
-    # p ∝ p_fused · exp(w · likelihood), exactly.
+    lk = {"a_b_c": -20.0, "d_e_f": -5.0}  # the likelihood favours d_e_f strongly
+    out = rerank(fused, lk, 1.0)
+    assert [m for m, _ in out] == ["d_e_f", "a_b_c", "g_h_i", "j_k_l"]  # the two read stay above the rest
+    assert sum(p for _, p in out) == pytest.approx(1.0)
+    # p ∝ p_fused · exp(w · likelihood), those not read taking the lowest likelihood read.
     w = 0.1
-    z = {"a_b_c": math.log(0.5) - 20 * w, "d_e_f": math.log(0.3) - 5 * w}
+    z = {"a_b_c": math.log(0.5) - 20 * w, "d_e_f": math.log(0.3) - 5 * w,
+         "g_h_i": math.log(0.15) - 20 * w, "j_k_l": math.log(0.05) - 20 * w}
     total = sum(math.exp(v) for v in z.values())
-    assert dict(rerank(fused, {"a_b_c": -20.0, "d_e_f": -5.0}, w))["a_b_c"] == pytest.approx(0.8 * math.exp(z["a_b_c"]) / total)
-    # Weight 0, or fewer than two candidates scored: nothing moves.
-    assert rerank(fused, {"a_b_c": -20.0, "d_e_f": -5.0}, 0.0) == fused
+    assert dict(rerank(fused, lk, w)) == pytest.approx({m: math.exp(v) / total for m, v in z.items()})
+    # Weight 0, or fewer than two candidates read: nothing moves.
+    assert rerank(fused, lk, 0.0) == fused
     assert rerank(fused, {"d_e_f": -5.0}, 1.0) == fused

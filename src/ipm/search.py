@@ -68,19 +68,17 @@ def fuse(signals: dict[str, Signals], dense_weight: float, bm25_weight: float,
 
 
 def rerank(fused: list[tuple[str, float]], likelihood: dict[str, float], weight: float) -> list[tuple[str, float]]:
-    """`fused` (best first) with the candidates in `likelihood` ranked again among themselves
-    by p(id) ∝ p_fused(id) · exp(weight · log P(question | text)); together they keep the
-    probability `fuse` gave them, and the others keep theirs, so the scores still sum to 1; all
-    sorted by probability again (a candidate the likelihood disfavours can fall below them)."""
-    top = [(mid, p) for mid, p in fused if mid in likelihood]
-    if len(top) < 2 or weight == 0:
+    """`fused` (best first) ranked again by p(id) ∝ p_fused(id) · exp(weight · log P(question | text)),
+    renormalised: the candidates in `likelihood` (the best few) by their own likelihood, the
+    others, which were not read, by the lowest of those. So the ones read may change places
+    among themselves but stay above the rest, in the order the fusion gave them."""
+    if len(likelihood) < 2 or weight == 0:
         return fused
-    mass = sum(p for _, p in top)
-    z = {mid: math.log(max(p, 1e-300)) + weight * likelihood[mid] for mid, p in top}
+    floor = min(likelihood.values())
+    z = {mid: math.log(max(p, 1e-300)) + weight * likelihood.get(mid, floor) for mid, p in fused}
     best = max(z.values())
     total = sum(math.exp(v - best) for v in z.values())
-    again = {mid: mass * math.exp(v - best) / total for mid, v in z.items()}
-    return sorted(((mid, again.get(mid, p)) for mid, p in fused), key=lambda x: (-x[1], x[0]))
+    return sorted(((mid, math.exp(v - best) / total) for mid, v in z.items()), key=lambda x: (-x[1], x[0]))
 
 
 LIKELIHOOD_TEXT_TOKENS = 256  # a longer memory is read up to here: a bound on the rerank's cost
