@@ -101,7 +101,10 @@ class Config:
     # base model's likelihood of the question after the memory's text, adapter off
     # (search.query_likelihood, search.rerank). 0 = off. It reads each candidate's text with the
     # question, which neither the adapter nor the retrievers do, and costs a forward pass over
-    # those texts per ask (README, "Rerank").
+    # those texts per ask (x5.8 the hybrid ask time on the demo set, float32 CPU).
+    # benchmarks/rerank_kept.py: weight 2, chosen on LoCoMo conv-26/30/41,
+    # +3.1 points of recall@1 there, +0.4 (observations) and -2.4 (turns) on conv-42/43, +0.7 on
+    # the demo: no held-out gain yet, so off (README, "A fourth signal").
     rerank_likelihood: float = 0.0
     rerank_candidates: int = 6
     beam_size: int = 8
