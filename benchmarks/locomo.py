@@ -337,8 +337,9 @@ def reusable(paths: list[Path], args, cfg, systems: tuple[str, ...], convs: dict
     they are missing, the conversation is run again. Where the fusion settings differ, the
     hybrid figures are computed again from those scores (see the module docstring)."""
     from ipm.engine import FUSION_OPTIONS as FUSION  # query-time only
+    from ipm.engine import _bearing
 
-    want = json.loads(json.dumps(cfg.to_dict()))
+    want = _bearing(json.loads(json.dumps(cfg.to_dict())))
     out: dict = {}
     for path in paths:
         try:
@@ -347,7 +348,7 @@ def reusable(paths: list[Path], args, cfg, systems: tuple[str, ...], convs: dict
             raise SystemExit(f"--reuse {path}: cannot read it as a results file ({e})")
         if old.get("benchmark", "").split("-baselines")[0] != f"locomo-{args.variant}":
             raise SystemExit(f"--reuse {path}: it is not a LoCoMo {args.variant} result")
-        had = common.run_config(old.get("config", {}))
+        had = _bearing(common.run_config(old.get("config", {})))
         same = ({k: v for k, v in had.items() if k not in FUSION} == {k: v for k, v in want.items() if k not in FUSION},
                 old.get("seed") == args.seed, old.get("ids", "engine") == args.ids,
                 old.get("limit_memories") == args.limit_memories)

@@ -86,7 +86,8 @@ def main(argv: list[str] | None = None) -> dict:
     p = common.parser(__doc__.split("\n\n")[0])
     fusion_kept.kept_arguments(p)
     p.add_argument("--likelihood", type=Path, default=None, metavar="FILE",
-                   help="likelihoods written by an earlier run (rerank-kept-likelihood.json.gz): no model")
+                   help="likelihoods written by an earlier run (rerank-kept-likelihood.json.gz) under the same fusion "
+                        "settings and rerank_candidates: no model")
     p.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N questions of each set (smoke tests)")
     args = p.parse_args(argv)
     cfg = common.config(args)

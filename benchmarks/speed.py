@@ -157,7 +157,7 @@ def run_path(path: str, base, examples, ids, questions, cfg, bars, label: str, h
         out["train_cuda_peak_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
         torch.cuda.reset_peak_memory_stats()
     if path.startswith("default"):
-        decoder = RunnerDecoder(base.runner(result.model), base.tokenizer, base.device)
+        decoder = RunnerDecoder(base.runner(result.model), base.tokenizer, base.device, model=result.model)
     else:
         decoder = GenerateDecoder(result.model, base.tokenizer, base.device)
     with peak_rss(out, "query_peak_rss_mb"):

@@ -533,5 +533,9 @@ def test_rerank_kept_smoke_scores_the_likelihood_and_again_from_its_file(tiny_mo
     demo = bench.fusion_kept.load(ROOT / "results" / "demo-candidates.json.gz")[:3]
     assert off["demo"] == pytest.approx(sum(bench.fused_order(it, Config())[0][0] in it["gold"] for it in demo) / 3)
     assert data["chosen"]["tune"] == max(r["tune"] for r in data["grid"])
+    # A hand-made question whose likelihood turns the fusion's order around.
+    item = {"gold": ["b_b_b"], "candidates": {"a_a_a": [-0.1, 0.6, 0.0], "b_b_b": [-0.2, 0.5, 0.0]}}
+    read = {"a_a_a": -30.0, "b_b_b": -10.0}
+    assert bench.recall1([item], [read], 0.0, Config()) == 0.0 and bench.recall1([item], [read], 1.0, Config()) == 1.0
     again = bench.main(argv + ["--likelihood", str(tmp_path / "results" / "rerank-kept-likelihood.json.gz")])
     assert again["grid"] == data["grid"]

@@ -432,6 +432,25 @@ def test_an_index_calibrated_before_bm25_noise_existed_ran_without_it(trained):
         trained.reconfigure(fusion_bm25_noise=configured)
 
 
+def test_an_index_calibrated_before_the_rerank_or_any_record_warns_only_where_it_should(trained):
+    from ipm.engine import CALIBRATED_OPTIONS, RERANK_OPTIONS
+
+    before_rerank = {"fusion": {k: getattr(trained.config, k) for k in CALIBRATED_OPTIONS if k not in RERANK_OPTIONS}}
+    try:
+        # With the rerank off, the number of candidates it would read changes no score.
+        trained.reconfigure(rerank_candidates=2)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            trained._warn_if_calibrated_elsewise("default", before_rerank)
+        trained.reconfigure(rerank_likelihood=1.0)
+        with pytest.warns(UserWarning, match="rerank_likelihood 0.0"):
+            trained._warn_if_calibrated_elsewise("default", before_rerank)
+    finally:
+        trained.reconfigure(rerank_likelihood=0.0, rerank_candidates=6)
+    with pytest.warns(UserWarning, match="did not record"):  # an index from before any record
+        trained._warn_if_calibrated_elsewise("default", {"threshold": 0.5})
+
+
 def test_hybrid_scores_fuse_the_signals_with_the_configured_bm25_floor_and_noise(trained):
     from ipm.search import fuse
 
@@ -482,13 +501,17 @@ def test_rerank_orders_the_best_hybrid_candidates_by_the_base_models_likelihood(
             assert h.text == trained.get(h.id).text
         # The pure decoding has no candidates to rerank: the option does not touch it.
         trained.reconfigure(decoding="pure", abstain_threshold=0.0)
-        assert all(h.signals is None for h in trained.ask(q, k=3).candidates)
+        on = [(h.id, h.score) for h in trained.ask(q, k=3).candidates]
+        trained.reconfigure(rerank_likelihood=0.0)
+        assert [(h.id, h.score) for h in trained.ask(q, k=3).candidates] == on
     finally:
         trained.reconfigure(decoding="hybrid", rerank_likelihood=0.0, rerank_candidates=6, abstain_threshold=None)
     with pytest.raises(InvalidInput, match="rerank_likelihood"):
         trained.reconfigure(rerank_likelihood=-1.0)
     with pytest.raises(InvalidInput, match="rerank_candidates"):
-        trained.reconfigure(rerank_candidates=0)
+        trained.reconfigure(rerank_candidates=1)
+    with pytest.raises(InvalidInput, match="whole base model"):
+        ipm.Config(base_layers=15, rerank_likelihood=1.0).check()
 
 
 def test_an_index_calibrated_with_the_rerank_serves_it_without_a_warning(mem, memories_file):

@@ -44,7 +44,8 @@ Decoding = typer.Option(None, "--decoding", help="hybrid (adapter fused with BM2
 Quantize = typer.Option(None, "--quantize", help="int8: the model's linear maps in int8 (CPU; faster asks), or none; "
                                                  "default from the config.")
 Rerank = typer.Option(None, "--rerank", help="Weight of the base model's likelihood of the question given each of the "
-                                             "best hybrid candidates' texts (0 = off); default from the config.")
+                                             "best hybrid candidates' texts (0 = off; warns unless the index was "
+                                             "calibrated with it); default from the config.")
 
 
 def _print_json(data) -> None:

@@ -96,10 +96,11 @@ class Config:
     # (document expansion; see retrieve.py): on LoCoMo observations, held-out hybrid recall@1
     # 55.8 -> 57.8 (53.7 -> 56.5 on the conversations not tuned on); on the demo 84.7 -> 83.7.
     expand_retrievers: bool = True
-    # Rerank (hybrid decoding): the best `rerank_candidates` fused candidates are ranked again
-    # among themselves by p_fused · exp(rerank_likelihood · log P(question | memory text)), the
-    # base model's likelihood of the question after the memory's text, adapter off
-    # (search.query_likelihood, search.rerank). 0 = off. It reads each candidate's text with the
+    # Rerank (hybrid decoding): the best `rerank_candidates` (2 or more) fused candidates are read
+    # by the base model, adapter off: p(id) ∝ p_fused · exp(rerank_likelihood · log P(question |
+    # memory text)), renormalised over every candidate, those not read taking the lowest
+    # likelihood read (so the ones read change places only among themselves; search.rerank,
+    # search.query_likelihood). 0 = off. Needs every layer of the base model (base_layers 0). It reads each candidate's text with the
     # question, which neither the adapter nor the retrievers do, and costs a forward pass over
     # those texts per ask (x5.8 the hybrid ask time on the demo set, float32 CPU).
     # benchmarks/rerank_kept.py: weight 2, chosen on LoCoMo conv-26/30/41,
@@ -186,10 +187,14 @@ class Config:
             raise InvalidInput(f"question_kinds must be a list of: {', '.join(QUESTION_KINDS)}")
         if self.question_source not in ("builtin", "llm", "both"):
             raise InvalidInput("question_source must be 'builtin', 'llm' or 'both'")
-        for name in ("lora_r", "epochs", "batch_size", "beam_size", "questions_per_memory", "hybrid_candidates",
-                     "rerank_candidates"):
+        for name in ("lora_r", "epochs", "batch_size", "beam_size", "questions_per_memory", "hybrid_candidates"):
             if getattr(self, name) < 1:
                 raise InvalidInput(f"config option {name} must be at least 1")
+        if self.rerank_candidates < 2:
+            raise InvalidInput("rerank_candidates must be at least 2 (the rerank orders them among themselves)")
+        if self.rerank_likelihood and self.base_layers:
+            raise InvalidInput("rerank_likelihood reads with the whole base model, but base_layers keeps only some of its "
+                               "layers: set base_layers = 0 or rerank_likelihood = 0")
         if self.base_layers < 0:
             raise InvalidInput("base_layers must be at least 0 (0 = every layer of the base model)")
         if self.base_layers and not 0 < self.lora_layers < self.base_layers:

@@ -751,10 +751,10 @@ class IPM:
         settings refuses more or fewer questions than it was chosen to. Say so; never guess."""
         had = calibration.get("fusion")
         if had is not None:
-            # recorded before the retrievers matched questions, BM25 noise or int8 asks existed
+            # recorded before the retrievers matched questions, BM25 noise, int8 asks or the rerank existed
             had = {"expand_retrievers": False, "fusion_bm25_noise": 0.0, "quantize": "none", "rerank_likelihood": 0.0,
                    **had}
-        if _bearing(had) == _bearing(self._calibrated_settings()):
+        if had is not None and _bearing(had) == _bearing(self._calibrated_settings()):
             return
         then = ("settings it did not record (an index trained before ipm recorded them)" if had is None else
                 ", ".join(f"{k} {had.get(k)}" for k in CALIBRATED_OPTIONS))

@@ -125,7 +125,8 @@ def query_likelihood(model, tokenizer, pairs: list[tuple[str, str]], device: str
     cols = torch.tensor([len(s) - n - 1 + j for s, n in zip(seqs, asked) for j in range(n)])
     targets = torch.tensor([t for s, n in zip(seqs, asked) for t in s[len(s) - n:]])
     with torch.inference_mode(), off:
-        h = inner.get_decoder()(input_ids=ids.to(device), attention_mask=attention.to(device)).last_hidden_state
+        h = inner.get_decoder()(input_ids=ids.to(device), attention_mask=attention.to(device),
+                                use_cache=False).last_hidden_state
         head = inner.get_output_embeddings()
         logp = torch.log_softmax(head(h[rows.to(device), cols.to(device)]).float(), dim=-1)
         token_logp = logp[torch.arange(len(targets), device=device), targets.to(device)].cpu()
