@@ -278,6 +278,9 @@ def test_a_negative_fusion_setting_is_refused(name):
     assert getattr(Config().updated(**{name: 2.0}), name) == 2.0
 
 
+# Where the CPU has no VNNI the weights are rounded to 7 bits (model._cpu_has_vnni), twice the
+# step of 8; int16 sums that saturated (the bug this guards against) were off by 40% and more.
+INT8_ERROR = 0.1 if __import__("ipm.model", fromlist=["x"])._cpu_has_vnni() else 0.2
 int8 = pytest.mark.skipif(not __import__("ipm.model", fromlist=["x"]).int8_available(),
                           reason="this PyTorch has no oneDNN int8 matmul")
 
@@ -318,7 +321,7 @@ def test_int8_layers_stay_close_to_the_models_own_and_follow_the_adapter(tiny_mo
         got = int8_hidden(r, ids)
         assert got.dtype == torch.float32
         err = ((got - ref).norm() / ref.norm()).item()
-        assert err < 0.1, err  # 8-bit rounding through 4 random layers: ~7%; the adapter's change below moves more
+        assert err < INT8_ERROR, err  # 8-bit rounding through 4 random layers: ~7%; the adapter's change below moves more
         return got
 
     first = close_to_float()
@@ -351,7 +354,7 @@ def test_int8_decoding_gives_nearly_the_exact_probabilities(lora_model, question
         # Each token is quantized on its own (per-token scales), so how tokens are batched
         # (one tree pass, or beam steps over a cache) does not change its numbers.
         assert searched[mid] == pytest.approx(scored[mid], rel=1e-3, abs=1e-6)
-        assert scored[mid] == pytest.approx(exact[mid], abs=0.1)  # ~0.07 at most on this random model
+        assert scored[mid] == pytest.approx(exact[mid], abs=INT8_ERROR)  # ~0.07 at most on this random model (8-bit)
 
 
 @int8
@@ -371,7 +374,7 @@ def test_int8_on_a_bf16_model_with_biases_scores_every_id(tiny_model, tmp_path):
         with torch.no_grad():
             ref = r.hidden(ids).float()
         err = ((int8_hidden(r, ids) - ref).norm() / ref.norm()).item()
-        assert err < 0.1, err
+        assert err < INT8_ERROR, err
         trie = Trie((m, id_token_ids(tok, m)) for m in IDS)
         scores = RunnerDecoder(r, tok, int8=True).score("what is my dog called?", trie)
         assert set(scores) == set(IDS) and sum(scores.values()) == pytest.approx(1.0, abs=1e-3)

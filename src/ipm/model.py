@@ -14,6 +14,7 @@ CPU, its linear layers in int8 (`quantize = "int8"`).
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import importlib.util
 import json
@@ -207,18 +208,30 @@ def pick_dtype(config: Config, device: str):
     return torch.float32
 
 
-def _cpu_has_native_bf16() -> bool:
-    """True where the CPU computes in bf16 itself (AVX512-BF16 or AMX-BF16, read from
-    /proc/cpuinfo); elsewhere bf16 is emulated and no faster than float32."""
+def _cpu_flags() -> set[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty where it cannot be read)."""
     try:
         with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
             for line in f:
                 if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+                    return set(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return False
+    return set()
+
+
+def _cpu_has_native_bf16() -> bool:
+    """True where the CPU computes in bf16 itself (AVX512-BF16 or AMX-BF16, read from
+    /proc/cpuinfo); elsewhere bf16 is emulated and no faster than float32."""
+    return bool(_cpu_flags() & {"avx512_bf16", "amx_bf16"})
+
+
+@functools.lru_cache(maxsize=1)
+def _cpu_has_vnni() -> bool:
+    """True where the CPU multiplies int8 pairs into int32 itself (VNNI or AMX-INT8). Without
+    it oneDNN's int8 matmul sums pairs of u8 x s8 products in int16 (vpmaddubsw), which
+    saturates once 2 * 255 * |w| passes 32,767: full 8-bit weights then give wrong sums."""
+    return bool(_cpu_flags() & {"avx512_vnni", "avx_vnni", "amx_int8"})
 
 
 _LOADED: dict[tuple, BaseModel] = {}
@@ -592,8 +605,9 @@ class _Int8Weight:
         import torch
 
         w = w.float()
-        scale = w.abs().amax(1).clamp_min(1e-12) / 127
-        q = (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8)
+        levels = 127 if _cpu_has_vnni() else 63  # 7-bit weights where int16 sums would saturate
+        scale = w.abs().amax(1).clamp_min(1e-12) / levels
+        q = (w / scale[:, None]).round().clamp(-levels, levels).to(torch.int8)
         return cls(torch.ops.onednn.qlinear_prepack(q, None), scale, torch.zeros(w.shape[0], dtype=torch.int64),
                    None if bias is None else bias.float())
 
