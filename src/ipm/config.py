@@ -100,9 +100,10 @@ class Config:
     # by the base model, adapter off: p(id) ∝ p_fused · exp(rerank_likelihood · log P(question |
     # memory text)), renormalised over every candidate, those not read taking the lowest
     # likelihood read (so the ones read change places only among themselves; search.rerank,
-    # search.query_likelihood). 0 = off. Needs every layer of the base model (base_layers 0). It reads each candidate's text with the
-    # question, which neither the adapter nor the retrievers do, and costs a forward pass over
-    # those texts per ask (x5.8 the hybrid ask time on the demo set, float32 CPU).
+    # search.query_likelihood). 0 = off. Needs every layer of the base model (base_layers 0).
+    # It reads each candidate's text with the question, which neither the adapter nor the
+    # retrievers do, and costs a forward pass over those texts per ask (x5.8 the hybrid ask
+    # time on the demo set, float32 CPU).
     # benchmarks/rerank_kept.py: weight 2, chosen on LoCoMo conv-26/30/41,
     # +3.1 points of recall@1 there, +0.4 (observations) and -2.4 (turns) on conv-42/43, +0.7 on
     # the demo: no held-out gain yet, so off (README, "A fourth signal").

@@ -60,8 +60,12 @@ def fuse(signals: dict[str, Signals], dense_weight: float, bm25_weight: float,
         return []
     scale = max(max(s.bm25 for s in signals.values()), bm25_floor)
     bm25_factor = bm25_weight / scale if scale > 0 else 0.0
-    z = {mid: lora_weight * s.lora + dense_weight * s.dense + bm25_factor * max(0.0, s.bm25 - bm25_noise)
-         for mid, s in signals.items()}
+    return _ranked({mid: lora_weight * s.lora + dense_weight * s.dense + bm25_factor * max(0.0, s.bm25 - bm25_noise)
+                    for mid, s in signals.items()})
+
+
+def _ranked(z: dict[str, float]) -> list[tuple[str, float]]:
+    """Log-scores turned into probabilities that sum to 1, best first (ties by ID)."""
     top = max(z.values())
     total = sum(math.exp(v - top) for v in z.values())
     return sorted(((mid, math.exp(v - top) / total) for mid, v in z.items()), key=lambda x: (-x[1], x[0]))
@@ -75,10 +79,7 @@ def rerank(fused: list[tuple[str, float]], likelihood: dict[str, float], weight:
     if len(likelihood) < 2 or weight == 0:
         return fused
     floor = min(likelihood.values())
-    z = {mid: math.log(max(p, 1e-300)) + weight * likelihood.get(mid, floor) for mid, p in fused}
-    best = max(z.values())
-    total = sum(math.exp(v - best) for v in z.values())
-    return sorted(((mid, math.exp(v - best) / total) for mid, v in z.items()), key=lambda x: (-x[1], x[0]))
+    return _ranked({mid: math.log(max(p, 1e-300)) + weight * likelihood.get(mid, floor) for mid, p in fused})
 
 
 LIKELIHOOD_TEXT_TOKENS = 256  # a longer memory is read up to here: a bound on the rerank's cost
