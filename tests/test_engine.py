@@ -126,6 +126,37 @@ def test_forget_takes_effect_at_once(trained, decoding):
         trained.get("personal_pet_max")
 
 
+def test_forget_purges_the_text_and_questions_from_every_index_version(trained, home):
+    import torch
+    from safetensors.torch import load_file
+
+    from ipm.engine import QUESTION_EMBEDDINGS, read_questions
+
+    trained.train(full=True)  # two versions on disk
+    root = home / "indexes" / "default"
+    versions = sorted(p for p in root.iterdir() if p.is_dir())
+    assert len(versions) == 2
+    before = {v: dict(zip(read_questions(v), load_file(str(v / QUESTION_EMBEDDINGS))["embeddings"])) for v in versions}
+    text = MEMORIES["personal_pet_max"]
+    assert all(text in (v / "questions.jsonl").read_text() for v in versions)
+    trained.forget("personal_pet_max")
+    for v in versions:
+        assert text not in (v / "questions.jsonl").read_text() and "personal_pet_max" not in (v / "questions.jsonl").read_text()
+        manifest = json.loads((v / "manifest.json").read_text())
+        assert "personal_pet_max" not in manifest["ids"] and len(manifest["ids"]) == 3
+        rows = read_questions(v)
+        emb = load_file(str(v / QUESTION_EMBEDDINGS))["embeddings"]
+        kept = {r: e for r, e in before[v].items() if r[1] != "personal_pet_max"}
+        assert rows == list(kept) and len(emb) == len(rows)
+        assert all(torch.equal(e, kept[r]) for r, e in zip(rows, emb))  # the others' rows stay aligned
+        assert not [p for p in v.iterdir() if ".tmp-" in p.name]
+    assert trained.status()["indexed"] == 3
+    a = trained.ask(MEMORIES["work_job_acme"], k=4)
+    assert "personal_pet_max" not in [h.id for h in a.candidates]
+    trained.add("My favourite food is sushi.")
+    assert trained.train()["metrics"]["incremental"]  # the purged files still train incrementally
+
+
 def test_forget_by_another_process_is_honoured(trained, home, tiny_config, tmp_path):
     trained.ask("warm up", k=1)
     other = ipm.open(home, config=tiny_config, cache=tmp_path / "cache")

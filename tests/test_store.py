@@ -85,6 +85,15 @@ def test_forget_purges_text_questions_and_history_but_logs_the_id(store):
     assert b"what is my pin code" not in raw
 
 
+def test_forget_leaves_no_copy_in_the_write_ahead_log_of_a_store_still_open(store):
+    store.add("u", "my locker code is 5521-wal-marker", "personal_locker_code")
+    store.add("u", "an unrelated memory that stays", "note_other_memory")
+    store.forget("u", "personal_locker_code")
+    files = [store.path, store.path.with_name(store.path.name + "-wal")]
+    assert not any(b"5521-wal-marker" in f.read_bytes() for f in files if f.exists())
+    assert store.get("u", "note_other_memory").text == "an unrelated memory that stays"
+
+
 def test_questions_need_existing_memories(store):
     store.add("u", "text", "note_a_b")
     with pytest.raises(NotFound, match="record 1"):

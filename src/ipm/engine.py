@@ -22,6 +22,7 @@ from typing import Callable, Iterable
 from . import index as index_dir
 from .config import Config, Paths
 from .errors import IndexMissing, InvalidInput, ModelError, NotFound, TrainingError
+from .index import QUESTION_EMBEDDINGS, QUESTIONS_FILE
 from .model import (RUNNER_MODEL_TYPES, BaseModel, Runner, id_token_ids, int8_available, layer_ranges, load_base,
                     quiet_transformers, resolve_model, wanted_layers)
 from .questions import (OFF_TOPIC, Aliases, alias_questions, builtin_questions, content_words, llm_questions,
@@ -101,8 +102,6 @@ CALIBRATED_OPTIONS = (*FUSION_OPTIONS, "expand_retrievers", "quantize", *RERANK_
 QUERY_OPTIONS = {"decoding", "hybrid_candidates", *CALIBRATED_OPTIONS, "beam_size", "max_k", "abstain_threshold"}
 CALIBRATION_QUESTIONS = 300  # held-back questions sampled to calibrate each decoding's threshold
 CALIBRATION_FOLDS = 10  # see IPM._calibration_top1
-QUESTIONS_FILE = "questions.jsonl"  # an index version's training questions, one {"question", "memory_id"} a line
-QUESTION_EMBEDDINGS = "question_embeddings.safetensors"  # their MiniLM embeddings (float16), row for row
 
 
 def _bearing(settings: dict) -> dict:
@@ -263,12 +262,14 @@ class IPM:
         return self.store.history(user, id)
 
     def forget(self, id: str, user: str = DEFAULT_USER) -> None:
-        """Erase a memory. Its ID leaves the decoder's trie before this returns."""
+        """Erase a memory. Its ID leaves the decoder's trie before this returns, and its text
+        and training questions leave the store and every index version on disk (index.purge)."""
         with self._lock:
             self.store.forget(user, id)
             s = self._serving.get(user)
             if s is not None:
                 s.trie.remove(id)
+            index_dir.purge(self.paths.index_root(user), {id})
 
     def log(self, user: str = DEFAULT_USER, limit: int | None = None):
         return self.store.events(user, limit)
@@ -563,6 +564,10 @@ class IPM:
 
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+        # A memory forgotten while this version trained is purged from it like from the others.
+        gone = set(manifest["ids"]) - set(self.store.ids(user))
+        if gone:
+            index_dir.purge(root, gone)
         self.store.log(user, "train", [m.id for m in memories], version=name, examples=len(train),
                        seconds=manifest["metrics"]["total_seconds"], path=str(final))
         return manifest

@@ -16,11 +16,15 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import IndexMissing
 
 MANIFEST = "manifest.json"
+QUESTIONS_FILE = "questions.jsonl"  # a version's training questions, one {"question", "memory_id"} a line
+QUESTION_EMBEDDINGS = "question_embeddings.safetensors"  # their MiniLM embeddings (float16), row for row
 
 
 def current_dir(root: Path) -> Path | None:
@@ -69,3 +73,54 @@ def _alive(pid: int) -> bool:
     except OSError:
         return False
     return True
+
+
+def purge(root: Path, memory_ids: set[str]) -> list[str]:
+    """Take forgotten memories out of every version of a namespace: their training questions
+    (the memory's own text is one of them) and those questions' embeddings, and their entry
+    in the manifest's ID set. Each file is written beside the old one and replaced atomically;
+    returns the versions changed. The adapter's weights are not edited: what they learned
+    points at an ID the trie no longer holds, and a full retrain (`ipm train --full`)
+    learns without it."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    changed = []
+    versions = sorted(p for p in root.iterdir() if re.fullmatch(r"v\d+", p.name)) if root.is_dir() else []
+    for version in versions:
+        questions, manifest = version / QUESTIONS_FILE, version / MANIFEST
+        rows = questions.read_text(encoding="utf-8").splitlines(keepends=True) if questions.is_file() else []
+        keep = [i for i, line in enumerate(rows) if json.loads(line)["memory_id"] not in memory_ids]
+        meta = json.loads(manifest.read_text()) if manifest.is_file() else {}
+        listed = memory_ids & set(meta.get("ids", {}))
+        if len(keep) == len(rows) and not listed:
+            continue
+        embeddings = version / QUESTION_EMBEDDINGS
+        if embeddings.is_file() and len(keep) < len(rows):
+            with safe_open(str(embeddings), framework="pt") as f:
+                tensor, metadata = f.get_tensor("embeddings"), f.metadata()
+            if len(tensor) == len(rows):
+                with _replacing(embeddings) as tmp:
+                    save_file({"embeddings": tensor[keep].contiguous()}, str(tmp), metadata=metadata)
+            else:  # not the file written with these rows: the engine embeds them again anyway
+                embeddings.unlink()
+        if len(keep) < len(rows):
+            with _replacing(questions) as tmp:
+                tmp.write_text("".join(rows[i] for i in keep), encoding="utf-8")
+        if listed:
+            meta["ids"] = {k: v for k, v in meta["ids"].items() if k not in memory_ids}
+            with _replacing(manifest) as tmp:
+                tmp.write_text(json.dumps(meta, indent=2, ensure_ascii=False))
+        changed.append(version.name)
+    return changed
+
+
+@contextmanager
+def _replacing(path: Path) -> Iterator[Path]:
+    """A temporary path beside `path` to write its new content in, swapped in on success."""
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

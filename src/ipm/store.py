@@ -374,6 +374,9 @@ class Store:
             db.execute("DELETE FROM history WHERE namespace = ? AND id = ?", (namespace, memory_id))
             db.execute("DELETE FROM questions WHERE namespace = ? AND memory_id = ?", (namespace, memory_id))
             self._log(db, namespace, "forget", [memory_id])
+        # The write-ahead log still holds the pages as they were before; copy it back and empty
+        # it now rather than at some later checkpoint (best effort: a reader mid-query keeps it).
+        self._conn().execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     def questions(self, namespace: str) -> dict[str, list[str]]:
         out: dict[str, list[str]] = {}
