@@ -9,17 +9,20 @@ from typing import List, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 
 from . import engine
 from .config import Config, Paths
-from .errors import IPMError
+from .errors import IPMError, NotFound
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="IPM: Indexed Parametric Memory. Store memories verbatim, train a LoRA index, recall exactly.")
-out = Console()
-err = Console(stderr=True, soft_wrap=True)
+# A memory's text is printed as it is stored: no rich markup ("[b]") and no emoji codes (":dog:")
+out = Console(emoji=False)
+err = Console(stderr=True, soft_wrap=True, emoji=False)
 
 Home = typer.Option(None, "--home", help="Home directory (default: $IPM_HOME or ./.ipm).", show_default=False)
 User = typer.Option(engine.DEFAULT_USER, "--user", "-u", help="Namespace (one per user).")
@@ -27,8 +30,13 @@ ConfigFile = typer.Option(None, "--config", help="TOML file with Config options.
 Json = typer.Option(False, "--json", help="Print JSON for scripts.")
 
 
-def _open(home: Optional[Path], config_file: Optional[Path] = None, **overrides) -> engine.IPM:
+def _open(home: Optional[Path], config_file: Optional[Path] = None, create: bool = False, **overrides) -> engine.IPM:
+    """The engine on `home`. Only commands that add memories create a home: a mistyped --home
+    is an error, not an empty store."""
     paths = Paths.at(home)
+    if not create and not paths.db.is_file():
+        raise NotFound(f"no IPM store at {paths.db}: `ipm add` or `ipm import` creates one "
+                       "(--home or $IPM_HOME to use another)")
     if config_file is not None:
         cfg = Config.from_file(config_file)
     elif paths.config_file.is_file():
@@ -64,7 +72,7 @@ def add(text: str = typer.Argument(..., help="The memory, stored byte-exact."),
         question: List[str] = typer.Option([], "--question", "-q", help="A question this memory answers (repeatable)."),
         user: str = User, home: Optional[Path] = Home, json_out: bool = Json):
     """Add one memory."""
-    m = _open(home).add(text, id=id, questions=question, user=user)
+    m = _open(home, create=True).add(text, id=id, questions=question, user=user)
     if json_out:
         _print_json(m.to_dict())
     else:
@@ -76,7 +84,7 @@ def import_(file: Path = typer.Argument(..., help="memories.json {id: text}, JSO
                                                   "or [{question, memory_id}] training questions."),
             user: str = User, home: Optional[Path] = Home, json_out: bool = Json):
     """Import memories or training questions from a file (all or nothing)."""
-    r = _open(home).import_(file, user=user)
+    r = _open(home, create=True).import_(file, user=user)
     if json_out:
         _print_json(r.to_dict())
     else:
@@ -106,7 +114,7 @@ def train(user: str = User, home: Optional[Path] = Home, config: Optional[Path] 
           question_source: Optional[str] = typer.Option(None, "--question-source", help="builtin, llm or both."),
           question_kinds: Optional[str] = typer.Option(None, "--question-kinds",
                                                        help="Built-in question kinds, comma-separated: "
-                                                            "templates, wh, keywords, spans, id (the default), related, aliases."),
+                                                            "templates, wh, keywords, spans, id, related, aliases (default: all but related and aliases)."),
           seed: Optional[int] = typer.Option(None, "--seed"),
           also_calibrate: List[str] = typer.Option([], "--also-calibrate",
                                                    help="Also calibrate this decoding's abstention threshold (pure or "
@@ -153,13 +161,17 @@ def ask(questions: List[str] = typer.Argument(..., metavar="QUESTION...", help="
         user: str = User, home: Optional[Path] = Home, json_out: bool = Json):
     """Recall the memory that answers a question (or say there is none). Several questions are
     answered in one batch; --json then prints a list."""
-    answers = _open(home, decoding=decoding, quantize=quantize, rerank_likelihood=rerank).ask_many(questions, k=k, user=user)
+    mem = _open(home, decoding=decoding, quantize=quantize, rerank_likelihood=rerank)
+    if mem.status(user)["index_version"] is None:
+        err.print(f"warning: namespace {user!r} has no trained index yet: only memories sharing the question's words "
+                  "can be found (`ipm train` builds the index)", markup=False, highlight=False)
+    answers = mem.ask_many(questions, k=k, user=user)
     if json_out:
         _print_json(answers[0].to_dict() if len(answers) == 1 else [a.to_dict() for a in answers])
         return
     for a in answers:
         if len(answers) > 1:
-            out.print(f"[cyan]{a.question}[/cyan]", highlight=False)
+            out.print(f"[cyan]{escape(a.question)}[/cyan]", highlight=False)
         if a.abstained and not a.hits:
             out.print("[yellow]no memory[/yellow] answers that")
             continue
@@ -198,7 +210,7 @@ def list_(user: str = User, home: Optional[Path] = Home, json_out: bool = Json):
     status = mem.status(user)
     table = Table("id", "text", "updated")
     for m in memories:
-        table.add_row(m.id, m.text if len(m.text) < 80 else m.text[:77] + "...", m.updated_at[:19])
+        table.add_row(m.id, Text(m.text if len(m.text) < 80 else m.text[:77] + "..."), m.updated_at[:19])
     out.print(table)
     out.print(f"{status['memories']} memories, {status['indexed']} indexed, {status['pending']} pending "
               f"(index {status['index_version'] or 'none'})")
@@ -215,7 +227,8 @@ def forget(id: str, user: str = User, home: Optional[Path] = Home, json_out: boo
 
 
 @app.command()
-def log(user: str = User, limit: int = typer.Option(50, "--limit", "-n"), home: Optional[Path] = Home,
+def log(user: str = User, limit: int = typer.Option(50, "--limit", "-n", min=1, help="The last N events."),
+        home: Optional[Path] = Home,
         json_out: bool = Json):
     """Show the event log (add, update, forget, train, ask)."""
     events = _open(home).log(user=user, limit=limit)
@@ -270,7 +283,9 @@ def status(user: str = User, home: Optional[Path] = Home, json_out: bool = Json)
     if json_out:
         _print_json(s)
     else:
-        out.print(s)
+        out.print(f"namespace {s['user']}: {s['memories']} memories, {s['indexed']} indexed, {s['pending']} pending; "
+                  + (f"index {s['index_version']} on {s['base_model']}" if s["index_version"] else
+                     "no index yet (`ipm train`)"), markup=False, highlight=False)
 
 
 from .cli_server import mcp, serve  # noqa: E402
@@ -283,19 +298,19 @@ def main() -> None:
     try:
         app(standalone_mode=False)
     except IPMError as e:
-        err.print(f"[red]error:[/red] {e}", highlight=False)
+        err.print(f"[red]error:[/red] {escape(str(e))}", highlight=False)
         sys.exit(1)
     except KeyboardInterrupt:
         err.print("[red]interrupted[/red]")
         sys.exit(130)
-    except Exception as e:  # click usage errors
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
+    except Exception as e:
+        # Usage errors, by their interface: typer 0.2x raises its own copy of click's classes
+        # (typer._click), older typers click's own.
+        if callable(getattr(e, "show", None)) and isinstance(getattr(e, "exit_code", None), int):
             e.show()
             sys.exit(e.exit_code)
-        if isinstance(e, click.exceptions.Exit):
-            sys.exit(e.exit_code)
-        if isinstance(e, click.exceptions.Abort):
+        if type(e).__name__ == "Exit":  # typer.Exit / click's Exit
+            sys.exit(getattr(e, "exit_code", 0))
+        if type(e).__name__ == "Abort":
             sys.exit(1)
         raise

@@ -770,14 +770,14 @@ class IPM:
 
     def _serve(self, user: str) -> _Serving:
         """The serving state of `user`, refreshed if a new version was trained or memories changed."""
-        import copy
-
-        from peft import PeftModel
-
         root = self.paths.index_root(user)
         version_dir = index_dir.current_dir(root)
         s = self._serving.setdefault(user, _Serving())
         if version_dir is not None and version_dir.name != s.version:
+            import copy
+
+            from peft import PeftModel  # (not imported for a namespace with no index: seconds saved)
+
             manifest = json.loads((version_dir / index_dir.MANIFEST).read_text())
             base = self._index_base(manifest["base_model"]["source"], manifest["metrics"].get("dtype"),
                                     manifest["base_model"].get("layers"))

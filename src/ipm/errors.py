@@ -32,3 +32,7 @@ class IndexMissing(IPMError):
 
 class TrainingError(IPMError):
     """Training could not run (nothing to train on, interrupted, ...)."""
+
+
+class HomeError(IPMError):
+    """The home directory or its database cannot be used (not a directory, not an IPM store)."""

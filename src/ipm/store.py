@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from .config import MAX_TEXT_BYTES
-from .errors import DuplicateID, InvalidInput, NotFound
+from .errors import DuplicateID, HomeError, InvalidInput, NotFound
 from .ids import mint_id, validate_id
 
 NAMESPACE_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -148,11 +148,20 @@ class Store:
 
     def __init__(self, path: str | Path, max_text_bytes: int = MAX_TEXT_BYTES, id_scheme: str = "lexicon"):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError):
+            raise HomeError(f"the home {self.path.parent} is not a directory: point --home or $IPM_HOME at a directory") from None
+        except PermissionError as e:
+            raise HomeError(f"cannot create the home {self.path.parent}: {e.strerror}") from None
         self.max_text_bytes = max_text_bytes
         self.id_scheme = id_scheme  # how IDs are minted for memories added without one (ids.mint_id)
         self._local = threading.local()
-        self._conn().executescript(SCHEMA)  # idempotent; executescript manages its own transaction
+        try:
+            self._conn().executescript(SCHEMA)  # idempotent; executescript manages its own transaction
+        except sqlite3.DatabaseError as e:
+            self.close()
+            raise HomeError(f"{self.path} cannot be opened as an IPM store ({e}); move it away or use another home") from None
 
     # -- connection handling --------------------------------------------------------------
     def _conn(self) -> sqlite3.Connection:

@@ -1,0 +1,110 @@
+"""The `ipm` command as a user meets it, through its real entry point (`ipm.cli.main`): usage
+errors and ipm's own errors as one line and an exit code, never a traceback; a memory's text
+printed as stored; no home created by a command that only reads. No model is loaded here."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+
+def run(capsys, monkeypatch, *args) -> tuple[int, str, str]:
+    """Run `ipm ARGS` in process: (exit code, stdout, stderr)."""
+    from ipm.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["ipm", *map(str, args)])
+    monkeypatch.setenv("COLUMNS", "400")  # rich would wrap long lines at the test's terminal width
+    code = 0
+    try:
+        main()
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.mark.parametrize("args,says", [
+    (["log", "--limit", "abc"], "Invalid value for '--limit'"),
+    (["log", "--limit", "0"], "greater than or equal to 1"),
+    (["nosuchcommand"], "No such command"),
+    (["list", "--bogus"], "No such option"),
+    (["add"], "Missing argument"),
+])
+def test_usage_errors_are_one_message_and_exit_2(capsys, monkeypatch, tmp_path, args, says):
+    code, out, err = run(capsys, monkeypatch, *args, *(["--home", tmp_path] if args[0] in ("log", "list") else []))
+    assert code == 2
+    assert says in err and "Traceback" not in out + err
+
+
+def test_no_arguments_prints_the_help(capsys, monkeypatch):
+    code, out, err = run(capsys, monkeypatch)
+    assert code in (0, 2) and "Commands" in out + err and "Traceback" not in out + err
+
+
+MARKUP = "I wrote [/bold] and [red]red[/red] in my notes :dog: \\[x]"
+
+
+def test_text_is_printed_as_stored_never_as_markup_or_emoji(capsys, monkeypatch, tmp_path):
+    home = tmp_path / "h"
+    code, out, _ = run(capsys, monkeypatch, "add", MARKUP, "--id", "note_markup_text", "--home", home)
+    assert code == 0 and "note_markup_text" in out
+    code, out, err = run(capsys, monkeypatch, "list", "--home", home)
+    assert code == 0, err
+    assert MARKUP in out
+    run(capsys, monkeypatch, "update", "note_markup_text", "second [i]version[/i]", "--home", home)
+    code, out, _ = run(capsys, monkeypatch, "show", "note_markup_text", "--history", "--home", home)
+    assert code == 0 and MARKUP in out and "second [i]version[/i]" in out
+    code, out, _ = run(capsys, monkeypatch, "show", "note_markup_text", "--json", "--home", home)
+    assert json.loads(out)["text"] == "second [i]version[/i]"
+
+
+def test_an_error_naming_user_input_prints_it_verbatim(capsys, monkeypatch, tmp_path):
+    home = tmp_path / "h"
+    run(capsys, monkeypatch, "add", "My dog's name is Max.", "--home", home)
+    code, out, err = run(capsys, monkeypatch, "show", "[/x]", "--home", home)
+    assert code == 1 and out == ""
+    assert err.strip() == "error: no memory '[/x]' in namespace 'default' (see `ipm list`)"
+
+
+@pytest.mark.parametrize("command", [["list"], ["status"], ["log"], ["show", "personal_pet_max"],
+                                     ["forget", "personal_pet_max"], ["train"]])
+def test_a_command_that_reads_does_not_create_a_home(capsys, monkeypatch, tmp_path, command):
+    home = tmp_path / "typo"
+    code, _, err = run(capsys, monkeypatch, *command, "--home", home)
+    assert code == 1 and "Traceback" not in err
+    assert err.startswith("error: no IPM store at") and len(err.strip().splitlines()) == 1
+    assert not home.exists()
+
+
+def test_a_home_that_is_a_file_or_a_database_that_is_not_ipms_is_one_error(capsys, monkeypatch, tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    code, _, err = run(capsys, monkeypatch, "add", "My dog's name is Max.", "--home", afile)
+    assert code == 1 and "is not a directory" in err and "Traceback" not in err
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "ipm.db").write_bytes(b"this is not sqlite at all" * 10)
+    code, _, err = run(capsys, monkeypatch, "list", "--home", bad)
+    assert code == 1 and "cannot be opened as an IPM store" in err and "Traceback" not in err
+    assert (bad / "ipm.db").read_bytes() == b"this is not sqlite at all" * 10
+
+
+def test_status_prints_a_sentence_and_json(capsys, monkeypatch, tmp_path):
+    home = tmp_path / "h"
+    run(capsys, monkeypatch, "add", "My dog's name is Max.", "--home", home)
+    code, out, _ = run(capsys, monkeypatch, "status", "--home", home)
+    assert code == 0
+    assert out.strip() == "namespace default: 1 memories, 0 indexed, 1 pending; no index yet (`ipm train`)"
+    code, out, _ = run(capsys, monkeypatch, "status", "--json", "--home", home)
+    assert json.loads(out)["pending"] == 1
+
+
+def test_ask_without_an_index_says_so_and_still_finds_untrained_memories(capsys, monkeypatch, tmp_path):
+    home = tmp_path / "h"
+    run(capsys, monkeypatch, "add", "My dog's name is Max.", "--id", "personal_pet_max", "--home", home)
+    code, out, err = run(capsys, monkeypatch, "ask", "What is my dog's name?", "--json", "--home", home)
+    assert code == 0
+    assert "has no trained index yet" in err
+    assert [h["id"] for h in json.loads(out)["hits"]] == ["personal_pet_max"]
