@@ -376,7 +376,11 @@ def test_import_jsonl_records_and_training_questions(mem, tmp_path):
     ('{"personal_pet_max": "ok", "bad": "x"}', "key 'bad'"),
     ('[{"question": "q?", "memory_id": "note_missing_id"}]', "no memory 'note_missing_id'"),
     ('[{"text": "ok", "colour": "red"}]', "unknown field"),
+    ('[{"question": "q?", "memory_id": "personal_pet_max", "colour": "red"}]', "index 0: unknown field"),
     ('[]', "no records"),
+    ('[\n  {"text": "ok"},\n  {"text": oops}\n]\n', "not valid JSON: Expecting value at line 3, column 12"),
+    ('{"id": "note_one_two", "text": "a"}\n{"id": "note_one_two", "text": "b"}\n',
+     "bad.json: line 2: memory ID 'note_one_two' is given twice in this input \\(also line 1\\)"),
 ])
 def test_bad_import_names_the_record_and_writes_nothing(mem, tmp_path, content, match):
     f = tmp_path / "bad.json"
@@ -384,6 +388,20 @@ def test_bad_import_names_the_record_and_writes_nothing(mem, tmp_path, content, 
     with pytest.raises((InvalidInput, NotFound), match=match):
         mem.import_(f)
     assert mem.list() == []
+
+
+def test_import_reads_one_line_of_json_lines_line_separators_and_a_byte_order_mark(mem, tmp_path):
+    one = tmp_path / "one.jsonl"
+    one.write_text('{"text": "My dog is called Rex."}\n')  # one record, not an {"id": "text"} document
+    assert mem.import_(one).memories == 1
+    texts = ["Notes\u2028with a line separator\u2029and a paragraph one\x85inside.", "Second memory about cats."]
+    lines = tmp_path / "sep.jsonl"
+    lines.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts), encoding="utf-8")
+    assert mem.import_(lines).memories == 2
+    bom = tmp_path / "bom.json"
+    bom.write_bytes(b"\xef\xbb\xbf" + json.dumps([{"text": "A file saved with a BOM."}]).encode())
+    assert mem.import_(bom).memories == 1
+    assert sorted(m.text for m in mem.list()) == sorted(["My dog is called Rex.", *texts, "A file saved with a BOM."])
 
 
 def test_ask_without_any_index_or_memory_abstains(mem):

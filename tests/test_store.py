@@ -45,8 +45,8 @@ def test_batch_is_all_or_nothing(store):
 
 
 def test_duplicate_ids_within_one_batch_are_rejected(store):
-    with pytest.raises(DuplicateID):
-        store.add_many("u", [NewMemory("a", "note_x_y"), NewMemory("b", "note_x_y")])
+    with pytest.raises(DuplicateID, match=r"record 2: memory ID 'note_x_y' is given twice in this input \(also record 0\)"):
+        store.add_many("u", [NewMemory("a", "note_x_y"), NewMemory("c"), NewMemory("b", "note_x_y")])
     assert store.count("u") == 0
 
 

@@ -138,24 +138,35 @@ def read_records(path: str | Path) -> tuple[object, str]:
     """Load an import file: a JSON document, or JSON lines (returned as [(line, record)])."""
     path = Path(path)
     try:
-        raw = path.read_text(encoding="utf-8")
+        raw = path.read_text(encoding="utf-8-sig")  # a byte-order mark is the file's encoding, not its text
     except FileNotFoundError:
         raise NotFound(f"import file {path} does not exist") from None
+    except IsADirectoryError:
+        raise InvalidInput(f"{path} is a directory, not an import file") from None
     except UnicodeDecodeError as e:
         raise InvalidInput(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
     try:
-        return json.loads(raw), "json"
-    except json.JSONDecodeError:
-        pass
-    lines = []
-    for n, line in enumerate(raw.splitlines(), 1):
-        if not line.strip():
-            continue
+        data = json.loads(raw)
+    except json.JSONDecodeError as document:
+        whole = document
+    else:
+        # One line of JSON lines is one record, not a {"id": "text"} document: "text",
+        # "question" and "memory_id" are no valid IDs.
+        if isinstance(data, dict) and set(data) & {"text", "question", "memory_id"}:
+            return [(1, data)], "lines"
+        return data, "json"
+    # Split on newlines only: U+2028 and the like may stand unescaped inside a JSON string.
+    lines = [(n, line) for n, line in enumerate(raw.split("\n"), 1) if line.strip()]
+    records = []
+    for n, line in lines:
         try:
-            lines.append((n, json.loads(line)))
+            records.append((n, json.loads(line)))
         except json.JSONDecodeError as e:
+            if not records:  # not JSON lines at all: a JSON document, and its own error says where
+                raise InvalidInput(f"{path} is not valid JSON: {whole.msg} at line {whole.lineno}, "
+                                   f"column {whole.colno}") from None
             raise InvalidInput(f"{path}: line {n} is not valid JSON ({e.msg})") from None
-    return lines, "lines"
+    return records, "lines"
 
 
 def parse_records(data, source: str, kind: str = "json") -> tuple[list[NewMemory], list[str], list[tuple[str, str]], list[str]]:
@@ -191,6 +202,9 @@ def parse_records(data, source: str, kind: str = "json") -> tuple[list[NewMemory
             if not isinstance(rec, dict):
                 raise InvalidInput("expected an object")
             if "question" in rec and "memory_id" in rec and "text" not in rec:
+                unknown = set(rec) - {"question", "memory_id"}
+                if unknown:
+                    raise InvalidInput(f"unknown field(s) {sorted(unknown)}")
                 if not isinstance(rec["memory_id"], str):
                     raise InvalidInput("memory_id must be a string")
                 questions.append((rec["memory_id"], check_question(rec["question"])))

@@ -308,12 +308,19 @@ class Store:
                 raise type(e)(f"{where(i)}{e}") from None
         with self._write() as db:
             taken = {r[0] for r in db.execute("SELECT id FROM memories WHERE namespace = ?", (namespace,))}
-            given = [r.id for r in records if r.id is not None]
+            first: dict[str, int] = {}  # ID -> the record that gives it first
             for i, rec in enumerate(records):
-                if rec.id is not None and (rec.id in taken or given.count(rec.id) > 1):
+                if rec.id is None:
+                    continue
+                if rec.id in taken:
                     raise DuplicateID(f"{where(i)}memory ID {rec.id!r} is already taken in namespace {namespace!r}; "
                                       "choose another ID, or use update to change its text")
-            taken |= set(given)
+                if rec.id in first:
+                    also = labels[first[rec.id]].rsplit(": ", 1)[-1] if labels else f"record {first[rec.id]}"
+                    raise DuplicateID(f"{where(i)}memory ID {rec.id!r} is given twice in this input (also {also}); "
+                                      "IDs must be unique")
+                first[rec.id] = i
+            taken |= set(first)
             stamp = now()
             out = []
             for rec in records:
