@@ -349,7 +349,8 @@ def reusable(paths: list[Path], args, cfg, systems: tuple[str, ...], convs: dict
         if old.get("benchmark", "").split("-baselines")[0] != f"locomo-{args.variant}":
             raise SystemExit(f"--reuse {path}: it is not a LoCoMo {args.variant} result")
         had = _bearing(common.run_config(old.get("config", {})))
-        same = ({k: v for k, v in had.items() if k not in FUSION} == {k: v for k, v in want.items() if k not in FUSION},
+        free = {*FUSION, "max_k"}  # max_k only caps an ask's k (10 in results before it did, unused then)
+        same = ({k: v for k, v in had.items() if k not in free} == {k: v for k, v in want.items() if k not in free},
                 old.get("seed") == args.seed, old.get("ids", "engine") == args.ids,
                 old.get("limit_memories") == args.limit_memories)
         if not all(same):

@@ -586,6 +586,35 @@ def test_a_threshold_of_ones_own_can_be_set_back_to_the_calibrated_one():
             cfg.updated(abstain_threshold=bad)
 
 
+@pytest.mark.parametrize("option,value,says", [
+    ("epochs", 2.5, "whole number"), ("epochs", True, "whole number"), ("lora_r", "8", "whole number"),
+    ("learning_rate", float("nan"), "a number"), ("fusion_dense", float("inf"), "a number"),
+    ("expand_retrievers", 1, "true or false"), ("base_model", 5, "a string"), ("target_modules", "q_proj", "list"),
+    ("target_modules", [], "at least one"), ("device", "tpu", "device must be"), ("threads", -3, "at least 0"),
+    ("lora_layers", -2, "at least 0"), ("max_text_bytes", 0, "at least 1"), ("max_k", 0, "at least 1"),
+    ("learning_rate", 0, "above 0"), ("abstain_threshold", -0.1, "at least 0"), ("abstain_threshold", "x", "number"),
+])
+def test_a_bad_config_value_is_refused_when_set_not_deep_in_training(option, value, says):
+    with pytest.raises(InvalidInput, match=says):
+        ipm.Config().updated(**{option: value})
+
+
+def test_good_config_values_pass_and_whole_numbers_serve_as_floats():
+    cfg = ipm.Config().updated(learning_rate=1, device="cuda:1", abstain_threshold=0, base_model=None)
+    assert cfg.learning_rate == 1.0 and isinstance(cfg.learning_rate, float) and cfg.device == "cuda:1"
+    assert cfg.abstain_threshold == 0 and cfg.updated(abstain_threshold=None).abstain_threshold is None
+
+
+def test_k_is_bounded_by_max_k(trained):
+    assert len(trained.ask("What is my dog called?", k=4).candidates) <= 4
+    for k in (0, 101, 2.0, True):
+        with pytest.raises(InvalidInput, match="max_k"):
+            trained.ask("What is my dog called?", k=k)
+    trained.reconfigure(max_k=3)
+    with pytest.raises(InvalidInput, match="between 1 and 3"):
+        trained.ask("What is my dog called?", k=4)
+
+
 def test_a_bad_decoding_name_is_refused(trained):
     with pytest.raises(InvalidInput, match="decoding"):
         trained.reconfigure(decoding="greedy")

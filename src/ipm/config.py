@@ -7,7 +7,9 @@ Defaults are what the README's commands use. A TOML file (`ipm.toml` in the home
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -16,6 +18,9 @@ from .errors import InvalidInput
 from .questions import DEFAULT_QUESTION_KINDS
 
 MAX_TEXT_BYTES = 65536  # a memory's raw text, UTF-8 encoded
+# Options that may be None, and the type of their other values: the calibrated threshold, and
+# the embedded default base model.
+NULLABLE = {"abstain_threshold": 0.0, "base_model": ""}
 
 
 @dataclass
@@ -110,7 +115,7 @@ class Config:
     rerank_likelihood: float = 0.0
     rerank_candidates: int = 6
     beam_size: int = 8
-    max_k: int = 10
+    max_k: int = 100  # the most hits one ask may return
     # Abstain when the best hit's probability is below this; None = use the value calibrated
     # at training time.
     abstain_threshold: float | None = None
@@ -146,30 +151,25 @@ class Config:
             raise InvalidInput(f"config file {path} is not valid TOML: {e}") from None
         return cls().updated(**data)
 
-    def updated(self, **overrides) -> "Config":
-        """Return a copy with the given fields changed; unknown names or wrong types raise."""
-        known = {f.name: f for f in fields(self)}
-        clean = {}
-        for name, value in overrides.items():
-            if value is None and name != "abstain_threshold" and name != "base_model":
+    def __post_init__(self) -> None:
+        # Every Config is checked, however made (Config(...), a file, CLI flags, reconfigure):
+        # a bad value is refused where it is set, not deep inside training or an ask.
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is None and f.name in NULLABLE:
                 continue
-            if name not in known:
-                raise InvalidInput(f"unknown config option {name!r}; known: {', '.join(sorted(known))}")
-            # Types come from the class's defaults: an option set to a number (abstain_threshold)
-            # can be set back to None.
-            f = known[name]
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            if name == "abstain_threshold" and value is not None and (
-                    isinstance(value, bool) or not isinstance(value, (int, float))):
-                raise InvalidInput(f"config option {name} must be a number, got {value!r}")
-            if isinstance(default, bool) and not isinstance(value, bool):
-                raise InvalidInput(f"config option {name} must be true or false")
-            if isinstance(default, (int, float)) and not isinstance(default, bool) and not isinstance(value, (int, float)):
-                raise InvalidInput(f"config option {name} must be a number, got {value!r}")
-            clean[name] = value
-        cfg = dataclasses.replace(self, **clean)
-        cfg.check()
-        return cfg
+            setattr(self, f.name, _typed(f.name, value, NULLABLE.get(f.name, default)))
+        self.check()
+
+    def updated(self, **overrides) -> "Config":
+        """Return a copy with the given fields changed; unknown names or wrong types raise.
+        None leaves an option as it is, except those where None means something (NULLABLE)."""
+        known = {f.name for f in fields(self)}
+        unknown = set(overrides) - known
+        if unknown:
+            raise InvalidInput(f"unknown config option {min(unknown)!r}; known: {', '.join(sorted(known))}")
+        return dataclasses.replace(self, **{k: v for k, v in overrides.items() if v is not None or k in NULLABLE})
 
     def check(self) -> None:
         if self.id_scheme not in ("salient", "lexicon"):
@@ -191,6 +191,23 @@ class Config:
         for name in ("lora_r", "epochs", "batch_size", "beam_size", "questions_per_memory", "hybrid_candidates"):
             if getattr(self, name) < 1:
                 raise InvalidInput(f"config option {name} must be at least 1")
+        for name in ("lora_alpha", "max_k", "max_text_bytes", "llm_questions_per_memory"):
+            if getattr(self, name) < 1:
+                raise InvalidInput(f"config option {name} must be at least 1")
+        for name in ("lora_layers", "threads", "seed"):
+            if getattr(self, name) < 0:
+                raise InvalidInput(f"config option {name} must be at least 0")
+        if self.learning_rate <= 0:
+            raise InvalidInput("learning_rate must be above 0")
+        if not 0 <= self.lora_dropout < 1 or not 0 <= self.warmup_ratio < 1 or self.weight_decay < 0:
+            raise InvalidInput("lora_dropout and warmup_ratio must be in [0, 1), weight_decay at least 0")
+        if self.abstain_threshold is not None and self.abstain_threshold < 0:
+            raise InvalidInput("abstain_threshold must be at least 0 (above 1 refuses every question; unset = the "
+                               "calibrated one)")
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
+            raise InvalidInput(f"device must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', got {self.device!r}")
+        if not self.target_modules:
+            raise InvalidInput("target_modules must name at least one module (e.g. q_proj)")
         if self.rerank_candidates < 2:
             raise InvalidInput("rerank_candidates must be at least 2 (the rerank orders them among themselves)")
         if self.rerank_likelihood and self.base_layers:
@@ -214,6 +231,28 @@ class Config:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def _typed(name: str, value, default):
+    """`value` checked against the type of the option's default (a number, a bool, a string or
+    a list of strings), so that a bad value is refused here and not deep inside training."""
+    kind = ("true or false" if isinstance(default, bool) else "a whole number" if isinstance(default, int)
+            else "a number" if isinstance(default, float) else "a string" if isinstance(default, str)
+            else "a list of strings")
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, int):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(default, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        value = float(value) if ok else value
+    elif isinstance(default, str):
+        ok = isinstance(value, str)
+    else:
+        ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+    if not ok:
+        raise InvalidInput(f"config option {name} must be {kind}, got {value!r}")
+    return value
 
 
 def default_home() -> Path:

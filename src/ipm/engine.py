@@ -881,8 +881,8 @@ class IPM:
             raise InvalidInput("ask_many takes a list of questions")
         for question in questions:
             check_question(question)
-        if not 1 <= k <= 100:
-            raise InvalidInput("k must be between 1 and 100")
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= self.config.max_k:
+            raise InvalidInput(f"k must be a whole number between 1 and {self.config.max_k} (max_k)")
         check_namespace(user)
         t0 = time.perf_counter()
         answers = []

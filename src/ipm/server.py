@@ -73,13 +73,15 @@ class UpdateIn(_In):
 
 class AskIn(_In):
     question: str = Field(json_schema_extra=_QUESTION_SCHEMA)
-    k: int = Field(1, description="How many hits at most.", json_schema_extra={"minimum": 1, "maximum": 100})
+    k: int = Field(1, description="How many hits at most (up to the config's max_k, 100 by default).",
+                   json_schema_extra={"minimum": 1})
 
 
 class AskManyIn(_In):
     questions: list[str] = Field(min_length=1, max_length=256, description="Questions, answered in one batch.",
                                  json_schema_extra={"items": _QUESTION_SCHEMA})
-    k: int = Field(1, description="How many hits at most.", json_schema_extra={"minimum": 1, "maximum": 100})
+    k: int = Field(1, description="How many hits at most (up to the config's max_k, 100 by default).",
+                   json_schema_extra={"minimum": 1})
 
 
 class VersionOut(BaseModel):
