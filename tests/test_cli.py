@@ -108,3 +108,36 @@ def test_ask_without_an_index_says_so_and_still_finds_untrained_memories(capsys,
     assert code == 0
     assert "has no trained index yet" in err
     assert [h["id"] for h in json.loads(out)["hits"]] == ["personal_pet_max"]
+
+
+@pytest.mark.parametrize("raised,code,says", [(KeyboardInterrupt, 130, "interrupted"), ("exit", 3, ""),
+                                              ("usage", 2, "No such option")])
+def test_the_runner_turns_interrupts_exits_and_usage_errors_into_exit_codes(capsys, monkeypatch, raised, code, says):
+    import typer
+
+    from ipm.cli import run
+
+    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+
+    @app.command()
+    def command(flag: bool = False):
+        if raised == "exit":
+            raise typer.Exit(3)
+        if raised is KeyboardInterrupt:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(sys, "argv", ["prog", "--bogus"] if raised == "usage" else ["prog"])
+    with pytest.raises(SystemExit) as e:
+        run(app)
+    err = capsys.readouterr().err
+    assert e.value.code == code and says in err and "Traceback" not in err
+
+
+def test_the_server_programs_print_usage_errors_without_a_traceback(capsys, monkeypatch):
+    from ipm.cli_server import run_alone, serve
+
+    monkeypatch.setattr(sys, "argv", ["ipm-server", "--bogus"])
+    with pytest.raises(SystemExit) as e:
+        run_alone(serve)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "No such option" in err and "Traceback" not in err

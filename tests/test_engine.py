@@ -157,6 +157,54 @@ def test_forget_purges_the_text_and_questions_from_every_index_version(trained, 
     assert trained.train()["metrics"]["incremental"]  # the purged files still train incrementally
 
 
+def fake_version(root, name, rows, dim=4):
+    """An index version's files as train writes them (questions, their embeddings, manifest)."""
+    import torch
+    from safetensors.torch import save_file
+
+    v = root / name
+    v.mkdir(parents=True)
+    (v / "questions.jsonl").write_text("".join(json.dumps({"question": q, "memory_id": m}, ensure_ascii=False) + "\n"
+                                               for q, m in rows), encoding="utf-8")
+    emb = torch.arange(len(rows) * dim, dtype=torch.float16).reshape(len(rows), dim)
+    save_file({"embeddings": emb}, str(v / "question_embeddings.safetensors"), metadata={"encoder": "x"})
+    (v / "manifest.json").write_text(json.dumps({"version": name, "ids": {m: "h" for _, m in rows}}))
+    return v, emb
+
+
+def test_purge_keeps_line_separators_finishes_a_failed_purge_and_names_a_damaged_version(tmp_path):
+    from safetensors.torch import load_file
+
+    from ipm.engine import read_questions
+    from ipm.errors import IndexDamaged
+
+    root = tmp_path / "indexes" / "u"
+    rows = [("Notes\u2028with a line separator", "note_keep_one"), ("my pin is 4812", "personal_pin_secret"),
+            ("Q about\u2029paragraphs\x85", "note_keep_one"), ("what is my pin?", "personal_pin_secret")]
+    v1, emb = fake_version(root, "v0001", rows)
+    v2, _ = fake_version(root, "v0002", rows[:2])
+    assert index_dir.purge(root, {"note_keep_one", "personal_pin_secret"}) == []  # nothing forgotten
+    assert index_dir.purge(root, {"note_keep_one"}) == ["v0001", "v0002"]
+    assert read_questions(v1) == [rows[0], rows[2]] and read_questions(v2) == [rows[0]]
+    assert torch_equal(load_file(str(v1 / "question_embeddings.safetensors"))["embeddings"], emb[[0, 2]])
+    assert json.loads((v1 / "manifest.json").read_text())["ids"] == {"note_keep_one": "h"}
+    assert "4812" not in (v1 / "questions.jsonl").read_text() + (v2 / "questions.jsonl").read_text()
+    assert sorted(p.name for p in v1.iterdir()) == ["manifest.json", "question_embeddings.safetensors",
+                                                    "questions.jsonl"]  # no temporary file left
+    assert index_dir.purge(root, {"note_keep_one"}) == []  # done: the next purge finds nothing
+    v3, _ = fake_version(root, "v0003", rows[:2])  # e.g. a purge that could not finish
+    assert index_dir.purge(root, {"note_keep_one"}) == ["v0003"]
+    (v3 / "questions.jsonl").write_text("not json\n")
+    with pytest.raises(IndexDamaged, match="v0003 could not be purged"):
+        index_dir.purge(root, set())
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return torch.equal(a, b)
+
+
 def test_forget_by_another_process_is_honoured(trained, home, tiny_config, tmp_path):
     trained.ask("warm up", k=1)
     other = ipm.open(home, config=tiny_config, cache=tmp_path / "cache")
@@ -378,6 +426,8 @@ def test_import_jsonl_records_and_training_questions(mem, tmp_path):
     ('[{"text": "ok", "colour": "red"}]', "unknown field"),
     ('[{"question": "q?", "memory_id": "personal_pet_max", "colour": "red"}]', "index 0: unknown field"),
     ('[]', "no records"),
+    ('{"personal_pet_max": "one", "personal_pet_max": "two"}', "key 'personal_pet_max' is given twice"),
+    ('{"text": "ok"}\n{"text": "a", "text": "b"}\n', "line 2: key 'text' is given twice"),
     ('[\n  {"text": "ok"},\n  {"text": oops}\n]\n', "not valid JSON: Expecting value at line 3, column 12"),
     ('{"id": "note_one_two", "text": "a"}\n{"id": "note_one_two", "text": "b"}\n',
      "bad.json: line 2: memory ID 'note_one_two' is given twice in this input \\(also line 1\\)"),

@@ -294,15 +294,16 @@ app.command()(serve)
 app.command()(mcp)
 
 
-def main() -> None:
+def run(typer_app: typer.Typer) -> None:
+    """Run a typer app the CLI's way: an IPMError is one line on stderr and exit code 1, a usage
+    error click's message and exit code 2, Ctrl-C exit code 130; never a traceback for these."""
     try:
-        app(standalone_mode=False)
+        code = typer_app(standalone_mode=False)
     except IPMError as e:
         err.print(f"[red]error:[/red] {escape(str(e))}", highlight=False)
         sys.exit(1)
     except KeyboardInterrupt:
-        err.print("[red]interrupted[/red]")
-        sys.exit(130)
+        code = 130
     except Exception as e:
         # Usage errors, by their interface: typer 0.2x raises its own copy of click's classes
         # (typer._click), older typers click's own.
@@ -310,7 +311,18 @@ def main() -> None:
             e.show()
             sys.exit(e.exit_code)
         if type(e).__name__ == "Exit":  # typer.Exit / click's Exit
-            sys.exit(getattr(e, "exit_code", 0))
-        if type(e).__name__ == "Abort":
-            sys.exit(1)
-        raise
+            code = getattr(e, "exit_code", 0)
+        elif type(e).__name__ == "Abort":
+            code = 1
+        else:
+            raise
+    # Outside standalone mode, click returns (not raises) the code of an Exit, and typer turns
+    # Ctrl-C into Exit(130).
+    if isinstance(code, int) and code:
+        if code == 130:
+            err.print("[red]interrupted[/red]")
+        sys.exit(code)
+
+
+def main() -> None:
+    run(app)

@@ -58,23 +58,8 @@ def mcp(home: Optional[Path] = _Home,
 def run_alone(command) -> None:
     """Run one of these commands as a program (`python -m ipm.server`, `python -m ipm.mcp_server`),
     with the CLI's error handling: an IPMError is one line on stderr and exit code 1."""
-    import sys
-
-    from .errors import IPMError
+    from .cli import run
 
     app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
     app.command()(command)
-    try:
-        app(standalone_mode=False)
-    except IPMError as e:
-        sys.stderr.write(f"error: {e}\n")
-        sys.exit(1)
-    except KeyboardInterrupt:
-        sys.exit(130)
-    except Exception as e:
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
-            e.show()
-            sys.exit(e.exit_code)
-        raise
+    run(app)

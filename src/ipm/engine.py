@@ -146,9 +146,11 @@ def read_records(path: str | Path) -> tuple[object, str]:
     except UnicodeDecodeError as e:
         raise InvalidInput(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
     try:
-        data = json.loads(raw)
+        data = json.loads(raw, object_pairs_hook=_unique_keys)
     except json.JSONDecodeError as document:
         whole = document
+    except InvalidInput as e:
+        raise InvalidInput(f"{path}: {e}") from None
     else:
         # One line of JSON lines is one record, not a {"id": "text"} document: "text",
         # "question" and "memory_id" are no valid IDs.
@@ -160,13 +162,26 @@ def read_records(path: str | Path) -> tuple[object, str]:
     records = []
     for n, line in lines:
         try:
-            records.append((n, json.loads(line)))
+            records.append((n, json.loads(line, object_pairs_hook=_unique_keys)))
         except json.JSONDecodeError as e:
             if not records:  # not JSON lines at all: a JSON document, and its own error says where
                 raise InvalidInput(f"{path} is not valid JSON: {whole.msg} at line {whole.lineno}, "
                                    f"column {whole.colno}") from None
             raise InvalidInput(f"{path}: line {n} is not valid JSON ({e.msg})") from None
+        except InvalidInput as e:
+            raise InvalidInput(f"{path}: line {n}: {e}") from None
     return records, "lines"
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    """A JSON object, refused if it names a key twice (json.loads would keep the last silently:
+    in a {"id": "text"} file, one memory lost)."""
+    out = {}
+    for key, value in pairs:
+        if key in out:
+            raise InvalidInput(f"key {key!r} is given twice in one object")
+        out[key] = value
+    return out
 
 
 def parse_records(data, source: str, kind: str = "json") -> tuple[list[NewMemory], list[str], list[tuple[str, str]], list[str]]:
@@ -283,7 +298,7 @@ class IPM:
             s = self._serving.get(user)
             if s is not None:
                 s.trie.remove(id)
-            index_dir.purge(self.paths.index_root(user), {id})
+            index_dir.purge(self.paths.index_root(user), set(self.store.ids(user)))
 
     def log(self, user: str = DEFAULT_USER, limit: int | None = None):
         return self.store.events(user, limit)
@@ -578,10 +593,12 @@ class IPM:
 
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        # A memory forgotten while this version trained is purged from it like from the others.
-        gone = set(manifest["ids"]) - set(self.store.ids(user))
-        if gone:
-            index_dir.purge(root, gone)
+        # A memory forgotten while this version trained is purged from it like from the others
+        # (and a purge an earlier forget could not finish is finished).
+        with self._lock:
+            live = set(self.store.ids(user))
+            index_dir.purge(root, live)
+        manifest["ids"] = {k: v for k, v in manifest["ids"].items() if k in live}
         self.store.log(user, "train", [m.id for m in memories], version=name, examples=len(train),
                        seconds=manifest["metrics"]["total_seconds"], path=str(final))
         return manifest

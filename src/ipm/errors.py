@@ -30,6 +30,10 @@ class IndexMissing(IPMError):
     """No trained index exists yet for this namespace."""
 
 
+class IndexDamaged(IPMError):
+    """An index version on disk cannot be read or rewritten."""
+
+
 class TrainingError(IPMError):
     """Training could not run (nothing to train on, interrupted, ...)."""
 

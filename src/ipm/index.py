@@ -16,11 +16,12 @@ import json
 import os
 import re
 import shutil
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import IndexMissing
+from .errors import IndexDamaged, IndexMissing
 
 MANIFEST = "manifest.json"
 QUESTIONS_FILE = "questions.jsonl"  # a version's training questions, one {"question", "memory_id"} a line
@@ -75,50 +76,83 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def purge(root: Path, memory_ids: set[str]) -> list[str]:
-    """Take forgotten memories out of every version of a namespace: their training questions
-    (the memory's own text is one of them) and those questions' embeddings, and their entry
-    in the manifest's ID set. Each file is written beside the old one and replaced atomically;
-    returns the versions changed. The adapter's weights are not edited: what they learned
-    points at an ID the trie no longer holds, and a full retrain (`ipm train --full`)
-    learns without it."""
+def purge(root: Path, live: set[str]) -> list[str]:
+    """Take every memory not in `live` (the namespace's memories in the store) out of every
+    version of the namespace: its training questions (the memory's own text is one of them),
+    those questions' embeddings, and its entry in the manifest's ID set. So a purge that failed
+    half-way (a full disk) is finished by the next one. Each file is written beside the old one
+    and swapped in, under a lock on the namespace's index directory, so two processes (a CLI
+    forget and a server training) never lose each other's purge. Returns the versions changed.
+    The adapter's weights are not edited: what they learned points at an ID the trie no longer
+    holds, and a full retrain (`ipm train --full`) learns without it."""
+    if not root.is_dir():
+        return []
+    changed = []
+    with _locked(root):
+        for version in sorted(p for p in root.iterdir() if re.fullmatch(r"v\d+", p.name)):
+            try:
+                if _purge_version(version, live):
+                    changed.append(version.name)
+            except (OSError, ValueError, KeyError) as e:
+                raise IndexDamaged(f"index version {version} could not be purged of forgotten memories ({e}); the "
+                                   "store no longer has them. Free the disk or fix the files, then forget or train "
+                                   "again to finish, or delete that version") from None
+    return changed
+
+
+def _purge_version(version: Path, live: set[str]) -> bool:
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    changed = []
-    versions = sorted(p for p in root.iterdir() if re.fullmatch(r"v\d+", p.name)) if root.is_dir() else []
-    for version in versions:
-        questions, manifest = version / QUESTIONS_FILE, version / MANIFEST
-        rows = questions.read_text(encoding="utf-8").splitlines(keepends=True) if questions.is_file() else []
-        keep = [i for i, line in enumerate(rows) if json.loads(line)["memory_id"] not in memory_ids]
-        meta = json.loads(manifest.read_text()) if manifest.is_file() else {}
-        listed = memory_ids & set(meta.get("ids", {}))
-        if len(keep) == len(rows) and not listed:
-            continue
-        embeddings = version / QUESTION_EMBEDDINGS
-        if embeddings.is_file() and len(keep) < len(rows):
-            with safe_open(str(embeddings), framework="pt") as f:
-                tensor, metadata = f.get_tensor("embeddings"), f.metadata()
-            if len(tensor) == len(rows):
-                with _replacing(embeddings) as tmp:
-                    save_file({"embeddings": tensor[keep].contiguous()}, str(tmp), metadata=metadata)
-            else:  # not the file written with these rows: the engine embeds them again anyway
-                embeddings.unlink()
-        if len(keep) < len(rows):
-            with _replacing(questions) as tmp:
-                tmp.write_text("".join(rows[i] for i in keep), encoding="utf-8")
-        if listed:
-            meta["ids"] = {k: v for k, v in meta["ids"].items() if k not in memory_ids}
-            with _replacing(manifest) as tmp:
-                tmp.write_text(json.dumps(meta, indent=2, ensure_ascii=False))
-        changed.append(version.name)
-    return changed
+    questions, manifest = version / QUESTIONS_FILE, version / MANIFEST
+    # One JSON object a line; split on newlines only (a text may hold U+2028, written unescaped).
+    rows = [line for line in questions.read_text(encoding="utf-8").split("\n") if line] if questions.is_file() else []
+    keep = [i for i, line in enumerate(rows) if json.loads(line)["memory_id"] in live]
+    meta = json.loads(manifest.read_text(encoding="utf-8")) if manifest.is_file() else {}
+    listed = set(meta.get("ids", {})) - live
+    if len(keep) == len(rows) and not listed:
+        return False
+    embeddings = version / QUESTION_EMBEDDINGS
+    if embeddings.is_file() and len(keep) < len(rows):
+        with safe_open(str(embeddings), framework="pt") as f:
+            tensor, metadata = f.get_tensor("embeddings"), f.metadata()
+        if len(tensor) == len(rows):
+            with _replacing(embeddings) as tmp:
+                save_file({"embeddings": tensor[keep].contiguous()}, str(tmp), metadata=metadata)
+        else:  # not the file written with these rows: the engine embeds them again anyway
+            embeddings.unlink()
+    if len(keep) < len(rows):
+        with _replacing(questions) as tmp:
+            tmp.write_text("".join(rows[i] + "\n" for i in keep), encoding="utf-8")
+    if listed:
+        meta["ids"] = {k: v for k, v in meta["ids"].items() if k in live}
+        with _replacing(manifest) as tmp:
+            tmp.write_text(json.dumps(meta, indent=2, ensure_ascii=False), encoding="utf-8")
+    return True
+
+
+@contextmanager
+def _locked(root: Path) -> Iterator[None]:
+    """An exclusive lock on a namespace's index directory, across processes (POSIX)."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: one process at a time is the caller's business
+        yield
+        return
+    with open(root / ".lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 @contextmanager
 def _replacing(path: Path) -> Iterator[Path]:
-    """A temporary path beside `path` to write its new content in, swapped in on success."""
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    """A fresh temporary path beside `path` to write its new content in, swapped in on success."""
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f"{path.name}.tmp-")
+    os.close(fd)
+    tmp = Path(name)
     try:
         yield tmp
         os.replace(tmp, path)

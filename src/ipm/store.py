@@ -390,9 +390,15 @@ class Store:
             db.execute("DELETE FROM history WHERE namespace = ? AND id = ?", (namespace, memory_id))
             db.execute("DELETE FROM questions WHERE namespace = ? AND memory_id = ?", (namespace, memory_id))
             self._log(db, namespace, "forget", [memory_id])
-        # The write-ahead log still holds the pages as they were before; copy it back and empty
-        # it now rather than at some later checkpoint (best effort: a reader mid-query keeps it).
-        self._conn().execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        # The write-ahead log still holds the pages as they were before: copy it back and empty
+        # it now rather than at some later checkpoint. Best effort, waiting a second at most: a
+        # reader in another process keeps it until the next checkpoint that finds none.
+        conn = self._conn()
+        conn.execute("PRAGMA busy_timeout=1000")
+        try:
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        finally:
+            conn.execute("PRAGMA busy_timeout=30000")
 
     def questions(self, namespace: str) -> dict[str, list[str]]:
         out: dict[str, list[str]] = {}
