@@ -153,8 +153,12 @@ def test_forget_purges_the_text_and_questions_from_every_index_version(trained, 
     assert trained.status()["indexed"] == 3
     a = trained.ask(MEMORIES["work_job_acme"], k=4)
     assert "personal_pet_max" not in [h.id for h in a.candidates]
+    # a version a purge could not finish (written back as it was) is purged by the next train
+    (versions[0] / "questions.jsonl").write_text(
+        "".join(json.dumps({"question": q, "memory_id": m}) + "\n" for q, m in before[versions[0]]))
     trained.add("My favourite food is sushi.")
     assert trained.train()["metrics"]["incremental"]  # the purged files still train incrementally
+    assert text not in (versions[0] / "questions.jsonl").read_text()
 
 
 def fake_version(root, name, rows, dim=4):
@@ -183,20 +187,29 @@ def test_purge_keeps_line_separators_finishes_a_failed_purge_and_names_a_damaged
             ("Q about\u2029paragraphs\x85", "note_keep_one"), ("what is my pin?", "personal_pin_secret")]
     v1, emb = fake_version(root, "v0001", rows)
     v2, _ = fake_version(root, "v0002", rows[:2])
-    assert index_dir.purge(root, {"note_keep_one", "personal_pin_secret"}) == []  # nothing forgotten
-    assert index_dir.purge(root, {"note_keep_one"}) == ["v0001", "v0002"]
+    both = lambda: {"note_keep_one", "personal_pin_secret"}  # noqa: E731  the store's memories
+    assert index_dir.purge(root, both) == []  # nothing forgotten
+    # forgotten, and already added again under the same ID: its old rows go all the same
+    assert index_dir.purge(root, both, frozenset({"personal_pin_secret"})) == ["v0001", "v0002"]
     assert read_questions(v1) == [rows[0], rows[2]] and read_questions(v2) == [rows[0]]
     assert torch_equal(load_file(str(v1 / "question_embeddings.safetensors"))["embeddings"], emb[[0, 2]])
     assert json.loads((v1 / "manifest.json").read_text())["ids"] == {"note_keep_one": "h"}
     assert "4812" not in (v1 / "questions.jsonl").read_text() + (v2 / "questions.jsonl").read_text()
     assert sorted(p.name for p in v1.iterdir()) == ["manifest.json", "question_embeddings.safetensors",
                                                     "questions.jsonl"]  # no temporary file left
-    assert index_dir.purge(root, {"note_keep_one"}) == []  # done: the next purge finds nothing
+    assert index_dir.purge(root, lambda: {"note_keep_one"}) == []  # done: the next purge finds nothing
     v3, _ = fake_version(root, "v0003", rows[:2])  # e.g. a purge that could not finish
-    assert index_dir.purge(root, {"note_keep_one"}) == ["v0003"]
+    assert index_dir.purge(root, lambda: {"note_keep_one"}) == ["v0003"]
     (v3 / "questions.jsonl").write_text("not json\n")
     with pytest.raises(IndexDamaged, match="v0003 could not be purged"):
-        index_dir.purge(root, set())
+        index_dir.purge(root, set)
+    (v3 / "questions.jsonl").write_text('[1, 2]\n')
+    with pytest.raises(IndexDamaged, match="TypeError"):
+        index_dir.purge(root, set)
+    fake_version(root, "v0004", rows[:2])[0].joinpath("question_embeddings.safetensors").write_bytes(b"damaged")
+    (v3 / "questions.jsonl").unlink()
+    with pytest.raises(IndexDamaged, match="v0004"):
+        index_dir.purge(root, lambda: {"note_keep_one"})
 
 
 def torch_equal(a, b) -> bool:

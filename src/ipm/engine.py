@@ -298,7 +298,7 @@ class IPM:
             s = self._serving.get(user)
             if s is not None:
                 s.trie.remove(id)
-            index_dir.purge(self.paths.index_root(user), set(self.store.ids(user)))
+            index_dir.purge(self.paths.index_root(user), lambda: set(self.store.ids(user)), frozenset({id}))
 
     def log(self, user: str = DEFAULT_USER, limit: int | None = None):
         return self.store.events(user, limit)
@@ -459,6 +459,8 @@ class IPM:
         retrievers' question embeddings), "train" and "calibrate". The previous version keeps
         serving until the new one is complete."""
         check_namespace(user)
+        # Finish any purge a forget could not (index.purge), before anything else.
+        index_dir.purge(self.paths.index_root(user), lambda: set(self.store.ids(user)))
         memories = self.store.list(user)
         if not memories:
             raise TrainingError(f"namespace {user!r} has no memories to train on: add or import some first")
@@ -587,18 +589,19 @@ class IPM:
                             "phase_seconds": {k: round(v, 2) for k, v in phases.items()},
                             "memories": len(memories), "calibration_examples": len(calib)},
             }
-            final = index_dir.commit_version(root, name, tmp, manifest)
+            # A memory forgotten while this version trained is purged from it before it is
+            # made current, under the lock a forget's purge takes: a forget either comes first
+            # (the store no longer has the memory) or finds this version in place.
+            with self._lock, index_dir.locked(root):
+                live = set(self.store.ids(user))
+                index_dir.purge_version(tmp, live)
+                manifest["ids"] = {k: v for k, v in manifest["ids"].items() if k in live}
+                final = index_dir.commit_version(root, name, tmp, manifest)
         except BaseException:
             import shutil
 
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        # A memory forgotten while this version trained is purged from it like from the others
-        # (and a purge an earlier forget could not finish is finished).
-        with self._lock:
-            live = set(self.store.ids(user))
-            index_dir.purge(root, live)
-        manifest["ids"] = {k: v for k, v in manifest["ids"].items() if k in live}
         self.store.log(user, "train", [m.id for m in memories], version=name, examples=len(train),
                        seconds=manifest["metrics"]["total_seconds"], path=str(final))
         return manifest

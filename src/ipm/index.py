@@ -20,6 +20,7 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable
 
 from .errors import IndexDamaged, IndexMissing
 
@@ -76,28 +77,34 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def purge(root: Path, live: set[str]) -> list[str]:
-    """Take every memory not in `live` (the namespace's memories in the store) out of every
-    version of the namespace: its training questions (the memory's own text is one of them),
-    those questions' embeddings, and its entry in the manifest's ID set. So a purge that failed
-    half-way (a full disk) is finished by the next one. Each file is written beside the old one
-    and swapped in, under a lock on the namespace's index directory, so two processes (a CLI
-    forget and a server training) never lose each other's purge. Returns the versions changed.
-    The adapter's weights are not edited: what they learned points at an ID the trie no longer
-    holds, and a full retrain (`ipm train --full`) learns without it."""
+def purge(root: Path, live: Callable[[], set[str]], forgotten: frozenset[str] = frozenset()) -> list[str]:
+    """Take every memory not in `live()` (the namespace's memories in the store, read once the
+    lock is held), and the `forgotten` IDs whatever the store says now (one may already have
+    been added again, under the same ID, with another text), out of every version of a
+    namespace: its training questions (the memory's own text is one of them), those questions'
+    embeddings, and its entry in the manifest's ID set. So a purge that failed half-way (a full
+    disk) is finished by the next one. Each file is written beside the old one and swapped in,
+    under the namespace's lock (`locked`), so two processes (a CLI forget and a server
+    training) never lose each other's purge. Returns the versions changed. The adapter's
+    weights are not edited: what they learned points at an ID the trie no longer holds, and a
+    full retrain (`ipm train --full`) learns without it."""
     if not root.is_dir():
         return []
-    changed = []
-    with _locked(root):
-        for version in sorted(p for p in root.iterdir() if re.fullmatch(r"v\d+", p.name)):
-            try:
-                if _purge_version(version, live):
-                    changed.append(version.name)
-            except (OSError, ValueError, KeyError) as e:
-                raise IndexDamaged(f"index version {version} could not be purged of forgotten memories ({e}); the "
-                                   "store no longer has them. Free the disk or fix the files, then forget or train "
-                                   "again to finish, or delete that version") from None
-    return changed
+    with locked(root):
+        keep = live() - forgotten
+        return [v.name for v in sorted(p for p in root.iterdir() if re.fullmatch(r"v\d+", p.name))
+                if purge_version(v, keep)]
+
+
+def purge_version(version: Path, live: set[str]) -> bool:
+    """Purge one version directory (or one being written) of every memory not in `live`;
+    whether anything changed. Call it under `locked(root)`."""
+    try:
+        return _purge_version(version, live)
+    except Exception as e:  # unreadable JSON, a damaged safetensors file, a full disk...
+        raise IndexDamaged(f"index version {version} could not be purged of forgotten memories "
+                           f"({type(e).__name__}: {e}); the store no longer has them. Free the disk or fix "
+                           "or delete that version, then forget or train again to finish") from None
 
 
 def _purge_version(version: Path, live: set[str]) -> bool:
@@ -132,14 +139,19 @@ def _purge_version(version: Path, live: set[str]) -> bool:
 
 
 @contextmanager
-def _locked(root: Path) -> Iterator[None]:
-    """An exclusive lock on a namespace's index directory, across processes (POSIX)."""
+def locked(root: Path) -> Iterator[None]:
+    """An exclusive lock on a namespace's index directory, across processes (POSIX). Not
+    re-entrant: a process that holds it and asks again waits for ever."""
     try:
         import fcntl
     except ImportError:  # not POSIX: one process at a time is the caller's business
         yield
         return
-    with open(root / ".lock", "a") as f:
+    try:
+        f = open(root / ".lock", "a")  # noqa: SIM115 (closed below)
+    except OSError as e:
+        raise IndexDamaged(f"cannot lock the index directory {root}: {e.strerror}") from None
+    with f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
             yield

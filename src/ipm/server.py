@@ -33,7 +33,8 @@ from starlette.exceptions import HTTPException
 
 from . import __version__
 from .engine import IPM
-from .errors import DuplicateID, IndexMissing, InvalidInput, IPMError, ModelError, NotFound, TrainingError
+from .errors import (DuplicateID, HomeError, IndexDamaged, IndexMissing, InvalidInput, IPMError, ModelError, NotFound,
+                     TrainingError)
 from .ids import ID_PATTERN, MAX_ID_LENGTH
 from .store import MAX_QUESTION_CHARS, Memory, check_namespace  # Memory: the response schema of /memories
 
@@ -423,6 +424,8 @@ def _status_of(e: IPMError) -> int:
         return 409
     if isinstance(e, ModelError):
         return 503
+    if isinstance(e, (IndexDamaged, HomeError)):  # the server's own files, not the request
+        return 500
     return 400
 
 
