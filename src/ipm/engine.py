@@ -298,7 +298,8 @@ class IPM:
             s = self._serving.get(user)
             if s is not None:
                 s.trie.remove(id)
-            index_dir.purge(self.paths.index_root(user), lambda: set(self.store.ids(user)), frozenset({id}))
+        # File I/O over every version: under the index lock only, so asks are not held up by it.
+        index_dir.purge(self.paths.index_root(user), lambda: set(self.store.ids(user)), frozenset({id}))
 
     def log(self, user: str = DEFAULT_USER, limit: int | None = None):
         return self.store.events(user, limit)

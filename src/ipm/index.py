@@ -52,15 +52,23 @@ def new_version(root: Path) -> tuple[str, Path]:
         pid = stale.name.rsplit("-", 1)[-1]
         if not pid.isdigit() or not _alive(int(pid)):
             shutil.rmtree(stale, ignore_errors=True)
-    numbers = [int(m.group(1)) for p in root.iterdir() if (m := re.fullmatch(r"v(\d+)", p.name))]
-    name = f"v{max(numbers, default=0) + 1:04d}"
+    name = f"v{max((int(v.name[1:]) for v in versions(root)), default=0) + 1:04d}"
     tmp = root / f"{name}.tmp-{os.getpid()}"
     tmp.mkdir()
     return name, tmp
 
 
+def versions(root: Path) -> list[Path]:
+    """The namespace's complete version directories (vNNNN), oldest first."""
+    return sorted((p for p in root.iterdir() if re.fullmatch(r"v\d+", p.name)), key=lambda p: int(p.name[1:]))
+
+
+def write_manifest(path: Path, manifest: dict) -> None:
+    path.write_text(json.dumps(manifest, indent=2, ensure_ascii=False), encoding="utf-8")
+
+
 def commit_version(root: Path, name: str, tmp: Path, manifest: dict) -> Path:
-    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False))
+    write_manifest(tmp / MANIFEST, manifest)
     final = root / name
     os.replace(tmp, final)
     pointer = root / f"CURRENT.tmp-{os.getpid()}"
@@ -92,8 +100,7 @@ def purge(root: Path, live: Callable[[], set[str]], forgotten: frozenset[str] = 
         return []
     with locked(root):
         keep = live() - forgotten
-        return [v.name for v in sorted(p for p in root.iterdir() if re.fullmatch(r"v\d+", p.name))
-                if purge_version(v, keep)]
+        return [v.name for v in versions(root) if purge_version(v, keep)]
 
 
 def purge_version(version: Path, live: set[str]) -> bool:
@@ -134,7 +141,7 @@ def _purge_version(version: Path, live: set[str]) -> bool:
     if listed:
         meta["ids"] = {k: v for k, v in meta["ids"].items() if k in live}
         with _replacing(manifest) as tmp:
-            tmp.write_text(json.dumps(meta, indent=2, ensure_ascii=False), encoding="utf-8")
+            write_manifest(tmp, meta)
     return True
 
 
