@@ -292,6 +292,50 @@ def test_retraining_makes_a_new_current_version(trained, home):
     assert index_dir.current_dir(home / "indexes" / "default").name == "v0002"
 
 
+def test_a_train_keeps_the_newest_versions_and_deletes_the_older(home, memories_file, tiny_config, tmp_path,
+                                                                request):
+    trained = ipm.open(home, config=tiny_config.updated(keep_versions=2, epochs=2, also_calibrate=[]),
+                       cache=tmp_path / "cache")
+    request.addfinalizer(trained.store.close)
+    trained.import_(memories_file)
+    root = home / "indexes" / "default"
+    trained.train()
+    trained.train(full=True)
+    assert [v.name for v in index_dir.versions(root)] == ["v0001", "v0002"]
+    trained.add("My favourite food is sushi.", id="food_favorite_sushi")
+    trained.train()
+    assert [v.name for v in index_dir.versions(root)] == ["v0002", "v0003"]
+    assert not list(root.glob("*.tmp-*"))
+    assert [e for e in trained.log() if e.action == "train"][-1].detail["removed_versions"] == ["v0001"]
+    assert trained.ask(MEMORIES["family_sister_anna"], k=1).candidates  # the new current version serves
+    trained.add("My car is a blue Mazda 3.", id="transport_car_mazda")
+    trained.train()  # incremental, from v0003
+    assert [v.name for v in index_dir.versions(root)] == ["v0003", "v0004"]
+
+
+def test_old_versions_are_retired_then_deleted_but_never_the_current_one(tmp_path, monkeypatch):
+    import shutil
+
+    root = tmp_path / "indexes" / "u"
+    for n in range(1, 6):
+        fake_version(root, f"v000{n}", [("q", "note_a_b")])
+    (root / "CURRENT").write_text("v0002")  # set back by hand to an older version
+    retired = index_dir.retire(root, 2)
+    assert list(retired) == ["v0001", "v0003"]
+    assert [v.name for v in index_dir.versions(root)] == ["v0002", "v0004", "v0005"]  # moved out of the way
+    index_dir.delete_retired(retired)
+    assert index_dir.current_dir(root).name == "v0002" and not list(root.glob("*.tmp-*"))
+    assert index_dir.retire(root, 2) == {}
+    (root / "CURRENT").write_text("v0005")  # a train made v0005 current, replacing v0004
+    index_dir.delete_retired(index_dir.retire(root, 1, also_keep=root / "v0004"))
+    assert [v.name for v in index_dir.versions(root)] == ["v0004", "v0005"]
+    # a version that cannot be deleted is named, not passed over in silence
+    monkeypatch.setattr(shutil, "rmtree", lambda *a, **k: None)
+    retired = index_dir.retire(root, 1)
+    with pytest.warns(UserWarning, match="v0004 could not be deleted"):
+        index_dir.delete_retired(retired)
+
+
 def test_memory_added_after_training_is_pending_until_retrained(trained):
     trained.add("My car is a blue Mazda 3.", id="transport_car_mazda")
     a = trained.ask("which car do I drive? mazda", k=3)
@@ -655,6 +699,7 @@ def test_a_threshold_of_ones_own_can_be_set_back_to_the_calibrated_one():
     ("expand_retrievers", 1, "true or false"), ("base_model", 5, "a string"), ("target_modules", "q_proj", "list"),
     ("target_modules", [], "at least one"), ("device", "tpu", "device must be"), ("threads", -3, "at least 0"),
     ("lora_layers", -2, "at least 0"), ("max_text_bytes", 0, "at least 1"), ("max_k", 0, "at least 1"),
+    ("keep_versions", 1, "at least 2"),
     ("learning_rate", 0, "above 0"), ("abstain_threshold", -0.1, "at least 0"), ("abstain_threshold", "x", "number"),
 ])
 def test_a_bad_config_value_is_refused_when_set_not_deep_in_training(option, value, says):

@@ -139,6 +139,12 @@ class Config:
     # alone from 15.7 to 24.8 held-out recall@1 (hybrid unchanged) and trained 17% faster.
     max_text_bytes: int = MAX_TEXT_BYTES
     id_scheme: str = "salient"
+    # Index versions kept on disk per namespace, the current one among them: when a train
+    # commits a new version, the older ones beyond this many are deleted. Each holds an
+    # adapter, its training questions and their embeddings (about 8 MB on the demo set), and a
+    # forget rewrites every version kept (index.purge). At least 2: the version just replaced
+    # stays for another process still reading it (a server loading it, a train continuing from it).
+    keep_versions: int = 3
 
     @classmethod
     def from_file(cls, path: str | Path) -> "Config":
@@ -224,6 +230,9 @@ class Config:
                      "rerank_likelihood"):
             if getattr(self, name) < 0:
                 raise InvalidInput(f"config option {name} must be at least 0, got {getattr(self, name)}")
+        if self.keep_versions < 2:
+            raise InvalidInput("keep_versions must be at least 2: the current index version, and the one it replaced "
+                               "for a process still reading it")
         if self.replay_ratio < 0:
             raise InvalidInput("replay_ratio must be at least 0")
         if not 0 <= self.calibration_fraction < 0.5:

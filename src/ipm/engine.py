@@ -597,14 +597,20 @@ class IPM:
                 live = set(self.store.ids(user))
                 index_dir.purge_version(tmp, live)
                 manifest["ids"] = {k: v for k, v in manifest["ids"].items() if k in live}
+                replaced = index_dir.current_dir(root)  # kept, whatever its age: others may be reading it
                 final = index_dir.commit_version(root, name, tmp, manifest)
+                retired = index_dir.retire(root, self.config.keep_versions, also_keep=replaced)
         except BaseException:
             import shutil
 
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        self.store.log(user, "train", [m.id for m in memories], version=name, examples=len(train),
-                       seconds=manifest["metrics"]["total_seconds"], path=str(final))
+        try:
+            self.store.log(user, "train", [m.id for m in memories], version=name, examples=len(train),
+                           seconds=manifest["metrics"]["total_seconds"], path=str(final),
+                           removed_versions=list(retired))
+        finally:
+            index_dir.delete_retired(retired)  # outside the locks: asks go on meanwhile
         return manifest
 
     def _top1(self, decoder, questions: list[str], trie: Trie, candidates: Candidates | None,

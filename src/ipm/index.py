@@ -8,6 +8,7 @@
 
 A version is written into `vNNNN.tmp-<pid>` and renamed once its files are on disk; CURRENT is
 then replaced with os.replace. A crash or Ctrl-C at any point leaves the previous CURRENT.
+Versions older than the newest `keep_versions` are then deleted (`retire`, `delete_retired`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import os
 import re
 import shutil
 import tempfile
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -69,12 +71,60 @@ def write_manifest(path: Path, manifest: dict) -> None:
 
 def commit_version(root: Path, name: str, tmp: Path, manifest: dict) -> Path:
     write_manifest(tmp / MANIFEST, manifest)
+    # On disk before CURRENT names it, and before older versions are deleted (a power cut
+    # must leave one complete version to serve).
+    for path in [*tmp.iterdir(), tmp]:
+        _fsync(path)
     final = root / name
     os.replace(tmp, final)
     pointer = root / f"CURRENT.tmp-{os.getpid()}"
     pointer.write_text(name)
+    _fsync(pointer)
     os.replace(pointer, root / "CURRENT")
+    _fsync(root)
     return final
+
+
+def _fsync(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # a directory, where the system cannot open one (Windows)
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # Windows flushes only a handle open for writing: best effort there
+        pass
+    finally:
+        os.close(fd)
+
+
+def retire(root: Path, keep: int, also_keep: Path | None = None) -> dict[str, Path]:
+    """Move every version but the newest `keep`, the current one and `also_keep` out of the
+    way, each renamed to a temporary name (`vNNNN.tmp-<pid>`, which nothing reads), and return
+    them by name, for `delete_retired`. Call it under `locked(root)`: the renames are quick,
+    the deleting is not. One that cannot be renamed (permissions) is left for the next train."""
+    spared = {current_dir(root), also_keep}
+    retired = {}
+    for v in versions(root)[:-keep]:
+        if v in spared:
+            continue
+        doomed = root / f"{v.name}.tmp-{os.getpid()}"
+        try:
+            os.replace(v, doomed)
+        except OSError:
+            continue
+        retired[v.name] = doomed
+    return retired
+
+
+def delete_retired(retired: dict[str, Path]) -> None:
+    """Delete what `retire` moved away. Left half-deleted by a crash, a directory is removed by
+    the next `new_version`; one that cannot be deleted is named in a warning."""
+    for name, path in retired.items():
+        shutil.rmtree(path, ignore_errors=True)
+        if path.exists():
+            warnings.warn(f"old index version {name} could not be deleted: delete {path} by hand "
+                          "(it may hold training questions of forgotten memories)", stacklevel=2)
 
 
 def _alive(pid: int) -> bool:
