@@ -60,6 +60,16 @@ def test_text_is_printed_as_stored_never_as_markup_or_emoji(capsys, monkeypatch,
     assert json.loads(out)["text"] == "second [i]version[/i]"
 
 
+def test_list_pages_oldest_first(capsys, monkeypatch, tmp_path):
+    home = tmp_path / "h"
+    for i in range(3):
+        run(capsys, monkeypatch, "add", f"Note number {i}.", "--id", f"note_page_n{i}", "--home", home)
+    code, out, _ = run(capsys, monkeypatch, "list", "-n", "1", "--offset", "1", "--json", "--home", home)
+    assert code == 0 and [m["id"] for m in json.loads(out)] == ["note_page_n1"]
+    code, _, err = run(capsys, monkeypatch, "list", "--offset", "-1", "--home", home)
+    assert code == 2 and "--offset" in err
+
+
 def test_an_error_naming_user_input_prints_it_verbatim(capsys, monkeypatch, tmp_path):
     home = tmp_path / "h"
     run(capsys, monkeypatch, "add", "My dog's name is Max.", "--home", home)

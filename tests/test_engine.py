@@ -336,6 +336,25 @@ def test_old_versions_are_retired_then_deleted_but_never_the_current_one(tmp_pat
         index_dir.delete_retired(retired)
 
 
+def test_pure_decoding_trains_without_the_dense_model(home, memories_file, tiny_config, tmp_path, monkeypatch,
+                                                      request):
+    import ipm.engine
+
+    def missing():
+        raise ModelError("dense retrieval needs `pip install sentence-transformers`")
+    monkeypatch.setattr(ipm.engine, "load_dense_encoder", missing)
+    monkeypatch.setattr("ipm.retrieve.load_dense_encoder", missing)
+    m = ipm.open(home, config=tiny_config.updated(decoding="pure", also_calibrate=[], epochs=2),
+                 cache=tmp_path / "cache")
+    request.addfinalizer(m.store.close)
+    m.import_(memories_file)
+    assert set(m.train()["ids"]) == set(MEMORIES)
+    assert m.ask(MEMORIES["personal_pet_max"], k=1).candidates
+    m.reconfigure(decoding="hybrid", abstain_threshold=0.0)
+    with pytest.raises(ModelError, match="sentence-transformers"):
+        m.ask(MEMORIES["personal_pet_max"], k=1)
+
+
 def test_memory_added_after_training_is_pending_until_retrained(trained):
     trained.add("My car is a blue Mazda 3.", id="transport_car_mazda")
     a = trained.ask("which car do I drive? mazda", k=3)
@@ -508,7 +527,12 @@ def test_import_reads_one_line_of_json_lines_line_separators_and_a_byte_order_ma
     bom = tmp_path / "bom.json"
     bom.write_bytes(b"\xef\xbb\xbf" + json.dumps([{"text": "A file saved with a BOM."}]).encode())
     assert mem.import_(bom).memories == 1
-    assert sorted(m.text for m in mem.list()) == sorted(["My dog is called Rex.", *texts, "A file saved with a BOM."])
+    crlf = tmp_path / "crlf.jsonl"
+    crlf.write_bytes(b'{"text": "Saved on Windows."}\r\n{"text": "Line two."}\r\n')
+    assert mem.import_(crlf).memories == 2
+    assert mem.import_text('\ufeff{"text": "Pasted with a BOM."}').memories == 1  # as POST /import takes it
+    assert sorted(m.text for m in mem.list()) == sorted(["My dog is called Rex.", *texts, "A file saved with a BOM.",
+                                                         "Saved on Windows.", "Line two.", "Pasted with a BOM."])
 
 
 def test_ask_without_any_index_or_memory_abstains(mem):
@@ -956,9 +980,9 @@ def test_related_question_kind_trains_on_memories_asked_in_other_words(mem, memo
     assert any("puppy" in q or "canine" in q for q in dog)
 
     def missing():
-        raise InvalidInput("dense retrieval needs `pip install sentence-transformers`")
+        raise ModelError("dense retrieval needs `pip install sentence-transformers`")
     monkeypatch.setattr(ipm.engine, "load_dense_encoder", missing)
-    with pytest.raises(InvalidInput, match="question kind 'related' needs the dense model"):
+    with pytest.raises(ModelError, match="question kind 'related' needs the dense model"):
         mem.training_examples("default")
 
 

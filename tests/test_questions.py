@@ -68,6 +68,26 @@ def test_model_written_questions_must_name_something_of_the_memory():
     assert keep_generated("Which support group did Caroline go to?", text)
 
 
+def test_model_written_questions_leave_the_shared_tokenizer_alone(tiny_model, tmp_path):
+    """The base model's tokenizer is shared with asks a server answers meanwhile: generation
+    pads on the left with a tokenizer of its own, never by changing that one."""
+    from ipm.config import Paths
+    from ipm.model import load_base
+    from ipm.questions import llm_questions
+
+    base = load_base(Config(base_model=str(tiny_model)), Paths.at(tmp_path / "home", tmp_path / "cache"))
+    shared = base.tokenizer
+    before = (shared.padding_side, shared.pad_token)
+    seen = []
+    memories = [("personal_pet_max", "My dog's name is Max and he is a beagle."),
+                ("family_sister_anna", "My sister Anna lives in Berlin.")]
+    out = llm_questions(base, memories, n=2, batch_size=1,
+                        progress=lambda done: seen.append((shared.padding_side, shared.pad_token)))
+    assert seen == [before, before] and base.tokenizer is shared
+    assert set(out) == {"personal_pet_max", "family_sister_anna"}
+    assert all(len(qs) <= 2 and all(keep_generated(q, dict(memories)[mid]) for q in qs) for mid, qs in out.items())
+
+
 def test_config_checks_question_kinds():
     assert Config().updated(question_kinds=["wh", "spans"]).question_kinds == ["wh", "spans"]
     assert Config().updated(question_kinds=list(QUESTION_KINDS)).question_kinds == list(QUESTION_KINDS)

@@ -193,6 +193,12 @@ def test_import_is_all_or_nothing(live):
             assert isinstance(r.json()["detail"], str) and "/tmp" not in r.json()["detail"]
         r = c.post("/import", content=b"[{\"text\": ", headers={"Content-Type": "application/json"})
         assert r.status_code == 422 and "JSON" in r.json()["detail"]
+        # read as `ipm import` reads a file: a key given twice is refused, not the last kept
+        for raw, says in ((b'{"personal_pet_max": "A", "personal_pet_max": "B"}', "given twice"),
+                          (b'{"text": "one"}\n{"text": ""}\n', "line 2"), (b"\xff\xfe", "not UTF-8"),
+                          (b'[{"text": ' + b"1" * 5000 + b"}]", "not valid JSON")):
+            r = c.post("/import", content=raw, headers={"Content-Type": "application/json"})
+            assert r.status_code == 422 and says in r.json()["detail"], r.text
         assert (c.get("/memories").json(), len(c.get("/log", params={"limit": 10000}).json())) == before
 
         r = c.post("/import", json=[{"id": k, "text": v} for k, v in MEMORIES.items()])
@@ -201,6 +207,13 @@ def test_import_is_all_or_nothing(live):
         assert r.status_code == 201 and r.json()["questions"] == 1
         assert c.get("/memories/personal_pet_max").json()["questions"] == ["what is my dog called?"]
         for mid in MEMORIES:
+            assert c.delete(f"/memories/{mid}").status_code == 200
+        r = c.post("/import", content='\ufeff{"text": "My dog is Max."}\n{"text": "I live in Oslo."}\n'.encode())
+        assert r.status_code == 201 and r.json()["memories"] == 2  # JSON lines, after a byte-order mark
+        every = c.get("/memories").json()
+        assert len(every) == 2 and c.get("/memories", params={"limit": 1, "offset": 1}).json() == every[1:]
+        assert c.get("/memories", params={"limit": 0}).status_code == 422
+        for mid in r.json()["ids"]:
             assert c.delete(f"/memories/{mid}").status_code == 200
 
 

@@ -111,6 +111,35 @@ def test_log_many_is_one_transaction(store):
     assert len(store.events("u")) == 2
 
 
+def test_list_pages_through_the_memories_oldest_first_with_their_own_questions(store):
+    for i in range(5):
+        store.add("u", f"note {i}", f"note_page_n{i}", questions=[f"q{i}?"])
+    store.add("v", "elsewhere", "note_page_n9")
+    every = store.list("u")
+    assert [m.id for m in every] == [f"note_page_n{i}" for i in range(5)]
+    page = store.list("u", limit=2, offset=1)
+    assert [(m.id, m.questions) for m in page] == [(m.id, m.questions) for m in every[1:3]]
+    assert page[0].questions == ["q1?"]
+    assert [m.id for m in store.list("u", offset=3)] == ["note_page_n3", "note_page_n4"]
+    assert store.list("u", limit=2**70) == every and store.list("u", offset=2**70) == []
+    for bad in ({"limit": 0}, {"offset": -1}):
+        with pytest.raises(InvalidInput, match="limit must be at least 1"):
+            store.list("u", **bad)
+
+
+def test_the_generation_and_the_log_read_one_namespace_without_reading_every_ask(store):
+    store.add("u", "a", "note_a_b")
+    gen = store.generation("u")
+    store.log_many("other", "ask", [([], {})] * 3000)
+    store.log_many("u", "ask", [([], {})] * 10)
+    assert store.generation("u") == gen and store.generation("other") == 0  # asks change nothing
+    assert len(store.events("u", limit=5)) == 5 and len(store.events("u")) == 11
+    plans = [" ".join(str(r[-1]) for r in store._conn().execute("EXPLAIN QUERY PLAN " + sql, ("u",)))
+             for sql in ("SELECT MAX(seq) FROM events WHERE namespace = ? AND action != 'ask'",
+                         "SELECT * FROM events WHERE namespace = ? ORDER BY seq DESC")]
+    assert "changes_by_namespace" in plans[0] and "events_by_namespace" in plans[1], plans
+
+
 def test_event_log_records_every_write(store):
     store.add("u", "a", "note_a_b")
     store.update("u", "note_a_b", "b")

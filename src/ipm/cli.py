@@ -200,10 +200,12 @@ def show(id: str, history: bool = typer.Option(False, "--history", help="Show ea
 
 
 @app.command("list")
-def list_(user: str = User, home: Optional[Path] = Home, json_out: bool = Json):
-    """List memories."""
+def list_(user: str = User, home: Optional[Path] = Home, json_out: bool = Json,
+          limit: Optional[int] = typer.Option(None, "--limit", "-n", min=1, help="At most N memories."),
+          offset: int = typer.Option(0, "--offset", min=0, help="Skip the first N (oldest first).")):
+    """List memories, oldest first."""
     mem = _open(home)
-    memories = mem.list(user=user)
+    memories = mem.list(user=user, limit=limit, offset=offset)
     if json_out:
         _print_json([m.to_dict() for m in memories])
         return

@@ -138,19 +138,34 @@ def read_records(path: str | Path) -> tuple[object, str]:
     """Load an import file: a JSON document, or JSON lines (returned as [(line, record)])."""
     path = Path(path)
     try:
-        raw = path.read_text(encoding="utf-8-sig")  # a byte-order mark is the file's encoding, not its text
+        raw = path.read_bytes()
     except FileNotFoundError:
         raise NotFound(f"import file {path} does not exist") from None
     except IsADirectoryError:
         raise InvalidInput(f"{path} is a directory, not an import file") from None
-    except UnicodeDecodeError as e:
-        raise InvalidInput(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise InvalidInput(f"cannot read import file {path}: {e.strerror}") from None
+    return decode_records(raw, str(path))
+
+
+def decode_records(raw: bytes | str, source: str) -> tuple[object, str]:
+    """The records of an import file's content (see `read_records`); `source` names it in errors."""
+    if isinstance(raw, bytes):
+        try:
+            raw = raw.decode("utf-8-sig")  # a byte-order mark is the file's encoding, not its text
+        except UnicodeDecodeError as e:
+            raise InvalidInput(f"{source} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    raw = raw.removeprefix("\ufeff")
     try:
         data = json.loads(raw, object_pairs_hook=_unique_keys)
     except json.JSONDecodeError as document:
         whole = document
+    except RecursionError:
+        raise InvalidInput(f"{source} nests JSON too deeply") from None
     except InvalidInput as e:
-        raise InvalidInput(f"{path}: {e}") from None
+        raise InvalidInput(f"{source}: {e}") from None
+    except ValueError as e:  # e.g. a number of more than 4,300 digits
+        raise InvalidInput(f"{source} is not valid JSON: {e}") from None
     else:
         # One line of JSON lines is one record, not a {"id": "text"} document: "text",
         # "question" and "memory_id" are no valid IDs.
@@ -165,11 +180,15 @@ def read_records(path: str | Path) -> tuple[object, str]:
             records.append((n, json.loads(line, object_pairs_hook=_unique_keys)))
         except json.JSONDecodeError as e:
             if not records:  # not JSON lines at all: a JSON document, and its own error says where
-                raise InvalidInput(f"{path} is not valid JSON: {whole.msg} at line {whole.lineno}, "
+                raise InvalidInput(f"{source} is not valid JSON: {whole.msg} at line {whole.lineno}, "
                                    f"column {whole.colno}") from None
-            raise InvalidInput(f"{path}: line {n} is not valid JSON ({e.msg})") from None
+            raise InvalidInput(f"{source}: line {n} is not valid JSON ({e.msg})") from None
         except InvalidInput as e:
-            raise InvalidInput(f"{path}: line {n}: {e}") from None
+            raise InvalidInput(f"{source}: line {n}: {e}") from None
+        except RecursionError:
+            raise InvalidInput(f"{source}: line {n} nests JSON too deeply") from None
+        except ValueError as e:
+            raise InvalidInput(f"{source}: line {n} is not valid JSON ({e})") from None
     return records, "lines"
 
 
@@ -264,6 +283,11 @@ class IPM:
         data, kind = read_records(path)
         return self.import_records(data, user, source=str(path), kind=kind)
 
+    def import_text(self, raw: bytes | str, user: str = DEFAULT_USER, source: str = "request body") -> ImportResult:
+        """Import the content of an import file (a JSON document or JSON lines), as `import_` does."""
+        data, kind = decode_records(raw, source)
+        return self.import_records(data, user, source=source, kind=kind)
+
     def import_records(self, data, user: str = DEFAULT_USER, source: str = "request", kind: str = "json") -> ImportResult:
         """Import already-parsed records (a dict or a list, as in an import file): all or nothing."""
         memories, mem_labels, questions, q_labels = parse_records(data, source, kind)
@@ -284,8 +308,9 @@ class IPM:
     def get(self, id: str, user: str = DEFAULT_USER) -> Memory:
         return self.store.get(user, id)
 
-    def list(self, user: str = DEFAULT_USER) -> list[Memory]:
-        return self.store.list(user)
+    def list(self, user: str = DEFAULT_USER, limit: int | None = None, offset: int = 0) -> list[Memory]:
+        """The namespace's memories, oldest first; `limit` and `offset` page through them."""
+        return self.store.list(user, limit=limit, offset=offset)
 
     def history(self, id: str, user: str = DEFAULT_USER) -> list[dict]:
         return self.store.history(user, id)
@@ -377,8 +402,8 @@ class IPM:
         if builtin and "related" in cfg.question_kinds:
             try:
                 related = related_words(load_dense_encoder(), self.paths.cache)
-            except InvalidInput as e:
-                raise InvalidInput(f"question kind 'related' needs the dense model: {e}") from None
+            except ModelError as e:
+                raise ModelError(f"question kind 'related' needs the dense model: {e}") from None
         extra: dict[str, list[str]] = {}
         if cfg.question_source in ("llm", "both"):
             if base is None:
@@ -529,7 +554,7 @@ class IPM:
                 q_emb = self._embed_questions(rows, prev[0] if prev else None, progress, trained_on)
                 expansion = group_expansion(rows, q_emb, {m.id: m.text for m in memories})
             candidates = self._candidates(memories, text_emb, expansion=expansion)
-        except InvalidInput:
+        except ModelError:  # no dense model: only hybrid decoding and hard negatives need the retrievers
             if "hybrid" in self._decodings_to_calibrate() or self.config.hard_negatives:
                 raise
             candidates = None

@@ -599,33 +599,34 @@ def llm_prompt(text: str, n: int) -> str:
 def llm_questions(base, memories: list[tuple[str, str]], n: int, seed: int = 0, batch_size: int = 16,
                   progress: Callable[[int], None] | None = None) -> dict[str, list[str]]:
     """Ask the base instruct model for questions about each memory, in batches; filtered."""
+    import copy
+
     import torch
 
-    tok, model = base.tokenizer, base.model
+    # A copy of its own: the padding set here would otherwise reach asks running meanwhile (a
+    # server training), and a fast tokenizer used from two threads while one changes its
+    # padding fails ("Already borrowed").
+    tok, model = copy.deepcopy(base.tokenizer), base.model
     out: dict[str, list[str]] = {}
     torch.manual_seed(seed)
-    pad_side = tok.padding_side
     tok.padding_side = "left"
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
-    try:
-        for i in range(0, len(memories), batch_size):
-            chunk = memories[i:i + batch_size]
-            prompts = [tok.apply_chat_template([{"role": "user", "content": llm_prompt(t, n)}], tokenize=False,
-                                               add_generation_prompt=True) + "- " if tok.chat_template else llm_prompt(t, n)
-                       for _, t in chunk]
-            enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=not tok.chat_template).to(base.device)
-            with torch.inference_mode():
-                gen = model.generate(**enc, max_new_tokens=24 * n, do_sample=True, temperature=0.7, top_p=0.9,
-                                     pad_token_id=tok.pad_token_id)
-            for (memory_id, text), seq in zip(chunk, gen[:, enc.input_ids.shape[1]:]):
-                lines = tok.decode(seq, skip_special_tokens=True).split("\n")
-                qs = [ln.strip().lstrip("-*0123456789. ").strip() for ln in lines]
-                out[memory_id] = dedupe(q for q in qs if keep_generated(q, text))[:n]
-            if progress:
-                progress(len(chunk))
-    finally:
-        tok.padding_side = pad_side
+    for i in range(0, len(memories), batch_size):
+        chunk = memories[i:i + batch_size]
+        prompts = [tok.apply_chat_template([{"role": "user", "content": llm_prompt(t, n)}], tokenize=False,
+                                           add_generation_prompt=True) + "- " if tok.chat_template else llm_prompt(t, n)
+                   for _, t in chunk]
+        enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=not tok.chat_template).to(base.device)
+        with torch.inference_mode():
+            gen = model.generate(**enc, max_new_tokens=24 * n, do_sample=True, temperature=0.7, top_p=0.9,
+                                 pad_token_id=tok.pad_token_id)
+        for (memory_id, text), seq in zip(chunk, gen[:, enc.input_ids.shape[1]:]):
+            lines = tok.decode(seq, skip_special_tokens=True).split("\n")
+            qs = [ln.strip().lstrip("-*0123456789. ").strip() for ln in lines]
+            out[memory_id] = dedupe(q for q in qs if keep_generated(q, text))[:n]
+        if progress:
+            progress(len(chunk))
     return out
 
 

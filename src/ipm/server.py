@@ -161,7 +161,8 @@ def _err(*codes: int) -> dict:
 
 _IMPORT_BODY = {
     "description": "Memories `[{text, id?, questions?}]` (or `{id: text}`), or training questions for existing "
-                   "memories `[{question, memory_id}]`. All or nothing: one bad record writes nothing.",
+                   "memories `[{question, memory_id}]`, as in a file for `ipm import` (which may also be JSON lines, one "
+                   "record a line). All or nothing: one bad record writes nothing.",
     "required": True,
     "content": {"application/json": {"schema": {"oneOf": [
         {"type": "array", "minItems": 1, "title": "Memories", "items": {
@@ -515,7 +516,7 @@ def create_app(mem: IPM, api_keys: dict[str, str]) -> FastAPI:
     body_errors = _err(401, 409, 413, 422)
 
     @app.get("/health", response_model=HealthOut, tags=["server"])
-    def health():
+    async def health():  # on the event loop: answers while every worker thread waits for a model to load
         """Liveness; needs no key."""
         return {"status": "ok", "version": __version__}
 
@@ -525,10 +526,11 @@ def create_app(mem: IPM, api_keys: dict[str, str]) -> FastAPI:
         """Add one memory (409 if its ID is taken)."""
         return mem.add(body.text, id=body.id, questions=body.questions, user=user).to_dict()
 
-    @app.get("/memories", response_model=list[Memory], responses=auth_errors, tags=["memories"])
-    def list_memories(user: str = User):
-        """Every memory of the namespace, oldest first."""
-        return [m.to_dict() for m in mem.list(user=user)]
+    @app.get("/memories", response_model=list[Memory], responses=_err(401, 422), tags=["memories"])
+    def list_memories(user: str = User, limit: Optional[int] = Query(None, ge=1, description="At most this many."),
+                      offset: int = Query(0, ge=0, description="Skip this many first.")):
+        """The namespace's memories, oldest first (every one unless `limit` is given)."""
+        return [m.to_dict() for m in mem.list(user=user, limit=limit, offset=offset)]
 
     @app.get("/memories/{id}", response_model=Memory, responses=_err(401, 404), tags=["memories"])
     def get(id: str, user: str = User):
@@ -555,17 +557,13 @@ def create_app(mem: IPM, api_keys: dict[str, str]) -> FastAPI:
     async def import_(request: Request, user: str = User):
         """Import memories, or training questions for existing memories: all or nothing."""
         raw = await request.body()
-        try:
-            data = json.loads(raw)
-        except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-            raise InvalidInput(f"request body is not valid JSON ({type(e).__name__})") from None
         from starlette.concurrency import run_in_threadpool
 
-        return await run_in_threadpool(_import, data, user)
+        return await run_in_threadpool(_import, raw, user)  # parsed there: a big body would hold up every request
 
-    def _import(data: Any, user: str) -> dict:
+    def _import(raw: bytes, user: str) -> dict:
         try:
-            return mem.import_records(data, user=user, source="request body").to_dict()
+            return mem.import_text(raw, user=user, source="request body").to_dict()
         except NotFound as e:  # a question naming an unknown memory: the body is at fault
             raise InvalidInput(str(e)) from None
 

@@ -60,6 +60,10 @@ CREATE TABLE IF NOT EXISTS events (
     ids       TEXT NOT NULL,
     detail    TEXT NOT NULL
 );
+-- A namespace's events, newest first (`ipm log`), and its last change (`generation`, read on
+-- every ask): without these, both read every namespace's asks, which only ever grow.
+CREATE INDEX IF NOT EXISTS events_by_namespace ON events (namespace, seq);
+CREATE INDEX IF NOT EXISTS changes_by_namespace ON events (namespace, seq) WHERE action != 'ask';
 """
 
 
@@ -253,14 +257,25 @@ class Store:
             f"SELECT * FROM memories WHERE namespace = ? AND id IN ({marks})", (namespace, *ids))
         return {r["id"]: self._memory(r) for r in rows}
 
-    def list(self, namespace: str) -> list[Memory]:
+    def list(self, namespace: str, limit: int | None = None, offset: int = 0) -> list[Memory]:
+        """The namespace's memories, oldest first (those added at once by ID); `limit` and
+        `offset` page through them."""
         check_namespace(namespace)
+        if (limit is not None and limit < 1) or offset < 0:
+            raise InvalidInput("limit must be at least 1 and offset at least 0")
         conn = self._conn()
+        rows = conn.execute("SELECT * FROM memories WHERE namespace = ? ORDER BY created_at, id LIMIT ? OFFSET ?",
+                            (namespace, -1 if limit is None else min(limit, 2**62), min(offset, 2**62))).fetchall()
         qs: dict[str, list[str]] = {}
-        for r in conn.execute("SELECT memory_id, question FROM questions WHERE namespace = ? ORDER BY rowid",
-                              (namespace,)):
+        if limit is None and not offset:
+            found = conn.execute("SELECT memory_id, question FROM questions WHERE namespace = ? ORDER BY rowid",
+                                 (namespace,))
+        else:  # the page's questions only
+            found = conn.execute("SELECT memory_id, question FROM questions WHERE namespace = ? AND memory_id IN "
+                                 "(SELECT value FROM json_each(?)) ORDER BY rowid",
+                                 (namespace, json.dumps([r["id"] for r in rows])))
+        for r in found:
             qs.setdefault(r[0], []).append(r[1])
-        rows = conn.execute("SELECT * FROM memories WHERE namespace = ? ORDER BY created_at, id", (namespace,))
         return [self._memory(r, qs.get(r["id"])) for r in rows]
 
     def ids(self, namespace: str) -> list[str]:
