@@ -43,13 +43,17 @@ def tiny_model(tmp_path_factory) -> Path:
     return path
 
 
-@pytest.fixture
-def tiny_config(tiny_model):
+def tiny_config_for(model: Path):
     from ipm import Config
 
     # Both decodings calibrated: the tests ask each of the same index.
-    return Config(base_model=str(tiny_model), epochs=30, lora_layers=2, lora_r=8, batch_size=16,
+    return Config(base_model=str(model), epochs=30, lora_layers=2, lora_r=8, batch_size=16,
                   learning_rate=5e-3, questions_per_memory=8, beam_size=4, also_calibrate=["pure"])
+
+
+@pytest.fixture
+def tiny_config(tiny_model):
+    return tiny_config_for(tiny_model)
 
 
 @pytest.fixture

@@ -51,12 +51,14 @@ def test_int8_asks_rank_like_the_models_own(trained_default):
     home, mem, _ = trained_default
     questions = [q.question for q in load_questions(ROOT / "examples" / "reference" / "questions.json")]
     try:
-        for decoding in ("pure", "hybrid"):
+        # Pure decoding's beam search over every ID is most of this test's time: every third
+        # question for it (25, asking about all but 4 of the gold answers the 75 name).
+        for decoding, asked in (("pure", questions[::3]), ("hybrid", questions)):
             mem.reconfigure(decoding=decoding, quantize="none")
-            plain = [a.candidates[0].id for a in mem.ask_many(questions, log=False)]
+            plain = [a.candidates[0].id for a in mem.ask_many(asked, log=False)]
             mem.reconfigure(quantize="int8")
-            quantized = [a.candidates[0].id for a in mem.ask_many(questions, log=False)]
-            same = sum(a == b for a, b in zip(plain, quantized)) / len(questions)
+            quantized = [a.candidates[0].id for a in mem.ask_many(asked, log=False)]
+            same = sum(a == b for a, b in zip(plain, quantized)) / len(asked)
             assert same >= 0.85, (decoding, same)  # on the demo set's questions: 0.91 pure, 0.99 hybrid
     finally:
         mem.reconfigure(decoding="hybrid", quantize="none")

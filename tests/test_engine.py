@@ -9,14 +9,30 @@ import ipm
 from ipm import index as index_dir
 from ipm.errors import IndexMissing, InvalidInput, ModelError, NotFound, TrainingError
 from ipm.train import Example
-from tests.conftest import MEMORIES
+from tests.conftest import MEMORIES, tiny_config_for
+
+
+@pytest.fixture(scope="module")
+def trained_home(tiny_model, tmp_path_factory):
+    """A home with MEMORIES imported and trained on the tests' config, made once and copied for
+    each test that asks for `trained`: training is most of these tests' time."""
+    root = tmp_path_factory.mktemp("trained")
+    m = ipm.open(root / "home", config=tiny_config_for(tiny_model), cache=root / "cache")
+    m.import_records(MEMORIES)
+    m.train()
+    m.store.close()
+    return root / "home"
 
 
 @pytest.fixture
-def trained(mem, memories_file):
-    mem.import_(memories_file)
-    mem.train()
-    return mem
+def trained(trained_home, home, tiny_config, tmp_path):
+    """An engine on a home of its own holding a trained index (a copy of `trained_home`)."""
+    import shutil
+
+    shutil.copytree(trained_home, home)
+    m = ipm.open(home, config=tiny_config, cache=tmp_path / "cache")
+    yield m
+    m.store.close()
 
 
 def test_train_writes_a_complete_version(trained, home):
