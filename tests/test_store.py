@@ -127,6 +127,14 @@ def test_list_pages_through_the_memories_oldest_first_with_their_own_questions(s
             store.list("u", **bad)
 
 
+def test_get_many_is_not_bound_by_sqlites_parameter_limit(store):
+    ids = [f"note_many_n{i}" for i in range(30)]
+    store.add_many("u", [NewMemory(f"note {i}", mid) for i, mid in enumerate(ids)])
+    store._conn().setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 8)  # stands in for 32,766 pending memories
+    got = store.get_many("u", [*ids, "note_many_absent"])
+    assert sorted(got) == sorted(ids) and got["note_many_n7"].text == "note 7"
+
+
 def test_the_generation_and_the_log_read_one_namespace_without_reading_every_ask(store):
     store.add("u", "a", "note_a_b")
     gen = store.generation("u")

@@ -252,9 +252,11 @@ class Store:
         ids = list(memory_ids)
         if not ids:
             return {}
-        marks = ",".join("?" * len(ids))
+        # One JSON parameter, not one per ID: SQLite caps the number of parameters (32,766 in
+        # stock builds), and a namespace may have more memories pending than that.
         rows = self._conn().execute(
-            f"SELECT * FROM memories WHERE namespace = ? AND id IN ({marks})", (namespace, *ids))
+            "SELECT * FROM memories WHERE namespace = ? AND id IN (SELECT value FROM json_each(?))",
+            (namespace, json.dumps(ids)))
         return {r["id"]: self._memory(r) for r in rows}
 
     def list(self, namespace: str, limit: int | None = None, offset: int = 0) -> list[Memory]:
