@@ -49,6 +49,7 @@ def test_train_writes_a_complete_version(trained, home):
     assert phases["train"] >= manifest["metrics"]["train_seconds"]  # train_adapter's own wall time is inside it
     assert sum(phases.values()) <= manifest["metrics"]["total_seconds"]
     assert [e.action for e in trained.log()][-1] == "train"
+    assert trained.log()[-1].detail["path"] == "indexes/default/v0001"  # within the home, wherever it is
 
 
 def test_recall_returns_stored_text_verbatim(trained):

@@ -632,7 +632,8 @@ class IPM:
             raise
         try:
             self.store.log(user, "train", [m.id for m in memories], version=name, examples=len(train),
-                           seconds=manifest["metrics"]["total_seconds"], path=str(final),
+                           seconds=manifest["metrics"]["total_seconds"],
+                           path=final.relative_to(self.paths.home).as_posix(),  # holds if the home moves
                            removed_versions=list(retired))
         finally:
             index_dir.delete_retired(retired)  # outside the locks: asks go on meanwhile
