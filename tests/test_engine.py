@@ -380,6 +380,22 @@ def test_memory_added_after_training_is_pending_until_retrained(trained):
     assert trained.status()["pending"] == 1
 
 
+def test_untrained_memories_are_read_once_a_change_not_on_every_ask(trained, monkeypatch):
+    for i in range(20):
+        trained.add(f"Receipt number {i} from the hardware store.", id=f"note_receipt_n{i}")
+    trained.add("My car is a blue Mazda 3.", id="transport_car_mazda")
+    trained.ask("which car do I drive?", k=1)  # reads the changes
+    asked = []
+    get_many = trained.store.get_many
+    monkeypatch.setattr(trained.store, "get_many", lambda user, ids: asked.append(list(ids)) or get_many(user, ids))
+    a = trained.ask("which car do I drive? mazda", k=2)
+    assert [h.id for h in a.hits if h.pending] == ["transport_car_mazda"]
+    assert max(map(len, asked)) <= 2  # the hits' texts, not the 21 untrained memories'
+    trained.update("transport_car_mazda", "My car is a red Honda Civic.")
+    a = trained.ask("which car do I drive? honda", k=2)
+    assert [(h.id, h.text) for h in a.hits if h.pending] == [("transport_car_mazda", "My car is a red Honda Civic.")]
+
+
 def test_abstains_below_threshold(mem, memories_file, tiny_config):
     mem.config = tiny_config.updated(abstain_threshold=1.01)
     mem.import_(memories_file)

@@ -89,6 +89,7 @@ class _Serving:
     calibration: dict = field(default_factory=dict)  # the index's abstention calibration, per decoding
     generation: int = -1  # store generation the trie and `pending` reflect
     pending: set[str] = field(default_factory=set)  # live IDs the adapter was not trained on
+    pending_words: dict[str, frozenset[str]] = field(default_factory=dict)  # their content words
     candidates: Candidates | None = None
     embeddings: dict = field(default_factory=dict)  # text sha256 -> MiniLM embedding, reused across resyncs
     expansion: dict | None = None  # id -> (training questions, their embeddings) of the served version
@@ -898,6 +899,9 @@ class IPM:
         if s.generation != gen:
             live = set(self.store.ids(user))
             s.pending = live - set(s.indexed)
+            # Read once a change, not on every ask: a namespace may hold many untrained memories.
+            s.pending_words = {m.id: frozenset(content_words(m.text))
+                               for m in self.store.get_many(user, s.pending).values()}
             if self._base is not None:  # no index served yet: nothing to put in a trie
                 want = live & set(s.indexed)
                 for mid in list(s.trie.sequences):
@@ -980,18 +984,14 @@ class IPM:
     def _pending_hits(self, question: str, user: str, s: _Serving, k: int) -> list[Hit]:
         """Memories added (or changed) since the last training are not in the adapter yet:
         match them lexically so they can be recalled at once."""
-        pending_ids = sorted(s.pending)
         q = set(content_words(question))
-        if not pending_ids or not q:
+        if not s.pending_words or not q:
             return []
-        pending = self.store.get_many(user, pending_ids).values()
-        scored = []
-        for m in pending:
-            overlap = len(q & set(content_words(m.text))) / len(q)
-            if overlap >= 0.5:
-                scored.append(Hit(m.id, m.text, overlap, pending=True))
-        scored.sort(key=lambda h: -h.score)
-        return scored[:k]
+        overlaps = sorted(((len(q & words) / len(q), mid) for mid, words in s.pending_words.items()),
+                          key=lambda t: (-t[0], t[1]))
+        best = [(o, mid) for o, mid in overlaps if o >= 0.5][:k]
+        texts = self.store.get_many(user, [mid for _, mid in best])  # verbatim, and still there
+        return [Hit(mid, texts[mid].text, o, pending=True) for o, mid in best if mid in texts]
 
 
 def open(home: str | Path | None = None, config: Config | None = None, cache: str | Path | None = None) -> IPM:  # noqa: A001
