@@ -87,9 +87,9 @@ class _Serving:
     indexed: dict[str, str] = field(default_factory=dict)  # id -> text sha256 at training
     threshold: float = 0.0
     calibration: dict = field(default_factory=dict)  # the index's abstention calibration, per decoding
-    generation: int = -1  # store generation the trie and `pending` reflect
-    pending: set[str] = field(default_factory=set)  # live IDs the adapter was not trained on
-    pending_words: dict[str, frozenset[str]] = field(default_factory=dict)  # their content words
+    generation: int = -1  # store generation the trie and `pending_words` reflect
+    # The content words of each live memory the adapter was not trained on.
+    pending_words: dict[str, frozenset[str]] = field(default_factory=dict)
     candidates: Candidates | None = None
     embeddings: dict = field(default_factory=dict)  # text sha256 -> MiniLM embedding, reused across resyncs
     expansion: dict | None = None  # id -> (training questions, their embeddings) of the served version
@@ -898,10 +898,9 @@ class IPM:
                     self._warn_if_calibrated_elsewise(user, s.calibration["hybrid"])
         if s.generation != gen:
             live = set(self.store.ids(user))
-            s.pending = live - set(s.indexed)
             # Read once a change, not on every ask: a namespace may hold many untrained memories.
             s.pending_words = {m.id: frozenset(content_words(m.text))
-                               for m in self.store.get_many(user, s.pending).values()}
+                               for m in self.store.get_many(user, live - set(s.indexed)).values()}
             if self._base is not None:  # no index served yet: nothing to put in a trie
                 want = live & set(s.indexed)
                 for mid in list(s.trie.sequences):
@@ -987,9 +986,8 @@ class IPM:
         q = set(content_words(question))
         if not s.pending_words or not q:
             return []
-        overlaps = sorted(((len(q & words) / len(q), mid) for mid, words in s.pending_words.items()),
-                          key=lambda t: (-t[0], t[1]))
-        best = [(o, mid) for o, mid in overlaps if o >= 0.5][:k]
+        overlaps = ((len(q & words) / len(q), mid) for mid, words in s.pending_words.items())
+        best = sorted(((o, mid) for o, mid in overlaps if o >= 0.5), key=lambda t: (-t[0], t[1]))[:k]
         texts = self.store.get_many(user, [mid for _, mid in best])  # verbatim, and still there
         return [Hit(mid, texts[mid].text, o, pending=True) for o, mid in best if mid in texts]
 
