@@ -271,6 +271,41 @@ def test_request_bodies_are_limited(live, alice):
             assert c.get(f"/memories/{mid}").status_code == 200
 
 
+def test_sigterm_stops_the_server_with_exit_code_0(tmp_path):
+    """A service manager stops the server with SIGTERM: it shuts down gracefully and exits 0,
+    having run its own shutdown code, not killed by the signal uvicorn raises again after."""
+    import json
+    import signal
+    import subprocess
+    import sys
+
+    keys = tmp_path / "keys.json"
+    keys.write_text(json.dumps({"key-alice": "alice"}))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "ipm.server", "--keys", str(keys), "--home", str(tmp_path / "home"),
+                             "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, "server did not start"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err
+    assert "Finished server process" in err and "Traceback" not in err
+
+
 def test_keys_file_and_env(tmp_path, monkeypatch):
     monkeypatch.delenv("IPM_API_KEYS", raising=False)
     with pytest.raises(InvalidInput, match="no API keys"):

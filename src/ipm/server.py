@@ -614,18 +614,42 @@ def create_app(mem: IPM, api_keys: dict[str, str]) -> FastAPI:
 
 
 def serve(mem: IPM, api_keys: dict[str, str], host: str = "127.0.0.1", port: int = 8000) -> None:
-    """Run the server with uvicorn until interrupted."""
+    """Run the server with uvicorn until interrupted (Ctrl-C) or terminated (SIGTERM)."""
+    import signal
+
     import uvicorn
 
     app = create_app(mem, api_keys)
-    uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5)
-    running = app.state.trainer.running()
-    if running:
-        # The job's thread is inside the model; ending the interpreter under it can abort the
-        # process. Nothing is lost: a version becomes current only once complete.
-        log.warning("stopped while training %s; the previous index version stays current", ", ".join(running))
-        logging.shutdown()
-        os._exit(0)
+    # uvicorn shuts down gracefully on SIGINT/SIGTERM, then raises the signal again under the
+    # handler it found. Under the default SIGTERM handler that kills the process before
+    # anything below runs; this handler turns it into an exception, as SIGINT already is.
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if _main_thread() else None
+    try:
+        uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5)
+    except _Terminated:
+        pass  # stopped as asked: exit 0 (Ctrl-C goes on up as KeyboardInterrupt, exit 130)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+        running = app.state.trainer.running()
+        if running:
+            # The job's thread is inside the model; ending the interpreter under it can abort
+            # the process. Nothing is lost: a version becomes current only once complete.
+            log.warning("stopped while training %s; the previous index version stays current", ", ".join(running))
+            logging.shutdown()
+            os._exit(0)
+
+
+class _Terminated(Exception):
+    """SIGTERM, raised in the main thread once uvicorn has shut down."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise _Terminated
+
+
+def _main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
 
 
 if __name__ == "__main__":  # python -m ipm.server --keys FILE [--home DIR] [--host H] [--port P]
