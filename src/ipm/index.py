@@ -161,7 +161,7 @@ def purge_version(version: Path, live: set[str]) -> bool:
     except Exception as e:  # unreadable JSON, a damaged safetensors file, a full disk...
         raise IndexDamaged(f"index version {version} could not be purged of forgotten memories "
                            f"({type(e).__name__}: {e}); the store no longer has them. Free the disk or fix "
-                           "or delete that version, then forget or train again to finish") from None
+                           "or delete that version, then `ipm train` (which purges first) or any other forget finishes it") from None
 
 
 def _purge_version(version: Path, live: set[str]) -> bool:
