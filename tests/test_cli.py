@@ -151,3 +151,37 @@ def test_the_server_programs_print_usage_errors_without_a_traceback(capsys, monk
         run_alone(serve)
     err = capsys.readouterr().err
     assert e.value.code == 2 and "No such option" in err and "Traceback" not in err
+
+
+def test_the_readme_lists_every_config_option_with_its_default():
+    """The README's table of options is the user's reference: a field added, renamed or given
+    another default without it fails here."""
+    import dataclasses
+    import re
+    from pathlib import Path
+
+    from ipm.config import Config
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    start = readme.index("| option | default | what it sets |")
+    rows = [line for line in readme[start:readme.index("\n\n", start)].splitlines()[2:]]
+    documented = {}
+    for row in rows:
+        names_cell, defaults_cell = row.split("|")[1:3]
+        names = re.findall(r"`(\w+)`", names_cell)
+        defaults = [d.strip() for d in defaults_cell.split(",")] if len(names) > 1 else [defaults_cell.strip()]
+        assert len(defaults) == len(names), row
+        documented.update(zip(names, defaults))
+    fields = {f.name: getattr(Config(), f.name) for f in dataclasses.fields(Config)}
+    assert set(documented) == set(fields)
+    for name, value in fields.items():
+        cell = re.sub(r" \(off\)$", "", documented[name]).strip("`")
+        if isinstance(value, bool):
+            assert cell == str(value).lower(), name
+        elif isinstance(value, (int, float)):
+            assert float(cell) == value, name
+        elif isinstance(value, str) or value is None:
+            assert cell == ("None" if value is None else f'"{value}"'), name
+        elif value == []:
+            assert cell == "[]", name
+        # the other lists are described in words (every projection; all but two kinds)

@@ -92,3 +92,40 @@ def test_cli_eval_json_reports_recall_with_abstentions_as_misses(tiny_model, mem
     res = runner.invoke(app, ["eval", str(qfile), "--home", home])
     assert res.exit_code == 0, res.output
     assert "out-of-scope questions refused: 1.000 of 1" in " ".join(res.output.split())
+
+
+def test_a_questions_file_that_cannot_be_read_or_is_malformed_is_one_clear_error(tmp_path):
+    from ipm.errors import InvalidInput, NotFound
+    from ipm.evaluate import load_questions
+
+    with pytest.raises(NotFound, match="questions file .* does not exist"):
+        load_questions(tmp_path / "missing.json")
+    with pytest.raises(InvalidInput, match="is a directory"):
+        load_questions(tmp_path)
+    f = tmp_path / "q.json"
+    f.write_bytes(b'[{"question": "caf\xe9?", "memory_id": "a_b_c"}]')  # Latin-1, not UTF-8
+    with pytest.raises(InvalidInput, match="not UTF-8 text"):
+        load_questions(f)
+    for gold in (5, [], [1], {"a_b_c": 1}):
+        f.write_text(json.dumps([{"question": "q?", "memory_id": gold}]))
+        with pytest.raises(InvalidInput, match="index 0: expected"):
+            load_questions(f)
+    f.write_bytes(b"\xef\xbb\xbf" + json.dumps([{"question": "q?", "memory_id": ["a_b_c", "d_e_f"]},
+                                               {"question": "out?", "memory_id": None}]).encode())
+    assert load_questions(f) == [Question("q?", frozenset({"a_b_c", "d_e_f"})), Question("out?", None)]
+
+
+def test_config_and_keys_files_that_cannot_be_read_are_one_clear_error(tmp_path):
+    from ipm.config import Config
+    from ipm.errors import InvalidInput, NotFound
+
+    with pytest.raises(NotFound, match="config file .* does not exist"):
+        Config.from_file(tmp_path / "missing.toml")
+    with pytest.raises(InvalidInput, match="config file .* is a directory"):
+        Config.from_file(tmp_path)
+    f = tmp_path / "ipm.toml"
+    f.write_bytes(b"# caf\xe9\nepochs = 2\n")
+    with pytest.raises(InvalidInput, match="config file .* is not UTF-8 text"):
+        Config.from_file(f)
+    f.write_bytes(b"\xef\xbb\xbfepochs = 2\n")  # saved by an editor that writes a byte-order mark
+    assert Config.from_file(f).epochs == 2

@@ -18,7 +18,7 @@ pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 
 import ipm  # noqa: E402
-from ipm.errors import InvalidInput  # noqa: E402
+from ipm.errors import InvalidInput, NotFound  # noqa: E402
 from ipm.server import MAX_BODY_BYTES, create_app, load_keys  # noqa: E402
 from tests.conftest import MEMORIES  # noqa: E402
 
@@ -316,8 +316,12 @@ def test_keys_file_and_env(tmp_path, monkeypatch):
         p.write_text(bad)
         with pytest.raises(InvalidInput, match=msg):
             load_keys(p)
-    with pytest.raises(InvalidInput, match="does not exist"):
+    with pytest.raises(NotFound, match="keys file .* does not exist"):
         load_keys(tmp_path / "missing.json")
+    with pytest.raises(InvalidInput, match="keys file .* is a directory"):
+        load_keys(tmp_path)
+    p.write_bytes(b'\xef\xbb\xbf{"k0": "alice"}')  # a byte-order mark is not part of the JSON
+    assert load_keys(p) == {"k0": "alice"}
     p.write_text('{"k1": "alice", "k2": "bob"}')
     assert load_keys(p) == {"k1": "alice", "k2": "bob"}
     monkeypatch.setenv("IPM_API_KEYS", '{"k3": "carol"}')

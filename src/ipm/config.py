@@ -14,7 +14,7 @@ import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from .errors import InvalidInput
+from .errors import InvalidInput, NotFound
 from .questions import DEFAULT_QUESTION_KINDS
 
 MAX_TEXT_BYTES = 65536  # a memory's raw text, UTF-8 encoded
@@ -148,11 +148,8 @@ class Config:
 
     @classmethod
     def from_file(cls, path: str | Path) -> "Config":
-        path = Path(path)
         try:
-            data = tomllib.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise InvalidInput(f"config file {path} does not exist") from None
+            data = tomllib.loads(read_user_file(path, "config file"))
         except tomllib.TOMLDecodeError as e:
             raise InvalidInput(f"config file {path} is not valid TOML: {e}") from None
         return cls().updated(**data)
@@ -273,6 +270,25 @@ def default_cache() -> Path:
     if os.environ.get("IPM_CACHE"):
         return Path(os.environ["IPM_CACHE"])
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ipm"
+
+
+def read_user_file(path: str | Path, what: str) -> str:
+    """The text of a file the user named (`what`: "import file", "questions file", ...), as UTF-8
+    with any byte-order mark dropped. Every way reading it can fail is one NotFound or
+    InvalidInput that names the file, never a traceback."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise NotFound(f"{what} {path} does not exist") from None
+    except IsADirectoryError:
+        raise InvalidInput(f"{what} {path} is a directory") from None
+    except OSError as e:
+        raise InvalidInput(f"cannot read {what} {path}: {e.strerror}") from None
+    try:
+        return raw.decode("utf-8-sig")  # a byte-order mark is the file's encoding, not its text
+    except UnicodeDecodeError as e:
+        raise InvalidInput(f"{what} {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
 
 
 @dataclass(frozen=True)

@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from . import index as index_dir
-from .config import Config, Paths
-from .errors import IndexMissing, InvalidInput, ModelError, NotFound, TrainingError
+from .config import Config, Paths, read_user_file
+from .errors import IndexMissing, InvalidInput, ModelError, TrainingError
 from .index import QUESTION_EMBEDDINGS, QUESTIONS_FILE
 from .model import (RUNNER_MODEL_TYPES, BaseModel, Runner, id_token_ids, int8_available, layer_ranges, load_base,
                     quiet_transformers, resolve_model, wanted_layers)
@@ -137,16 +137,7 @@ def group_expansion(rows: list[tuple[str, str]], embeddings, texts: dict[str, st
 
 def read_records(path: str | Path) -> tuple[object, str]:
     """Load an import file: a JSON document, or JSON lines (returned as [(line, record)])."""
-    path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise NotFound(f"import file {path} does not exist") from None
-    except IsADirectoryError:
-        raise InvalidInput(f"{path} is a directory, not an import file") from None
-    except OSError as e:
-        raise InvalidInput(f"cannot read import file {path}: {e.strerror}") from None
-    return decode_records(raw, str(path))
+    return decode_records(read_user_file(path, "import file"), str(path))
 
 
 def decode_records(raw: bytes | str, source: str) -> tuple[object, str]:

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-from .errors import InvalidInput, NotFound
+from .config import read_user_file
+from .errors import InvalidInput
 from .retrieve import RETRIEVERS
 
 KS = (1, 5, 10)
@@ -28,11 +29,7 @@ class Question:
 
 
 def load_questions(path: str | Path) -> list[Question]:
-    path = Path(path)
-    try:
-        raw = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise NotFound(f"questions file {path} does not exist") from None
+    raw = read_user_file(path, "questions file")
     try:
         data = json.loads(raw)
     except json.JSONDecodeError:
@@ -44,10 +41,15 @@ def load_questions(path: str | Path) -> list[Question]:
         raise InvalidInput(f"{path} must be a non-empty list of {{\"question\", \"memory_id\"}} objects")
     out = []
     for i, rec in enumerate(data):
+        expected = f"{path}: index {i}: expected {{\"question\": str, \"memory_id\": str | [str, ...] | null}}"
         if not isinstance(rec, dict) or not isinstance(rec.get("question"), str) or "memory_id" not in rec:
-            raise InvalidInput(f"{path}: index {i}: expected {{\"question\": str, \"memory_id\": str | [str] | null}}")
+            raise InvalidInput(expected)
         gold = rec["memory_id"]
-        gold = None if gold is None else frozenset([gold] if isinstance(gold, str) else gold)
+        if isinstance(gold, str):
+            gold = [gold]
+        if gold is not None and not (isinstance(gold, list) and gold and all(isinstance(g, str) for g in gold)):
+            raise InvalidInput(expected)
+        gold = None if gold is None else frozenset(gold)
         out.append(Question(rec["question"], gold, str(rec["category"]) if "category" in rec else None))
     return out
 

@@ -32,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
 from . import __version__
+from .config import read_user_file
 from .engine import IPM
 from .errors import (DuplicateID, HomeError, IndexDamaged, IndexMissing, InvalidInput, IPMError, ModelError, NotFound,
                      TrainingError)
@@ -203,13 +204,7 @@ def parse_keys(data: Any, source: str) -> dict[str, str]:
 def load_keys(path: str | Path | None = None) -> dict[str, str]:
     """API keys from a JSON file `{"key": "namespace"}`, else from $IPM_API_KEYS (same JSON inline)."""
     if path is not None:
-        path = Path(path)
-        try:
-            raw, source = path.read_text(encoding="utf-8"), str(path)
-        except FileNotFoundError:
-            raise InvalidInput(f"keys file {path} does not exist") from None
-        except (OSError, UnicodeDecodeError) as e:
-            raise InvalidInput(f"cannot read keys file {path}: {e}") from None
+        raw, source = read_user_file(path, "keys file"), str(path)
     elif os.environ.get(KEYS_ENV, "").strip():
         raw, source = os.environ[KEYS_ENV], f"${KEYS_ENV}"
     else:
@@ -624,10 +619,14 @@ def serve(mem: IPM, api_keys: dict[str, str], host: str = "127.0.0.1", port: int
     # handler it found. Under the default SIGTERM handler that kills the process before
     # anything below runs; this handler turns it into an exception, as SIGINT already is.
     previous = signal.signal(signal.SIGTERM, _raise_terminated) if _main_thread() else None
+    code = 0  # stopped as asked
     try:
         uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5)
     except _Terminated:
-        pass  # stopped as asked: exit 0 (Ctrl-C goes on up as KeyboardInterrupt, exit 130)
+        pass
+    except KeyboardInterrupt:
+        code = 130  # as the CLI exits on Ctrl-C
+        raise
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
@@ -637,7 +636,7 @@ def serve(mem: IPM, api_keys: dict[str, str], host: str = "127.0.0.1", port: int
             # the process. Nothing is lost: a version becomes current only once complete.
             log.warning("stopped while training %s; the previous index version stays current", ", ".join(running))
             logging.shutdown()
-            os._exit(0)
+            os._exit(code)
 
 
 class _Terminated(Exception):
