@@ -70,6 +70,31 @@ def test_list_pages_oldest_first(capsys, monkeypatch, tmp_path):
     assert code == 2 and "--offset" in err
 
 
+def test_a_listing_imports_as_it_is_into_another_namespace_or_home(capsys, monkeypatch, tmp_path):
+    """`ipm list --json` is a backup: importing it rebuilds the memories byte for byte, with their
+    IDs and questions; a text changed since (its sha256 no longer matches) is refused."""
+    home = tmp_path / "h"
+    texts = ["My dog's name is Max.", "Zoë's café\u2028opens at 7 — \U0001F600 [b]not markup[/b]\r\n"]
+    run(capsys, monkeypatch, "add", texts[0], "--home", home, "-q", "What is my dog called?")
+    run(capsys, monkeypatch, "add", texts[1], "--id", "note_cafe_zoe", "--home", home)
+    code, listing, _ = run(capsys, monkeypatch, "list", "--json", "--home", home)
+    backup = tmp_path / "backup.json"
+    backup.write_text(listing, encoding="utf-8")
+    for where in (["--user", "copy", "--home", home], ["--home", tmp_path / "other"]):
+        code, _, err = run(capsys, monkeypatch, "import", backup, *where)
+        assert code == 0, err
+        code, out, _ = run(capsys, monkeypatch, "list", "--json", *where)
+        assert sorted((m["id"], m["text"], m["questions"], m["sha256"]) for m in json.loads(out)) == \
+            sorted((m["id"], m["text"], m["questions"], m["sha256"]) for m in json.loads(listing))
+    tampered = json.loads(listing)
+    tampered[1]["text"] = tampered[1]["text"].replace("7", "8")
+    backup.write_text(json.dumps(tampered), encoding="utf-8")
+    code, _, err = run(capsys, monkeypatch, "import", backup, "--user", "third", "--home", home)
+    assert code == 1 and "index 1: its sha256 is not that of its text" in err
+    code, out, _ = run(capsys, monkeypatch, "list", "--json", "--user", "third", "--home", home)
+    assert json.loads(out) == []
+
+
 def test_an_error_naming_user_input_prints_it_verbatim(capsys, monkeypatch, tmp_path):
     home = tmp_path / "h"
     run(capsys, monkeypatch, "add", "My dog's name is Max.", "--home", home)

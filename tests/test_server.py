@@ -23,7 +23,7 @@ from ipm.server import MAX_BODY_BYTES, create_app, load_keys  # noqa: E402
 from tests.conftest import MEMORIES  # noqa: E402
 
 KEYS = {"key-alice": "alice", "key-bob": "bob", "key-carol": "carol", "key-fuzz": "fuzz",
-        "key-empty": "empty", "key-bulk": "bulk", "key-alice-2": "alice"}
+        "key-empty": "empty", "key-bulk": "bulk", "key-alice-2": "alice", "key-copy": "copy"}
 
 
 @pytest.fixture(scope="module")
@@ -213,6 +213,12 @@ def test_import_is_all_or_nothing(live):
         every = c.get("/memories").json()
         assert len(every) == 2 and c.get("/memories", params={"limit": 1, "offset": 1}).json() == every[1:]
         assert c.get("/memories", params={"limit": 0}).status_code == 422
+        with client(live, "key-copy") as other:  # a listing imports as it is into another namespace
+            copied = other.post("/import", json=every)
+            assert copied.status_code == 201 and sorted(copied.json()["ids"]) == sorted(r.json()["ids"])
+            assert sorted(m["text"] for m in other.get("/memories").json()) == sorted(m["text"] for m in every)
+            for mid in copied.json()["ids"]:
+                assert other.delete(f"/memories/{mid}").status_code == 200
         for mid in r.json()["ids"]:
             assert c.delete(f"/memories/{mid}").status_code == 200
 

@@ -29,11 +29,15 @@ from .questions import (OFF_TOPIC, Aliases, alias_questions, builtin_questions, 
                         related_words)
 from .retrieve import Candidates, load_dense_encoder
 from .search import GenerateDecoder, RunnerDecoder, Signals, fuse, rerank
-from .store import Memory, NewMemory, Store, check_namespace, check_question
+from .store import Memory, NewMemory, Store, check_namespace, check_question, sha256
 from .train import Example, calibrate, train_adapter
 from .trie import Trie
 
 DEFAULT_USER = "default"
+# A listed memory's own fields (`ipm list --json`, GET /memories) an import accepts beside id,
+# text and questions, so that a listing imports as it is: the sha256 is checked against the
+# text; the others describe the memory where it was listed and are not carried over.
+STORED_FIELDS = frozenset({"namespace", "sha256", "version", "created_at", "updated_at"})
 
 
 @dataclass
@@ -236,9 +240,12 @@ def parse_records(data, source: str, kind: str = "json") -> tuple[list[NewMemory
                 questions.append((rec["memory_id"], check_question(rec["question"])))
                 q_labels.append(f"{source}: {label}")
             elif "text" in rec:
-                unknown = set(rec) - {"id", "text", "questions"}
+                unknown = set(rec) - {"id", "text", "questions"} - STORED_FIELDS
                 if unknown:
                     raise InvalidInput(f"unknown field(s) {sorted(unknown)}")
+                if "sha256" in rec and isinstance(rec["text"], str) and rec["sha256"] != sha256(rec["text"]):
+                    raise InvalidInput("its sha256 is not that of its text: the text was changed or damaged since "
+                                       "it was listed; correct it, or drop the sha256 to import the text as it is")
                 qs = rec.get("questions") or []
                 if not isinstance(qs, list) or not all(isinstance(q, str) for q in qs):
                     raise InvalidInput("questions must be a list of strings")
