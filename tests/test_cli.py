@@ -134,6 +134,16 @@ def test_status_prints_a_sentence_and_json(capsys, monkeypatch, tmp_path):
     assert out.strip() == "namespace default: 1 memories, 0 indexed, 1 pending; no index yet (`ipm train`)"
     code, out, _ = run(capsys, monkeypatch, "status", "--json", "--home", home)
     assert json.loads(out)["pending"] == 1
+    run(capsys, monkeypatch, "add", "I live in Oslo.", "--id", "place_home_oslo", "--user", "bob", "--home", home)
+    code, out, _ = run(capsys, monkeypatch, "status", "--all", "--home", home)
+    assert code == 0 and [line.split(":")[0] for line in out.strip().splitlines()] == ["namespace bob",
+                                                                                     "namespace default"]
+    code, out, _ = run(capsys, monkeypatch, "status", "--all", "--json", "--home", home)
+    assert [(s["user"], s["memories"]) for s in json.loads(out)] == [("bob", 1), ("default", 1)]
+    run(capsys, monkeypatch, "forget", "personal_pet_max", "--home", home)
+    run(capsys, monkeypatch, "forget", "place_home_oslo", "--user", "bob", "--home", home)
+    code, out, _ = run(capsys, monkeypatch, "status", "--all", "--home", home)
+    assert code == 0 and out.strip() == "no namespace holds memories"
 
 
 def test_ask_without_an_index_says_so_and_still_finds_untrained_memories(capsys, monkeypatch, tmp_path):

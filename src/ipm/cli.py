@@ -279,12 +279,17 @@ def eval_(questions_file: Path = typer.Argument(..., help="[{question, memory_id
 
 
 @app.command()
-def status(user: str = User, home: Optional[Path] = Home, json_out: bool = Json):
+def status(user: str = User, home: Optional[Path] = Home, json_out: bool = Json,
+           every: bool = typer.Option(False, "--all", help="Every namespace that holds memories, one each.")):
     """How many memories, how many indexed, which index version."""
-    s = _open(home).status(user)
+    mem = _open(home)
+    statuses = [mem.status(u) for u in mem.namespaces()] if every else [mem.status(user)]
     if json_out:
-        _print_json(s)
-    else:
+        _print_json(statuses if every else statuses[0])
+        return
+    if not statuses:
+        out.print("no namespace holds memories")
+    for s in statuses:
         out.print(f"namespace {s['user']}: {s['memories']} memories, {s['indexed']} indexed, {s['pending']} pending; "
                   + (f"index {s['index_version']} on {s['base_model']}" if s["index_version"] else
                      "no index yet (`ipm train`)"), markup=False, highlight=False)

@@ -328,6 +328,10 @@ class IPM:
     def log(self, user: str = DEFAULT_USER, limit: int | None = None):
         return self.store.events(user, limit)
 
+    def namespaces(self) -> list[str]:
+        """The namespaces that hold memories, sorted."""
+        return self.store.namespaces()
+
     def status(self, user: str = DEFAULT_USER) -> dict:
         ids = set(self.store.ids(user))
         root = self.paths.index_root(check_namespace(user))
