@@ -122,3 +122,42 @@ def test_mcp_refuses_a_bad_namespace(tmp_path):
     r = subprocess.run([sys.executable, "-m", "ipm.mcp_server", "--home", str(tmp_path / "h"), "--user", "bad name!"],
                        capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
     assert r.returncode != 0 and "namespace" in (r.stdout + r.stderr)
+
+
+def test_mcp_with_train_after_indexes_what_it_remembers_by_itself(mcp_home, tmp_path):
+    """`ipm mcp --train-after S`: memories remembered over MCP move from `pending` (found by
+    their words) into the trained index with no `ipm train` run by anyone."""
+    import time
+
+    from mcp import ClientSession, StdioServerParameters
+    from mcp.client.stdio import stdio_client
+
+    cache = tmp_path / "cache"
+    params = StdioServerParameters(
+        command=sys.executable, args=["-m", "ipm.mcp_server", "--home", str(mcp_home), "--user", "alice",
+                                      "--train-after", "1"],
+        env={"IPM_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
+    errlog = (tmp_path / "mcp-stderr.log").open("w")
+
+    async def main():
+        async with stdio_client(params, errlog=errlog) as (read, write):
+            async with ClientSession(read, write) as session:
+                await session.initialize()
+                for mid, text in MEMORIES.items():
+                    assert not _result(await session.call_tool("remember", {"text": text, "id": mid}))[0]
+                err, a = _result(await session.call_tool("recall", {"question": MEMORIES["personal_pet_max"]}))
+                assert not err and a["hits"][0].get("pending"), a  # not trained yet
+                deadline = time.monotonic() + 300
+                while ipm.open(mcp_home, cache=cache).untrained("alice"):
+                    assert time.monotonic() < deadline, "the MCP server did not train by itself"
+                    await anyio.sleep(0.5)
+                for mid, text in MEMORIES.items():
+                    err, a = _result(await session.call_tool("recall", {"question": text, "k": 4}))
+                    assert not err and mid in [h["id"] for h in a["hits"]], a
+                    assert not any(h.get("pending") for h in a["hits"]), a
+
+    try:
+        anyio.run(main)
+    finally:
+        errlog.close()
+    assert "Traceback" not in (tmp_path / "mcp-stderr.log").read_text()

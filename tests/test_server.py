@@ -5,6 +5,7 @@ of the OpenAPI spec (no 5xx, responses conform to the spec)."""
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
 import time
@@ -277,37 +278,75 @@ def test_request_bodies_are_limited(live, alice):
             assert c.get(f"/memories/{mid}").status_code == 200
 
 
-def test_sigterm_stops_the_server_with_exit_code_0(tmp_path):
-    """A service manager stops the server with SIGTERM: it shuts down gracefully and exits 0,
-    having run its own shutdown code, not killed by the signal uvicorn raises again after."""
+def _start_server(tmp_path, keys: dict, *args) -> tuple:
+    """`python -m ipm.server` on a free port, once it answers /health: (process, base URL)."""
     import json
-    import signal
     import subprocess
     import sys
 
-    keys = tmp_path / "keys.json"
-    keys.write_text(json.dumps({"key-alice": "alice"}))
+    (tmp_path / "keys.json").write_text(json.dumps(keys))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "ipm.server", "--keys", str(keys), "--home", str(tmp_path / "home"),
-                             "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline, "server did not start"
-            time.sleep(0.2)
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
+    proc = subprocess.Popen([sys.executable, "-m", "ipm.server", "--keys", str(tmp_path / "keys.json"),
+                             "--home", str(tmp_path / "home"), "--port", str(port), *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "IPM_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"})
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
-            proc.communicate()
+            raise AssertionError(f"server did not start: {proc.communicate()[1][-2000:]}")
+        time.sleep(0.2)
+
+
+def _stop_server(proc) -> str:
+    import signal
+    import subprocess
+
+    proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.communicate(timeout=30)[1]
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.communicate()[1]
+
+
+def test_serve_with_train_after_trains_each_keys_namespace_by_itself(tiny_model, tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "ipm.toml").write_text(f'base_model = "{tiny_model}"\nepochs = 4\nlora_layers = 2\nlora_r = 8\n'
+                                   'questions_per_memory = 8\nabstain_threshold = 0.0\n')
+    ipm.open(home, cache=tmp_path / "cache").add("Not served: no key names this namespace.", user="zed")
+    proc, url = _start_server(tmp_path, {"key-alice": "alice"}, "--train-after", "1")
+    try:
+        with httpx.Client(base_url=url, headers={"X-API-Key": "key-alice"}, timeout=60) as c:
+            for mid, text in MEMORIES.items():
+                assert c.post("/memories", json={"id": mid, "text": text}).status_code == 201
+            deadline = time.monotonic() + 300
+            while c.get("/status").json()["index_version"] is None:
+                assert time.monotonic() < deadline and proc.poll() is None, "the server did not train by itself"
+                time.sleep(0.5)
+            status = c.get("/status").json()
+            assert (status["indexed"], status["pending"]) == (len(MEMORIES), 0)
+            assert [e["action"] for e in c.get("/log").json()].count("train") == 1
+    finally:
+        err = _stop_server(proc)
+    assert proc.returncode == 0 and "Traceback" not in err, err
+    assert ipm.open(home, cache=tmp_path / "cache").untrained("zed")  # its namespace was left alone
+
+
+def test_sigterm_stops_the_server_with_exit_code_0(tmp_path):
+    """A service manager stops the server with SIGTERM: it shuts down gracefully and exits 0,
+    having run its own shutdown code, not killed by the signal uvicorn raises again after."""
+    proc, _ = _start_server(tmp_path, {"key-alice": "alice"})
+    err = _stop_server(proc)
     assert proc.returncode == 0, err
     assert "Finished server process" in err and "Traceback" not in err
 

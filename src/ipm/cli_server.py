@@ -14,6 +14,9 @@ import typer
 from .errors import InvalidInput
 
 _Home = typer.Option(None, "--home", help="Home directory (default: $IPM_HOME or ./.ipm).", show_default=False)
+_TrainAfter = typer.Option(0.0, "--train-after", min=0, metavar="SECONDS",
+                           help="Train a namespace in the background once its memories have not changed for "
+                                "this long (0 = never; run `ipm train` yourself).")
 
 
 def _need(module: str) -> None:
@@ -34,25 +37,27 @@ def serve(host: str = typer.Option("127.0.0.1", "--host", help="Address to liste
           home: Optional[Path] = _Home,
           keys: Optional[Path] = typer.Option(None, "--keys", show_default=False,
                                               help="JSON file {\"api-key\": \"namespace\", ...}; "
-                                                   "default: the same JSON in $IPM_API_KEYS.")):
+                                                   "default: the same JSON in $IPM_API_KEYS."),
+          train_after: float = _TrainAfter):
     """Run the HTTP API (one namespace per API key)."""
     for module in ("fastapi", "uvicorn"):
         _need(module)
     from . import server
 
     api_keys = server.load_keys(keys)  # refuses to start without keys
-    server.serve(_open(home), api_keys, host=host, port=port)
+    server.serve(_open(home), api_keys, host=host, port=port, train_after=train_after)
 
 
 def mcp(home: Optional[Path] = _Home,
-        user: str = typer.Option("default", "--user", "-u", help="The namespace the tools act on.")):
+        user: str = typer.Option("default", "--user", "-u", help="The namespace the tools act on."),
+        train_after: float = _TrainAfter):
     """Run an MCP server over stdio with tools remember, recall and forget."""
     _need("mcp")
     from . import mcp_server
     from .store import check_namespace
 
     check_namespace(user)
-    mcp_server.run(_open(home), user)
+    mcp_server.run(_open(home), user, train_after=train_after)
 
 
 def run_alone(command) -> None:

@@ -328,6 +328,15 @@ class IPM:
     def log(self, user: str = DEFAULT_USER, limit: int | None = None):
         return self.store.events(user, limit)
 
+    def untrained(self, user: str = DEFAULT_USER) -> list[str]:
+        """The memories whose current text the namespace's index was not trained on (added or
+        changed since), sorted: what an incremental `train` learns."""
+        try:
+            indexed = index_dir.read_manifest(self.paths.index_root(check_namespace(user)))["ids"]
+        except IndexMissing:
+            indexed = {}
+        return sorted(mid for mid, digest in self.store.hashes(user).items() if indexed.get(mid) != digest)
+
     def namespaces(self) -> list[str]:
         """The namespaces that hold memories, sorted."""
         return self.store.namespaces()
@@ -494,7 +503,8 @@ class IPM:
         if not memories:
             raise TrainingError(f"namespace {user!r} has no memories to train on: add or import some first")
         t0 = time.perf_counter()
-        base = self._index_base()
+        with self._lock:  # as recall loads it: two threads loading it at once would leave two copies
+            base = self._index_base()
         self._int8(base, self.config)  # refused now, not after training, where calibration would use it
         prev, full_because = (None, None) if full else self._incremental_from(user, base)
         if prev is not None:

@@ -9,10 +9,12 @@ call, run in a worker thread so the protocol loop keeps answering.
 
 from __future__ import annotations
 
+import os
 from typing import Any, Optional
 
 import anyio.to_thread
 
+from .autotrain import AutoTrain
 from .engine import DEFAULT_USER, IPM
 from .errors import IPMError
 from .store import check_namespace
@@ -65,9 +67,20 @@ def create_mcp(mem: IPM, user: str = DEFAULT_USER):
     return server
 
 
-def run(mem: IPM, user: str = DEFAULT_USER) -> None:
-    """Serve MCP over stdin/stdout until the client closes the connection."""
+def run(mem: IPM, user: str = DEFAULT_USER, train_after: float = 0) -> None:
+    """Serve MCP over stdin/stdout until the client closes the connection. With `train_after`
+    (seconds), the namespace is trained in the background once its memories have not changed
+    for that long (autotrain.py)."""
+    auto = None
+    if train_after:
+        auto = AutoTrain(mem, train_after, lambda ns: mem.train(user=ns), namespaces=[user]).start()
     create_mcp(mem, user).run("stdio")
+    if auto is not None:
+        auto.stop()
+        if auto.training:
+            # The training thread is inside the model; ending the interpreter under it can abort
+            # the process. Nothing is lost: a version becomes current only once complete.
+            os._exit(0)
 
 
 if __name__ == "__main__":  # python -m ipm.mcp_server --home DIR --user NAME

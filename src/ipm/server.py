@@ -329,10 +329,6 @@ class Trainer:
         with self._lock:
             job.status = "running"
         try:
-            # Load the base model under the engine's recall lock, as recall does: two threads
-            # loading it at once would leave two copies, and recall refuses to mix them.
-            with self.mem._lock:
-                self.mem.base()
             manifest = self.mem.train(user=job.namespace, progress=progress, full=job.full)
             result = {"status": "done", "manifest": _manifest_summary(manifest)}
         except IPMError as e:
@@ -608,13 +604,20 @@ def create_app(mem: IPM, api_keys: dict[str, str]) -> FastAPI:
     return app
 
 
-def serve(mem: IPM, api_keys: dict[str, str], host: str = "127.0.0.1", port: int = 8000) -> None:
-    """Run the server with uvicorn until interrupted (Ctrl-C) or terminated (SIGTERM)."""
+def serve(mem: IPM, api_keys: dict[str, str], host: str = "127.0.0.1", port: int = 8000,
+          train_after: float = 0) -> None:
+    """Run the server with uvicorn until interrupted (Ctrl-C) or terminated (SIGTERM). With
+    `train_after` (seconds), each key's namespace is trained in the background once its
+    memories have not changed for that long (autotrain.py), as a POST /train job."""
     import signal
 
     import uvicorn
 
+    from .autotrain import AutoTrain
+
     app = create_app(mem, api_keys)
+    if train_after:
+        AutoTrain(mem, train_after, app.state.trainer.submit, namespaces=sorted(set(api_keys.values()))).start()
     # uvicorn shuts down gracefully on SIGINT/SIGTERM, then raises the signal again under the
     # handler it found. Under the default SIGTERM handler that kills the process before
     # anything below runs; this handler turns it into an exception, as SIGINT already is.

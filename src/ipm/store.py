@@ -284,6 +284,11 @@ class Store:
         return [r[0] for r in self._conn().execute(
             "SELECT id FROM memories WHERE namespace = ? ORDER BY id", (check_namespace(namespace),))]
 
+    def hashes(self, namespace: str) -> dict[str, str]:
+        """Each memory's ID and its text's sha256: what an index is checked against."""
+        return dict(self._conn().execute("SELECT id, sha256 FROM memories WHERE namespace = ?",
+                                         (check_namespace(namespace),)).fetchall())
+
     def count(self, namespace: str) -> int:
         return self._conn().execute("SELECT COUNT(*) FROM memories WHERE namespace = ?",
                                     (check_namespace(namespace),)).fetchone()[0]

@@ -1,0 +1,84 @@
+"""Training without anyone running `ipm train`: `ipm serve --train-after S` and `ipm mcp
+--train-after S`.
+
+Until a namespace is trained again, a memory added to it is found only by its words (a
+`pending` hit). A server that trains a namespace by itself, once its memories have stopped
+changing for a while, keeps its index current; waiting for the changes to settle trains once
+after a burst of adds, not once per add.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Callable, Iterable
+
+from .engine import IPM
+from .errors import IPMError
+
+log = logging.getLogger("ipm.autotrain")
+
+
+class AutoTrain:
+    """Watches namespaces of `mem` (`namespaces`, or every one that holds memories) and calls
+    `train(namespace)` for one whose memories are not all in its index (`IPM.untrained`) once
+    they have not changed for `quiet_s` seconds. It polls the store, so changes made by another
+    process (an `ipm add` beside a server) count too. A namespace is tried once per change: a
+    failed training waits for the next change rather than retrying on every poll."""
+
+    def __init__(self, mem: IPM, quiet_s: float, train: Callable[[str], object],
+                 namespaces: Iterable[str] | None = None, poll_s: float | None = None):
+        if not quiet_s > 0:
+            raise ValueError("quiet_s must be positive")
+        self.mem = mem
+        self.quiet_s = quiet_s
+        self.train = train
+        self.namespaces = list(namespaces) if namespaces is not None else None
+        self.poll_s = poll_s if poll_s is not None else min(quiet_s / 2, 10.0)
+        self._changed: dict[str, tuple[int, float]] = {}  # namespace -> (generation, when first seen)
+        self._tried: dict[str, int] = {}  # namespace -> the generation last trained (or tried)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.training = False  # inside `train` now (when it trains in this thread)
+
+    def check(self, now: float | None = None) -> list[str]:
+        """One poll: train every namespace that is due; returns those it trained (or submitted)."""
+        now = time.monotonic() if now is None else now
+        started = []
+        for ns in self.namespaces if self.namespaces is not None else self.mem.namespaces():
+            generation = self.mem.store.generation(ns)
+            if self._changed.get(ns, (None,))[0] != generation:
+                self._changed[ns] = (generation, now)
+            if self._tried.get(ns) == generation or now - self._changed[ns][1] < self.quiet_s:
+                continue
+            self._tried[ns] = generation
+            untrained = self.mem.untrained(ns)
+            if not untrained:
+                continue
+            log.info("training namespace %s: %d memories not in its index", ns, len(untrained))
+            self.training = True
+            try:
+                self.train(ns)
+            except IPMError as e:  # e.g. a training job already under way: it will be seen again
+                log.warning("could not train namespace %s: %s", ns, e)
+                continue
+            finally:
+                self.training = False
+            started.append(ns)
+        return started
+
+    def start(self) -> "AutoTrain":
+        self._thread = threading.Thread(target=self._run, name="ipm-autotrain", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.poll_s):
+            try:
+                self.check()
+            except Exception:  # a bug or a damaged home: say so, keep serving, try again
+                log.exception("automatic training failed")

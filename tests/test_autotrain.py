@@ -1,0 +1,60 @@
+"""Automatic training (`--train-after`): a namespace is trained once its memories have settled,
+once per change, only the namespaces watched. A fake clock drives `AutoTrain.check`; training
+is real, on the tiny test model."""
+
+from __future__ import annotations
+
+import pytest
+
+from ipm.autotrain import AutoTrain
+from ipm.errors import TrainingError
+from tests.conftest import MEMORIES
+
+
+def test_a_namespace_is_trained_once_its_memories_have_not_changed_for_the_quiet_time(mem):
+    trained = []
+
+    def train(ns):
+        trained.append(ns)
+        mem.train(user=ns)
+
+    auto = AutoTrain(mem, quiet_s=10, train=train, namespaces=["alice"])
+    assert auto.check(now=0) == []  # nothing stored yet
+    for mid, text in list(MEMORIES.items())[:2]:
+        mem.add(text, id=mid, user="alice")
+    mem.add("I live in Oslo.", id="place_home_oslo", user="bob")  # not watched
+    assert auto.check(now=1) == [] and auto.check(now=10.5) == []  # changed at 1: not quiet yet
+    mem.add(MEMORIES["family_sister_anna"], id="family_sister_anna", user="alice")  # a burst goes on
+    assert auto.check(now=11) == [] and auto.check(now=20.5) == []
+    assert mem.untrained("alice") == sorted(list(MEMORIES)[:3])
+    assert auto.check(now=21) == ["alice"] and trained == ["alice"]  # once, after the burst
+    assert mem.untrained("alice") == [] and mem.status("alice")["indexed"] == 3
+    assert mem.untrained("bob") == ["place_home_oslo"]
+    assert auto.check(now=22) == [] and auto.check(now=100) == []  # up to date: no more trainings
+
+    mem.update("family_sister_anna", "My sister Anna moved to Munich.", user="alice")  # changed text
+    assert mem.untrained("alice") == ["family_sister_anna"]
+    assert auto.check(now=101) == [] and auto.check(now=111) == ["alice"]
+    assert mem.untrained("alice") == [] and trained == ["alice", "alice"]
+    mem.forget("personal_pet_max", user="alice")  # a forget needs no training (purged at once)
+    assert auto.check(now=200) == [] and auto.check(now=300) == [] and trained == ["alice", "alice"]
+
+
+def test_a_failed_training_is_tried_again_only_after_the_next_change(mem):
+    calls = []
+
+    def train(ns):
+        calls.append(ns)
+        raise TrainingError("a training job is already running for this namespace")
+
+    auto = AutoTrain(mem, quiet_s=5, train=train)  # every namespace that holds memories
+    mem.add(MEMORIES["personal_pet_max"], id="personal_pet_max", user="carol")
+    assert auto.check(now=0) == [] and auto.check(now=5) == [] and calls == ["carol"]
+    assert auto.check(now=50) == [] and calls == ["carol"]  # not on every poll
+    mem.add(MEMORIES["work_job_acme"], id="work_job_acme", user="carol")
+    assert auto.check(now=51) == [] and auto.check(now=56) == [] and calls == ["carol", "carol"]
+
+
+def test_the_quiet_time_must_be_positive(mem):
+    with pytest.raises(ValueError):
+        AutoTrain(mem, quiet_s=0, train=print)
