@@ -55,6 +55,23 @@ def test_a_failed_training_is_tried_again_only_after_the_next_change(mem):
     assert auto.check(now=51) == [] and auto.check(now=56) == [] and calls == ["carol", "carol"]
 
 
+def test_a_stopped_watcher_starts_no_training_and_says_whether_one_is_under_way(mem):
+    calls, under_way = [], []
+
+    def train(ns):
+        calls.append(ns)
+        under_way.append(auto.stop())  # stopped from inside a training
+
+    auto = AutoTrain(mem, quiet_s=1, train=train)
+    mem.add(MEMORIES["personal_pet_max"], id="personal_pet_max", user="dave")
+    mem.add(MEMORIES["personal_pet_max"], id="personal_pet_max", user="erin")
+    assert auto.check(now=0) == [] and auto.check(now=2) == ["dave"]
+    assert calls == ["dave"] and under_way == [True]  # it said one was under way; erin's never started
+    assert auto.stop() is False  # none now
+    mem.add(MEMORIES["work_job_acme"], id="work_job_acme", user="frank")
+    assert auto.check(now=10) == [] and auto.check(now=20) == [] and calls == ["dave"]
+
+
 def test_the_quiet_time_must_be_positive(mem):
     with pytest.raises(ValueError):
         AutoTrain(mem, quiet_s=0, train=print)

@@ -327,8 +327,7 @@ def test_serve_with_train_after_trains_each_keys_namespace_by_itself(tiny_model,
     proc, url = _start_server(tmp_path, {"key-alice": "alice"}, "--train-after", "1")
     try:
         with httpx.Client(base_url=url, headers={"X-API-Key": "key-alice"}, timeout=60) as c:
-            for mid, text in MEMORIES.items():
-                assert c.post("/memories", json={"id": mid, "text": text}).status_code == 201
+            assert c.post("/import", json=[{"id": k, "text": v} for k, v in MEMORIES.items()]).status_code == 201
             deadline = time.monotonic() + 300
             while c.get("/status").json()["index_version"] is None:
                 assert time.monotonic() < deadline and proc.poll() is None, "the server did not train by itself"
@@ -546,3 +545,13 @@ def test_openapi_fuzz(live):
     for name in ("GET /health", "POST /memories", "GET /memories", "GET /memories/{id}", "PUT /memories/{id}",
                  "GET /memories/{id}/history", "POST /import", "POST /ask", "GET /status", "GET /log"):
         assert any(200 <= code < 300 for code in seen[name]), (name, seen[name])
+
+
+def test_a_closed_trainer_starts_no_more_jobs(mem):
+    from ipm.errors import TrainingError
+    from ipm.server import Trainer
+
+    trainer = Trainer(mem)
+    assert trainer.close() == []  # nothing running
+    with pytest.raises(TrainingError, match="stopping"):
+        trainer.submit("alice")

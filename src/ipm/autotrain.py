@@ -35,36 +35,42 @@ class AutoTrain:
         self.quiet_s = quiet_s
         self.train = train
         self.namespaces = list(namespaces) if namespaces is not None else None
-        self.poll_s = poll_s if poll_s is not None else min(quiet_s / 2, 10.0)
+        self.poll_s = poll_s if poll_s is not None else min(max(quiet_s / 2, 0.5), 10.0)
         self._changed: dict[str, tuple[int, float]] = {}  # namespace -> (generation, when first seen)
         self._tried: dict[str, int] = {}  # namespace -> the generation last trained (or tried)
         self._stop = threading.Event()
+        self._lock = threading.Lock()  # orders `stop` and the start of a training
         self._thread: threading.Thread | None = None
-        self.training = False  # inside `train` now (when it trains in this thread)
+        self._training = False  # inside `train` now
 
     def check(self, now: float | None = None) -> list[str]:
-        """One poll: train every namespace that is due; returns those it trained (or submitted)."""
-        now = time.monotonic() if now is None else now
+        """One poll: train every namespace that is due; returns those it trained (or submitted).
+        `now` (a `time.monotonic()` reading) is for tests."""
         started = []
         for ns in self.namespaces if self.namespaces is not None else self.mem.namespaces():
+            now_ns = time.monotonic() if now is None else now  # a training before this one took time
             generation = self.mem.store.generation(ns)
             if self._changed.get(ns, (None,))[0] != generation:
-                self._changed[ns] = (generation, now)
-            if self._tried.get(ns) == generation or now - self._changed[ns][1] < self.quiet_s:
+                self._changed[ns] = (generation, now_ns)
+            if self._tried.get(ns) == generation or now_ns - self._changed[ns][1] < self.quiet_s:
                 continue
             self._tried[ns] = generation
             untrained = self.mem.untrained(ns)
             if not untrained:
                 continue
             log.info("training namespace %s: %d memories not in its index", ns, len(untrained))
-            self.training = True
+            with self._lock:
+                if self._stop.is_set():
+                    break
+                self._training = True
             try:
                 self.train(ns)
             except IPMError as e:  # e.g. a training job already under way: it will be seen again
                 log.warning("could not train namespace %s: %s", ns, e)
                 continue
             finally:
-                self.training = False
+                with self._lock:
+                    self._training = False
             started.append(ns)
         return started
 
@@ -73,8 +79,12 @@ class AutoTrain:
         self._thread.start()
         return self
 
-    def stop(self) -> None:
-        self._stop.set()
+    def stop(self) -> bool:
+        """Start no more trainings. Returns whether one is under way in `train` now: a process
+        about to exit must then not end the interpreter under it (see mcp_server.run)."""
+        with self._lock:
+            self._stop.set()
+            return self._training
 
     def _run(self) -> None:
         while not self._stop.wait(self.poll_s):

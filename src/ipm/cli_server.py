@@ -6,6 +6,8 @@ are imported only when a command runs, so the rest of the CLI works without them
 
 from __future__ import annotations
 
+import logging
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -24,6 +26,19 @@ def _need(module: str) -> None:
 
     if importlib.util.find_spec(module) is None:
         raise InvalidInput(f"the {module!r} package is not installed: pip install 'ipm[server]'")
+
+
+def _log_to_stderr() -> None:
+    """ipm's own log lines (an automatic training starting, a job failing) on stderr, in
+    uvicorn's format; stdout stays the MCP protocol's."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s:     %(message)s"))
+    logger = logging.getLogger("ipm")
+    if logger.handlers:  # already set up in this process
+        return
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
 
 
 def _open(home: Optional[Path]):
@@ -45,6 +60,7 @@ def serve(host: str = typer.Option("127.0.0.1", "--host", help="Address to liste
     from . import server
 
     api_keys = server.load_keys(keys)  # refuses to start without keys
+    _log_to_stderr()
     server.serve(_open(home), api_keys, host=host, port=port, train_after=train_after)
 
 
@@ -57,6 +73,7 @@ def mcp(home: Optional[Path] = _Home,
     from .store import check_namespace
 
     check_namespace(user)
+    _log_to_stderr()
     mcp_server.run(_open(home), user, train_after=train_after)
 
 

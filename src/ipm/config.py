@@ -283,8 +283,8 @@ def read_user_file(path: str | Path, what: str) -> str:
         raise NotFound(f"{what} {path} does not exist") from None
     except IsADirectoryError:
         raise InvalidInput(f"{what} {path} is a directory") from None
-    except OSError as e:
-        raise InvalidInput(f"cannot read {what} {path}: {e.strerror}") from None
+    except (OSError, ValueError) as e:  # ValueError: a NUL byte in the path
+        raise InvalidInput(f"cannot read {what} {path}: {getattr(e, 'strerror', None) or e}") from None
     try:
         return raw.decode("utf-8-sig")  # a byte-order mark is the file's encoding, not its text
     except UnicodeDecodeError as e:

@@ -243,9 +243,8 @@ def parse_records(data, source: str, kind: str = "json") -> tuple[list[NewMemory
                 unknown = set(rec) - {"id", "text", "questions"} - STORED_FIELDS
                 if unknown:
                     raise InvalidInput(f"unknown field(s) {sorted(unknown)}")
-                if "sha256" in rec and isinstance(rec["text"], str) and rec["sha256"] != sha256(rec["text"]):
-                    raise InvalidInput("its sha256 is not that of its text: the text was changed or damaged since "
-                                       "it was listed; correct it, or drop the sha256 to import the text as it is")
+                if "sha256" in rec:
+                    _check_listed_hash(rec["sha256"], rec["text"])
                 qs = rec.get("questions") or []
                 if not isinstance(qs, list) or not all(isinstance(q, str) for q in qs):
                     raise InvalidInput("questions must be a list of strings")
@@ -256,6 +255,19 @@ def parse_records(data, source: str, kind: str = "json") -> tuple[list[NewMemory
         except InvalidInput as e:
             raise InvalidInput(f"{source}: {label}: {e}") from None
     return memories, mem_labels, questions, q_labels
+
+
+def _check_listed_hash(digest, text) -> None:
+    """A listed memory's sha256 must be that of its text (a text edited since is refused)."""
+    if not isinstance(digest, str):
+        raise InvalidInput("sha256 must be a string (the hex digest a listing gives)")
+    try:
+        actual = sha256(text) if isinstance(text, str) else None
+    except UnicodeEncodeError:  # a lone surrogate: the store refuses the text itself, with its reason
+        actual = None
+    if actual is not None and digest != actual:
+        raise InvalidInput("its sha256 is not that of its text: the text was changed or damaged since it was "
+                           "listed; correct it, or drop the sha256 to import the text as it is")
 
 
 class IPM:

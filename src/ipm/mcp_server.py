@@ -9,6 +9,7 @@ call, run in a worker thread so the protocol loop keeps answering.
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any, Optional
 
@@ -25,6 +26,8 @@ try:  # mcp >= 2
 except ImportError:  # mcp 1.x
     from mcp.server.fastmcp import FastMCP as _Server
     from mcp.server.fastmcp.exceptions import ToolError
+
+log = logging.getLogger("ipm.mcp")
 
 INSTRUCTIONS = (
     "Long-term memory for one user. `remember` stores a fact verbatim; `recall` answers a question with "
@@ -71,15 +74,15 @@ def run(mem: IPM, user: str = DEFAULT_USER, train_after: float = 0) -> None:
     """Serve MCP over stdin/stdout until the client closes the connection. With `train_after`
     (seconds), the namespace is trained in the background once its memories have not changed
     for that long (autotrain.py)."""
-    auto = None
-    if train_after:
-        auto = AutoTrain(mem, train_after, lambda ns: mem.train(user=ns), namespaces=[user]).start()
-    create_mcp(mem, user).run("stdio")
-    if auto is not None:
-        auto.stop()
-        if auto.training:
+    auto = AutoTrain(mem, train_after, lambda ns: mem.train(user=ns), namespaces=[user]).start() if train_after else None
+    try:
+        create_mcp(mem, user).run("stdio")
+    finally:
+        if auto is not None and auto.stop():
             # The training thread is inside the model; ending the interpreter under it can abort
             # the process. Nothing is lost: a version becomes current only once complete.
+            log.warning("stopped while training namespace %s; the previous index version stays current", user)
+            logging.shutdown()
             os._exit(0)
 
 

@@ -274,9 +274,12 @@ class Trainer:
         self._lock = threading.Lock()
         self._queue: queue.Queue[_Job] = queue.Queue()
         self._thread: threading.Thread | None = None
+        self._closing = False
 
     def submit(self, namespace: str, full: bool = False) -> _Job:
         with self._lock:
+            if self._closing:
+                raise TrainingError("the server is stopping: it starts no more training jobs")
             if namespace in self._active:
                 job = self._active[namespace]
                 raise TrainingError(f"a training job ({job.id}) is already {job.status} for this namespace; "
@@ -306,6 +309,13 @@ class Trainer:
         with self._lock:
             return [ns for ns, job in self._active.items() if job.status == "running"]
 
+    def close(self) -> list[str]:
+        """Start no more jobs (a queued one fails, saying so); returns the namespaces whose job
+        is running now, which goes on until it ends or the process does."""
+        with self._lock:
+            self._closing = True
+            return [ns for ns, job in self._active.items() if job.status == "running"]
+
     def _forget_old(self) -> None:
         finished = [j for j in self._jobs.values() if j.finished_at is not None]
         for j in finished[:max(0, len(finished) - MAX_FINISHED_JOBS)]:
@@ -327,11 +337,16 @@ class Trainer:
                     job.loss = float(loss)
 
         with self._lock:
+            if self._closing:
+                job.status, job.error, job.finished_at = "failed", "the server stopped before the job ran", time.time()
+                self._active.pop(job.namespace, None)
+                return
             job.status = "running"
         try:
             manifest = self.mem.train(user=job.namespace, progress=progress, full=job.full)
             result = {"status": "done", "manifest": _manifest_summary(manifest)}
         except IPMError as e:
+            log.warning("training job %s (namespace %s) failed: %s", job.id, job.namespace, e)
             result = {"status": "failed", "error": str(e)}
         except Exception as e:  # a bug: keep the server up and say what happened
             log.exception("training job %s failed", job.id)
@@ -616,30 +631,31 @@ def serve(mem: IPM, api_keys: dict[str, str], host: str = "127.0.0.1", port: int
     from .autotrain import AutoTrain
 
     app = create_app(mem, api_keys)
+    trainer: Trainer = app.state.trainer
+    auto = None
     if train_after:
-        AutoTrain(mem, train_after, app.state.trainer.submit, namespaces=sorted(set(api_keys.values()))).start()
+        auto = AutoTrain(mem, train_after, trainer.submit, namespaces=sorted(set(api_keys.values()))).start()
     # uvicorn shuts down gracefully on SIGINT/SIGTERM, then raises the signal again under the
-    # handler it found. Under the default SIGTERM handler that kills the process before
-    # anything below runs; this handler turns it into an exception, as SIGINT already is.
+    # handler it found (uvicorn.run swallows the KeyboardInterrupt of SIGINT). Under the
+    # default SIGTERM handler that kills the process before anything below runs; this handler
+    # turns it into an exception.
     previous = signal.signal(signal.SIGTERM, _raise_terminated) if _main_thread() else None
-    code = 0  # stopped as asked
     try:
         uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5)
     except _Terminated:
-        pass
-    except KeyboardInterrupt:
-        code = 130  # as the CLI exits on Ctrl-C
-        raise
+        pass  # stopped as asked: exit 0
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
-        running = app.state.trainer.running()
+        if auto is not None:
+            auto.stop()
+        running = trainer.close()
         if running:
             # The job's thread is inside the model; ending the interpreter under it can abort
             # the process. Nothing is lost: a version becomes current only once complete.
             log.warning("stopped while training %s; the previous index version stays current", ", ".join(running))
             logging.shutdown()
-            os._exit(code)
+            os._exit(0)
 
 
 class _Terminated(Exception):
