@@ -31,11 +31,11 @@ def _need(module: str) -> None:
 def _log_to_stderr() -> None:
     """ipm's own log lines (an automatic training starting, a job failing) on stderr, in
     uvicorn's format; stdout stays the MCP protocol's."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(levelname)s:     %(message)s"))
     logger = logging.getLogger("ipm")
     if logger.handlers:  # already set up in this process
         return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s:     %(message)s"))
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     logger.propagate = False

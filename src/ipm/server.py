@@ -314,7 +314,7 @@ class Trainer:
         is running now, which goes on until it ends or the process does."""
         with self._lock:
             self._closing = True
-            return [ns for ns, job in self._active.items() if job.status == "running"]
+        return self.running()
 
     def _forget_old(self) -> None:
         finished = [j for j in self._jobs.values() if j.finished_at is not None]
