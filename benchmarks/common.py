@@ -284,12 +284,17 @@ def run_info(seed: int, argv: list[str] | None = None) -> dict:
     `argv` is the whole command line, script first (default sys.argv)."""
     import torch
 
+    from ipm.config import Config
+    from ipm.model import pick_dtype
+
     argv = sys.argv if argv is None else argv
     return {
         "machine": {
             "platform": platform.platform(), "python": platform.python_version(), "cpu_count": os.cpu_count(),
             "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            # the dtype "auto" picks here: bf16 and float32 hosts rank a few questions differently
+            "auto_dtype": str(pick_dtype(Config(), "cuda" if torch.cuda.is_available() else "cpu")).removeprefix("torch."),
         },
         "versions": {p: _version(p) for p in PACKAGES},
         "git_commit": _git_commit(),
