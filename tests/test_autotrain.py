@@ -55,6 +55,34 @@ def test_a_failed_training_is_tried_again_only_after_the_next_change(mem):
     assert auto.check(now=51) == [] and auto.check(now=56) == [] and calls == ["carol", "carol"]
 
 
+def test_a_namespace_trained_elsewhere_waits_for_that_training_and_is_tried_if_it_left_memories_out(mem):
+    calls, elsewhere, race = [], set(), []
+
+    def train(ns):
+        calls.append(ns)
+        if race:  # a POST /train job began between the check and this submission
+            elsewhere.add(ns)
+            raise TrainingError("a training job is already running for this namespace")
+        mem.train(user=ns)
+
+    auto = AutoTrain(mem, quiet_s=5, train=train, busy=lambda ns: ns in elsewhere)
+    mem.add(MEMORIES["personal_pet_max"], id="personal_pet_max", user="carol")
+    mem.add(MEMORIES["personal_pet_max"], id="personal_pet_max", user="dave")
+    elsewhere.update({"carol", "dave"})
+    assert auto.check(now=0) == [] and auto.check(now=5) == [] and auto.check(now=50) == [] and calls == []
+    mem.train(user="dave")
+    elsewhere.clear()  # dave's training is done; carol's failed, leaving her memory out
+    assert auto.check(now=51) == ["carol"] and calls == ["carol"]
+    assert mem.untrained("carol") == [] and mem.untrained("dave") == []
+
+    mem.add(MEMORIES["work_job_acme"], id="work_job_acme", user="carol")
+    race.append(True)
+    assert auto.check(now=52) == [] and auto.check(now=57) == [] and calls == ["carol", "carol"]
+    race.clear()
+    elsewhere.clear()  # that job failed too: tried again, with no new change
+    assert auto.check(now=58) == ["carol"] and mem.untrained("carol") == []
+
+
 def test_a_stopped_watcher_starts_no_training_and_says_whether_one_is_under_way(mem):
     calls, under_way = [], []
 

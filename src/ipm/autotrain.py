@@ -25,16 +25,22 @@ class AutoTrain:
     `train(namespace)` for one whose memories are not all in its index (`IPM.untrained`) once
     they have not changed for `quiet_s` seconds. It polls the store, so changes made by another
     process (an `ipm add` beside a server) count too. A namespace is tried once per change: a
-    failed training waits for the next change rather than retrying on every poll."""
+    failed training waits for the next change rather than retrying on every poll.
+
+    `busy(namespace)`, if given, says a training of that namespace started elsewhere (a
+    `POST /train` job) is under way: the namespace is then left until that one ends, and tried
+    if it left memories out of the index (it failed, or it started before the last change)."""
 
     def __init__(self, mem: IPM, quiet_s: float, train: Callable[[str], object],
-                 namespaces: Iterable[str] | None = None, poll_s: float | None = None):
+                 namespaces: Iterable[str] | None = None, poll_s: float | None = None,
+                 busy: Callable[[str], bool] | None = None):
         if not quiet_s > 0:
             raise ValueError("quiet_s must be positive")
         self.mem = mem
         self.quiet_s = quiet_s
         self.train = train
         self.namespaces = list(namespaces) if namespaces is not None else None
+        self.busy = busy
         self.poll_s = poll_s if poll_s is not None else min(max(quiet_s / 2, 0.5), 10.0)
         self._changed: dict[str, tuple[int, float]] = {}  # namespace -> (generation, when first seen)
         self._tried: dict[str, int] = {}  # namespace -> the generation last trained (or tried)
@@ -54,6 +60,8 @@ class AutoTrain:
                 self._changed[ns] = (generation, now_ns)
             if self._tried.get(ns) == generation or now_ns - self._changed[ns][1] < self.quiet_s:
                 continue
+            if self.busy is not None and self.busy(ns):
+                continue  # see how that training ends before trying one
             self._tried[ns] = generation
             untrained = self.mem.untrained(ns)
             if not untrained:
@@ -65,8 +73,11 @@ class AutoTrain:
                 self._training = True
             try:
                 self.train(ns)
-            except IPMError as e:  # e.g. a training job already under way: it will be seen again
-                log.warning("could not train namespace %s: %s", ns, e)
+            except IPMError as e:
+                if self.busy is not None and self.busy(ns):
+                    self._tried.pop(ns, None)  # another training began meanwhile: see how it ends
+                else:
+                    log.warning("could not train namespace %s: %s", ns, e)
                 continue
             finally:
                 with self._lock:

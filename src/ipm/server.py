@@ -634,7 +634,8 @@ def serve(mem: IPM, api_keys: dict[str, str], host: str = "127.0.0.1", port: int
     trainer: Trainer = app.state.trainer
     auto = None
     if train_after:
-        auto = AutoTrain(mem, train_after, trainer.submit, namespaces=sorted(set(api_keys.values()))).start()
+        auto = AutoTrain(mem, train_after, trainer.submit, namespaces=sorted(set(api_keys.values())),
+                         busy=lambda ns: trainer.active(ns) is not None).start()
     # uvicorn shuts down gracefully on SIGINT/SIGTERM, then raises the signal again under the
     # handler it found (uvicorn.run swallows the KeyboardInterrupt of SIGINT). Under the
     # default SIGTERM handler that kills the process before anything below runs; this handler
