@@ -10,7 +10,8 @@ def test_valid_ids(good):
 
 
 @pytest.mark.parametrize("bad", ["", "pet_max", "Personal_pet_max", "personal-pet-max", "personal__pet_max",
-                                 "_personal_pet", "personal_pet_", "personal pet max", "personal_pét_max", "x" * 81 + "_a_b"])
+                                 "_personal_pet", "personal_pet_", "personal pet max", "personal_pét_max", "x" * 81 + "_a_b",
+                                 "personal_pet_max\n"])  # `$` alone would let a final newline through
 def test_invalid_ids_raise_with_a_hint(bad):
     with pytest.raises(InvalidID, match="personal_pet_max|longer than"):
         validate_id(bad)

@@ -56,8 +56,10 @@ def test_namespaces_are_separate(store):
     store.forget("alice", "note_same_id")
     assert store.ids("alice") == []
     assert store.ids("bob") == ["note_same_id"]
-    with pytest.raises(InvalidInput):
-        store.add("bad namespace!", "x")
+    for bad in ("bad namespace!", "bob\n"):
+        with pytest.raises(InvalidInput):
+            store.add(bad, "x")
+    assert store.namespaces() == ["bob"]
 
 
 def test_update_keeps_history(store):

@@ -89,7 +89,7 @@ def validate_id(memory_id: str) -> str:
         raise InvalidID("memory ID must be a non-empty string like 'personal_pet_max'")
     if len(memory_id) > MAX_ID_LENGTH:
         raise InvalidID(f"memory ID {memory_id[:40]!r}... is longer than {MAX_ID_LENGTH} characters")
-    if not ID_PATTERN.match(memory_id):
+    if not ID_PATTERN.fullmatch(memory_id):
         raise InvalidID(
             f"memory ID {memory_id!r} is malformed: use lowercase letters and digits in at least "
             "three parts joined by '_', like 'personal_pet_max' (domain_topic_entity)"
@@ -221,7 +221,7 @@ def mint_id(text: str, taken: set[str] | frozenset[str] = frozenset(), scheme: s
             if len(parts) < 3:
                 parts.append("note")
             base = "_".join(parts)[:MAX_ID_LENGTH - 4].strip("_")
-            if ID_PATTERN.match(base):
+            if ID_PATTERN.fullmatch(base):
                 return _unique(base, taken)
         tokens = [slug(t.split("'")[0].split("’")[0]) for t in words_of(text)]
         hit = next((w for w in tokens if w in LEXICON and (subject is None or w not in VAGUE)), None)
@@ -230,7 +230,7 @@ def mint_id(text: str, taken: set[str] | frozenset[str] = frozenset(), scheme: s
         entity = proper[0] if proper else next(iter(_rarest(text, 1, {hit} if hit else set())), "note")
         topic = topic or next(iter(_rarest(text, 1, {entity})), "misc")
         base = "_".join((domain, topic, entity))[:MAX_ID_LENGTH - 4].strip("_")
-        return _unique(base if ID_PATTERN.match(base) else f"{domain}_misc_note", taken)
+        return _unique(base if ID_PATTERN.fullmatch(base) else f"{domain}_misc_note", taken)
     tokens = [slug(t.split("'")[0].split("’")[0]) for t in words_of(text)]
     domain, topic, topic_word = "note", None, None
     for w in tokens:
@@ -244,6 +244,6 @@ def mint_id(text: str, taken: set[str] | frozenset[str] = frozenset(), scheme: s
         topic_word = topic
     entity = _entity(text, topic_word)
     base = "_".join(p for p in (domain, topic, entity) if p)[:MAX_ID_LENGTH - 4].strip("_")
-    if not ID_PATTERN.match(base):
+    if not ID_PATTERN.fullmatch(base):
         base = f"{domain}_{topic or 'misc'}_note"
     return _unique(base, taken)

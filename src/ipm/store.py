@@ -109,7 +109,7 @@ class Event:
 
 
 def check_namespace(namespace: str) -> str:
-    if not isinstance(namespace, str) or not NAMESPACE_PATTERN.match(namespace):
+    if not isinstance(namespace, str) or not NAMESPACE_PATTERN.fullmatch(namespace):
         raise InvalidInput(
             f"namespace {namespace!r} is invalid: use 1-64 letters, digits, '_', '.' or '-', "
             "starting with a letter or digit"
