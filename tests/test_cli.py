@@ -113,6 +113,37 @@ def test_a_command_that_reads_does_not_create_a_home(capsys, monkeypatch, tmp_pa
     assert not home.exists()
 
 
+def test_an_import_file_that_cannot_be_read_creates_no_home(capsys, monkeypatch, tmp_path):
+    home, bad = tmp_path / "new", tmp_path / "bad.json"
+    bad.write_text('{"personal_pet_max": ')
+    for path in (tmp_path / "missing.json", bad, tmp_path):
+        code, _, err = run(capsys, monkeypatch, "import", path, "--home", home)
+        assert code == 1 and err.startswith("error: ") and "Traceback" not in err
+    assert not home.exists()
+
+
+def test_a_damaged_index_manifest_is_one_error_naming_the_version(capsys, monkeypatch, tmp_path):
+    home = tmp_path / "h"
+    run(capsys, monkeypatch, "add", "My dog's name is Max.", "--home", home)
+    version = home / "indexes" / "default" / "v0001"
+    version.mkdir(parents=True)
+    (version.parent / "CURRENT").write_text("v0001")
+    for broken in ('{"ids": {', "[]", '{"version": "v0001"}', b"\xff\xfe"):
+        (version / "manifest.json").write_bytes(broken if isinstance(broken, bytes) else broken.encode())
+        for command in (["status"], ["list"]):
+            code, _, err = run(capsys, monkeypatch, *command, "--home", home)
+            assert code == 1 and "Traceback" not in err, (broken, command, err)
+            assert err.startswith(f"error: index version {version}") and len(err.strip().splitlines()) == 1
+
+
+def test_a_log_limit_past_sqlites_integers_reads_the_whole_log(capsys, monkeypatch, tmp_path):
+    home = tmp_path / "h"
+    run(capsys, monkeypatch, "add", "My dog's name is Max.", "--home", home)
+    code, out, err = run(capsys, monkeypatch, "log", "-n", 10**20, "--json", "--home", home)
+    assert code == 0, err
+    assert [e["action"] for e in json.loads(out)] == ["add"]
+
+
 def test_a_home_that_is_a_file_or_a_database_that_is_not_ipms_is_one_error(capsys, monkeypatch, tmp_path):
     afile = tmp_path / "afile"
     afile.write_text("x")

@@ -84,7 +84,8 @@ def import_(file: Path = typer.Argument(..., help="memories.json {id: text}, JSO
                                                   "or [{question, memory_id}] training questions."),
             user: str = User, home: Optional[Path] = Home, json_out: bool = Json):
     """Import memories or training questions from a file (all or nothing)."""
-    r = _open(home, create=True).import_(file, user=user)
+    data, kind = engine.read_records(file)  # a file that cannot be read creates no home
+    r = _open(home, create=True).import_records(data, user=user, source=str(file), kind=kind)
     if json_out:
         _print_json(r.to_dict())
     else:

@@ -21,7 +21,7 @@ from typing import Callable, Iterable
 
 from . import index as index_dir
 from .config import Config, Paths, read_user_file
-from .errors import IndexMissing, InvalidInput, ModelError, TrainingError
+from .errors import IndexDamaged, IndexMissing, InvalidInput, ModelError, TrainingError
 from .index import QUESTION_EMBEDDINGS, QUESTIONS_FILE
 from .model import (RUNNER_MODEL_TYPES, BaseModel, Runner, id_token_ids, int8_available, layer_ranges, load_base,
                     quiet_transformers, resolve_model, wanted_layers)
@@ -474,7 +474,7 @@ class IPM:
         prev = index_dir.current_dir(root)
         if prev is None:
             return None, None
-        manifest = json.loads((prev / index_dir.MANIFEST).read_text())
+        manifest = index_dir.load_manifest(prev)
         had = manifest["base_model"]
         layers = list(base.layers) if base.layers else None
         changed = [k for k in ("lora_r", "lora_alpha", "lora_layers", "target_modules")
@@ -523,7 +523,10 @@ class IPM:
             current_manifest = prev[1]
         else:
             current = index_dir.current_dir(self.paths.index_root(user))
-            current_manifest = json.loads((current / index_dir.MANIFEST).read_text()) if current else None
+            try:
+                current_manifest = index_dir.load_manifest(current) if current else None
+            except IndexDamaged:  # a full training is how a damaged version is replaced
+                current_manifest = None
         had = set(_calibrations(current_manifest)) if current_manifest else set()
         wanted = self._decodings_to_calibrate() | had
         new_ids = {m.id for m in memories if prev[1]["ids"].get(m.id) != m.sha256} if prev else None
@@ -870,7 +873,7 @@ class IPM:
 
             from peft import PeftModel  # (not imported for a namespace with no index: seconds saved)
 
-            manifest = json.loads((version_dir / index_dir.MANIFEST).read_text())
+            manifest = index_dir.load_manifest(version_dir)
             base = self._index_base(manifest["base_model"]["source"], manifest["metrics"].get("dtype"),
                                     manifest["base_model"].get("layers"))
             if base.sha256 != manifest["base_model"]["sha256"]:

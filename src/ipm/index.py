@@ -44,7 +44,19 @@ def read_manifest(root: Path) -> dict:
     path = current_dir(root)
     if path is None:
         raise IndexMissing("no trained index yet for this namespace: run `ipm train`")
-    return json.loads((path / MANIFEST).read_text())
+    return load_manifest(path)
+
+
+def load_manifest(version: Path) -> dict:
+    """A version's manifest; IndexDamaged, naming the version, where it cannot be read."""
+    try:
+        manifest = json.loads((version / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:  # ValueError: not JSON, or not UTF-8
+        raise IndexDamaged(f"index version {version} cannot be read ({e}); "
+                           f"retrain with `ipm train --full`") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("ids"), dict):
+        raise IndexDamaged(f"index version {version} has a manifest without its IDs; retrain with `ipm train --full`")
+    return manifest
 
 
 def new_version(root: Path) -> tuple[str, Path]:

@@ -227,7 +227,8 @@ class Store:
     def events(self, namespace: str, limit: int | None = None) -> list[Event]:
         check_namespace(namespace)
         sql = "SELECT * FROM events WHERE namespace = ? ORDER BY seq DESC"
-        rows = self._conn().execute(sql + (" LIMIT ?" if limit else ""), (namespace, limit) if limit else (namespace,))
+        rows = self._conn().execute(sql + (" LIMIT ?" if limit else ""),
+                                    (namespace, min(limit, 2**62)) if limit else (namespace,))  # SQLite's int64
         out = [Event(r["seq"], r["ts"], r["namespace"], r["action"], json.loads(r["ids"]), json.loads(r["detail"]))
                for r in rows]
         return out[::-1]
