@@ -113,6 +113,25 @@ def test_a_questions_file_that_cannot_be_read_or_is_malformed_is_one_clear_error
     f.write_bytes(b"\xef\xbb\xbf" + json.dumps([{"question": "q?", "memory_id": ["a_b_c", "d_e_f"]},
                                                {"question": "out?", "memory_id": None}]).encode())
     assert load_questions(f) == [Question("q?", frozenset({"a_b_c", "d_e_f"})), Question("out?", None)]
+    # JSON lines are read as an import file is: one line is one record, and only "\n" ends a line
+    f.write_text(json.dumps({"question": "q?", "memory_id": "a_b_c"}) + "\n")
+    assert load_questions(f) == [Question("q?", frozenset({"a_b_c"}))]
+    f.write_text("\n".join(json.dumps({"question": f"where\u2028now {i}?", "memory_id": "a_b_c"}, ensure_ascii=False)
+                           for i in (1, 2)))
+    assert [q.question for q in load_questions(f)] == ["where\u2028now 1?", "where\u2028now 2?"]
+    for bad, says in (("", "line 2: .*empty"), ("x" * 5000, "line 2: question is 5000 characters")):
+        f.write_text(json.dumps({"question": "q?", "memory_id": "a_b_c"}) + "\n"
+                     + json.dumps({"question": bad, "memory_id": "a_b_c"}) + "\n")
+        with pytest.raises(InvalidInput, match=says):
+            load_questions(f)
+
+
+def test_an_unknown_baseline_is_refused_before_anything_is_asked():
+    from ipm.errors import InvalidInput
+    from ipm.evaluate import evaluate
+
+    with pytest.raises(InvalidInput, match="unknown baseline 'dnse'"):
+        evaluate(None, [Question("q?", frozenset({"a_b_c"}))], baselines=["bm25", "dnse"])  # no engine touched
 
 
 def test_config_and_keys_files_that_cannot_be_read_are_one_clear_error(tmp_path):

@@ -7,7 +7,6 @@ right) or null (no memory answers it: an out-of-scope question, which should be 
 
 from __future__ import annotations
 
-import json
 import statistics
 import time
 from dataclasses import dataclass
@@ -15,8 +14,10 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from .config import read_user_file
+from .engine import decode_records
 from .errors import InvalidInput
 from .retrieve import RETRIEVERS
+from .store import check_question
 
 KS = (1, 5, 10)
 
@@ -29,21 +30,22 @@ class Question:
 
 
 def load_questions(path: str | Path) -> list[Question]:
-    raw = read_user_file(path, "questions file")
-    try:
-        data = json.loads(raw)
-    except json.JSONDecodeError:
-        try:
-            data = [json.loads(line) for line in raw.splitlines() if line.strip()]
-        except json.JSONDecodeError as e:
-            raise InvalidInput(f"{path} is neither a JSON list nor JSON lines: {e.msg}") from None
-    if not isinstance(data, list) or not data:
+    """A questions file: a JSON list or JSON lines of {"question", "memory_id", "category"?},
+    read as an import file is (engine.decode_records); a bad record is named."""
+    data, kind = decode_records(read_user_file(path, "questions file"), str(path))
+    records = data if kind == "lines" else list(enumerate(data)) if isinstance(data, list) else None
+    if not records:
         raise InvalidInput(f"{path} must be a non-empty list of {{\"question\", \"memory_id\"}} objects")
     out = []
-    for i, rec in enumerate(data):
-        expected = f"{path}: index {i}: expected {{\"question\": str, \"memory_id\": str | [str, ...] | null}}"
+    for n, rec in records:
+        where = f"{path}: {'line' if kind == 'lines' else 'index'} {n}"
+        expected = f"{where}: expected {{\"question\": str, \"memory_id\": str | [str, ...] | null}}"
         if not isinstance(rec, dict) or not isinstance(rec.get("question"), str) or "memory_id" not in rec:
             raise InvalidInput(expected)
+        try:
+            check_question(rec["question"])
+        except InvalidInput as e:
+            raise InvalidInput(f"{where}: {e}") from None
         gold = rec["memory_id"]
         if isinstance(gold, str):
             gold = [gold]
@@ -156,6 +158,9 @@ def evaluate_baseline(name: str, ids: list[str], texts: list[str], questions: li
 def evaluate(mem, questions: list[Question], user: str = "default", baselines: Sequence[str] = (),
              progress: Callable[[int, int], None] | None = None) -> dict:
     """The `ipm eval` report: {"n", "ipm": {...}, "<baseline>": {...}}."""
+    wrong = [b for b in baselines if b not in BASELINES]
+    if wrong:  # before the evaluation, not after it
+        raise InvalidInput(f"unknown baseline {wrong[0]!r}; choose from {', '.join(BASELINES)}")
     known = set(mem.store.ids(user))
     unknown = sorted({m for q in questions if q.gold for m in q.gold} - known)
     if unknown:
