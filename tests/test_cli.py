@@ -162,7 +162,7 @@ def test_status_prints_a_sentence_and_json(capsys, monkeypatch, tmp_path):
     run(capsys, monkeypatch, "add", "My dog's name is Max.", "--home", home)
     code, out, _ = run(capsys, monkeypatch, "status", "--home", home)
     assert code == 0
-    assert out.strip() == "namespace default: 1 memories, 0 indexed, 1 pending; no index yet (`ipm train`)"
+    assert out.strip() == "namespace default: 1 memories, 0 indexed, 1 pending, 0 changed; no index yet (`ipm train`)"
     code, out, _ = run(capsys, monkeypatch, "status", "--json", "--home", home)
     assert json.loads(out)["pending"] == 1
     run(capsys, monkeypatch, "add", "I live in Oslo.", "--id", "place_home_oslo", "--user", "bob", "--home", home)

@@ -377,7 +377,10 @@ def test_memory_added_after_training_is_pending_until_retrained(trained):
     a = trained.ask("which car do I drive? mazda", k=3)
     pending = [h for h in a.hits if h.pending]
     assert pending and pending[0].id == "transport_car_mazda"
-    assert trained.status()["pending"] == 1
+    assert trained.status()["pending"] == 1 and trained.status()["changed"] == 0
+    trained.update("personal_pet_max", "My dog's name is Rex now.")  # in the index, under its old text
+    assert (trained.status()["pending"], trained.status()["changed"], trained.status()["indexed"]) == (1, 1, 4)
+    assert trained.untrained() == ["personal_pet_max", "transport_car_mazda"]
 
 
 def test_untrained_memories_are_read_once_a_change_not_on_every_ask(trained, monkeypatch):

@@ -174,7 +174,7 @@ def test_crud_history_and_forget(live):
         actions = [e["action"] for e in c.get("/log", params={"limit": 3}).json()]
         assert actions[-1] == "ask" and "forget" in actions
         assert c.get("/status").json() | {"training_job": None} == {
-            "user": "empty", "memories": 0, "indexed": 0, "pending": 0, "index_version": None,
+            "user": "empty", "memories": 0, "indexed": 0, "pending": 0, "changed": 0, "index_version": None,
             "base_model": None, "training_job": None}
 
 

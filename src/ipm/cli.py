@@ -215,8 +215,8 @@ def list_(user: str = User, home: Optional[Path] = Home, json_out: bool = Json,
     for m in memories:
         table.add_row(m.id, Text(m.text if len(m.text) < 80 else m.text[:77] + "..."), m.updated_at[:19])
     out.print(table)
-    out.print(f"{status['memories']} memories, {status['indexed']} indexed, {status['pending']} pending "
-              f"(index {status['index_version'] or 'none'})")
+    out.print(f"{status['memories']} memories, {status['indexed']} indexed, {status['pending']} pending, "
+              f"{status['changed']} changed (index {status['index_version'] or 'none'})")
 
 
 @app.command()
@@ -291,7 +291,8 @@ def status(user: str = User, home: Optional[Path] = Home, json_out: bool = Json,
     if not statuses:
         out.print("no namespace holds memories")
     for s in statuses:
-        out.print(f"namespace {s['user']}: {s['memories']} memories, {s['indexed']} indexed, {s['pending']} pending; "
+        out.print(f"namespace {s['user']}: {s['memories']} memories, {s['indexed']} indexed, {s['pending']} pending, "
+                  f"{s['changed']} changed; "
                   + (f"index {s['index_version']} on {s['base_model']}" if s["index_version"] else
                      "no index yet (`ipm train`)"), markup=False, highlight=False)
 

@@ -354,14 +354,19 @@ class IPM:
         return self.store.namespaces()
 
     def status(self, user: str = DEFAULT_USER) -> dict:
-        ids = set(self.store.ids(user))
+        """Counts of the namespace's memories: in its index, `pending` (added since it was
+        trained: found by their words until the next training) and `changed` (in the index, but
+        updated since: recalled with their new text, under questions learned from the old)."""
+        hashes = self.store.hashes(user)
         root = self.paths.index_root(check_namespace(user))
         try:
             manifest = index_dir.read_manifest(root)
         except IndexMissing:
             manifest = None
-        indexed = set(manifest["ids"]) if manifest else set()
-        return {"user": user, "memories": len(ids), "indexed": len(ids & indexed), "pending": len(ids - indexed),
+        indexed = manifest["ids"] if manifest else {}
+        inside = [mid for mid in hashes if mid in indexed]
+        return {"user": user, "memories": len(hashes), "indexed": len(inside), "pending": len(hashes) - len(inside),
+                "changed": sum(hashes[mid] != indexed[mid] for mid in inside),
                 "index_version": manifest["version"] if manifest else None,
                 "base_model": manifest["base_model"]["name"] if manifest else None}
 

@@ -132,7 +132,8 @@ class StatusOut(BaseModel):
     user: str
     memories: int
     indexed: int
-    pending: int
+    pending: int = Field(description="Memories added since the last training: found by their words until the next.")
+    changed: int = Field(description="Indexed memories updated since the last training (the next one relearns them).")
     index_version: Optional[str]
     base_model: Optional[str]
     training_job: Optional[str] = Field(description="The queued or running training job of this namespace, if any.")
