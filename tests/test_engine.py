@@ -521,8 +521,11 @@ def test_update_changes_the_answer_text_without_retraining(trained):
 def test_import_jsonl_records_and_training_questions(mem, tmp_path):
     f = tmp_path / "m.jsonl"
     f.write_text('{"text": "My dog\'s name is Max."}\n\n{"id": "health_allergy_penicillin", "text": "I\'m allergic to penicillin.", "questions": ["Which antibiotic must I avoid?"]}\n')
+    f.write_text(f.read_text().replace('"questions": ["Which antibiotic must I avoid?"]',
+                                       '"questions": ["Which antibiotic must I avoid?", "Which antibiotic must I avoid?"]'))
     r = mem.import_(f)
     assert r.memories == 2 and r.ids == ["personal_pet_max", "health_allergy_penicillin"]
+    assert r.questions == 1  # given with its memory, twice: stored and counted once
     q = tmp_path / "q.json"
     q.write_text(json.dumps([{"question": "What's my dog called?", "memory_id": "personal_pet_max"}]))
     assert mem.import_(q).questions == 1

@@ -72,6 +72,9 @@ class Answer:
 
 @dataclass
 class ImportResult:
+    """What an import stored: memories, training questions (given with them or on their own;
+    a question already stored for its memory is not counted) and the new memories' IDs."""
+
     memories: int = 0
     questions: int = 0
     ids: list[str] = field(default_factory=list)
@@ -309,6 +312,7 @@ class IPM:
         if memories:
             added = self.store.add_many(user, memories, source="import", labels=mem_labels)
             result.memories, result.ids = len(added), [m.id for m in added]
+            result.questions = sum(len(m.questions) for m in added)  # given with the memories, each once
         if questions:
             result.questions = self.store.add_questions(user, questions, labels=q_labels)
         return result
