@@ -31,6 +31,7 @@ def run(capsys, monkeypatch, *args) -> tuple[int, str, str]:
     (["nosuchcommand"], "No such command"),
     (["list", "--bogus"], "No such option"),
     (["add"], "Missing argument"),
+    (["serve", "--port", "99999"], "Invalid value for '--port'"),
 ])
 def test_usage_errors_are_one_message_and_exit_2(capsys, monkeypatch, tmp_path, args, says):
     code, out, err = run(capsys, monkeypatch, *args, *(["--home", tmp_path] if args[0] in ("log", "list") else []))
@@ -251,3 +252,11 @@ def test_the_readme_lists_every_config_option_with_its_default():
         elif value == []:
             assert cell == "[]", name
         # the other lists are described in words (every projection; all but two kinds)
+
+
+def test_a_seed_past_64_bits_is_refused_before_training(capsys, monkeypatch, tmp_path):
+    home = tmp_path / "h"
+    run(capsys, monkeypatch, "add", "My dog's name is Max.", "--home", home)
+    code, _, err = run(capsys, monkeypatch, "train", "--seed", 10**20, "--home", home)
+    assert code == 1 and err.strip() == "error: config option seed must be below 2**63"
+    assert not (home / "indexes").exists()

@@ -48,7 +48,7 @@ def _open(home: Optional[Path]):
 
 
 def serve(host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on."),
-          port: int = typer.Option(8000, "--port", help="Port to listen on."),
+          port: int = typer.Option(8000, "--port", min=1, max=65535, help="Port to listen on."),
           home: Optional[Path] = _Home,
           keys: Optional[Path] = typer.Option(None, "--keys", show_default=False,
                                               help="JSON file {\"api-key\": \"namespace\", ...}; "
