@@ -103,3 +103,23 @@ def test_a_stopped_watcher_starts_no_training_and_says_whether_one_is_under_way(
 def test_the_quiet_time_must_be_positive(mem):
     with pytest.raises(ValueError):
         AutoTrain(mem, quiet_s=0, train=print)
+
+
+def test_a_namespace_whose_index_cannot_be_read_is_reported_once_and_the_others_go_on(mem, monkeypatch, caplog):
+    from ipm.errors import IndexDamaged
+
+    trained, real = [], mem.untrained
+
+    def untrained(ns):
+        if ns == "bob":
+            raise IndexDamaged("index version .../bob/v0001 cannot be read")
+        return real(ns)
+
+    monkeypatch.setattr(mem, "untrained", untrained)
+    auto = AutoTrain(mem, quiet_s=1, train=trained.append)
+    for ns in ("bob", "carol"):
+        mem.add(MEMORIES["personal_pet_max"], id="personal_pet_max", user=ns)
+    assert auto.check(now=0) == [] and auto.check(now=2) == ["carol"] and trained == ["carol"]
+    assert auto.check(now=3) == [] and auto.check(now=50) == []
+    assert [r.getMessage() for r in caplog.records if "bob" in r.getMessage()] == [
+        "could not train namespace bob: index version .../bob/v0001 cannot be read"]

@@ -5,6 +5,7 @@ printed as stored; no home created by a command that only reads. No model is loa
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 
 import pytest
@@ -135,6 +136,13 @@ def test_a_damaged_index_manifest_is_one_error_naming_the_version(capsys, monkey
             code, _, err = run(capsys, monkeypatch, *command, "--home", home)
             assert code == 1 and "Traceback" not in err, (broken, command, err)
             assert err.startswith(f"error: index version {version}") and len(err.strip().splitlines()) == 1
+    (version.parent / "CURRENT").write_bytes(b"\xff")
+    code, _, err = run(capsys, monkeypatch, "status", "--home", home)
+    assert code == 1 and err.startswith(f"error: {version.parent / 'CURRENT'} cannot be read") and "Traceback" not in err
+    (version.parent / "CURRENT").write_text("v0001")
+    shutil.rmtree(version)  # what the message says to do
+    code, out, err = run(capsys, monkeypatch, "status", "--home", home)
+    assert code == 0 and "no index yet" in out, err
 
 
 def test_a_log_limit_past_sqlites_integers_reads_the_whole_log(capsys, monkeypatch, tmp_path):
@@ -258,5 +266,5 @@ def test_a_seed_past_64_bits_is_refused_before_training(capsys, monkeypatch, tmp
     home = tmp_path / "h"
     run(capsys, monkeypatch, "add", "My dog's name is Max.", "--home", home)
     code, _, err = run(capsys, monkeypatch, "train", "--seed", 10**20, "--home", home)
-    assert code == 1 and err.strip() == "error: config option seed must be below 2**63"
+    assert code == 1 and err.strip() == "error: config option seed must be below 2**64"
     assert not (home / "indexes").exists()

@@ -1,6 +1,7 @@
 """The public API end to end on the tiny model: store -> train -> recall, versions, forgetting."""
 
 import json
+import shutil
 import warnings
 
 import pytest
@@ -189,7 +190,8 @@ def fake_version(root, name, rows, dim=4):
                                                for q, m in rows), encoding="utf-8")
     emb = torch.arange(len(rows) * dim, dtype=torch.float16).reshape(len(rows), dim)
     save_file({"embeddings": emb}, str(v / "question_embeddings.safetensors"), metadata={"encoder": "x"})
-    (v / "manifest.json").write_text(json.dumps({"version": name, "ids": {m: "h" for _, m in rows}}))
+    (v / "manifest.json").write_text(json.dumps({"version": name, "ids": {m: "h" for _, m in rows},
+                                                 "base_model": {}, "config": {}, "metrics": {}}))
     return v, emb
 
 
@@ -227,6 +229,12 @@ def test_purge_keeps_line_separators_finishes_a_failed_purge_and_names_a_damaged
     (v3 / "questions.jsonl").unlink()
     with pytest.raises(IndexDamaged, match="v0004"):
         index_dir.purge(root, lambda: {"note_keep_one"})
+    shutil.rmtree(root / "v0004")
+    (v3 / "manifest.json").write_text('{"ids": {')  # what to do is said, and is enough
+    with pytest.raises(IndexDamaged, match="v0003 cannot be read .*: delete that directory and run `ipm train`"):
+        index_dir.purge(root, lambda: {"note_keep_one"})
+    shutil.rmtree(v3)
+    assert index_dir.purge(root, lambda: {"note_keep_one"}) == []
 
 
 def torch_equal(a, b) -> bool:

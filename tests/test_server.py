@@ -555,3 +555,38 @@ def test_a_closed_trainer_starts_no_more_jobs(mem):
     assert trainer.close() == []  # nothing running
     with pytest.raises(TrainingError, match="stopping"):
         trainer.submit("alice")
+
+
+def test_train_after_leaves_a_namespace_to_its_post_train_job_and_trains_it_if_that_job_failed(mem, monkeypatch):
+    from ipm.errors import TrainingError
+    from ipm.server import Trainer
+
+    def finished(job_id: str) -> dict:
+        deadline = time.monotonic() + 120
+        while (job := trainer.get(job_id, "alice"))["status"] not in ("done", "failed"):
+            assert time.monotonic() < deadline, job
+            time.sleep(0.05)
+        return job
+
+    for mid, text in MEMORIES.items():
+        mem.add(text, id=mid, user="alice")
+    calls, fail = [], threading.Event()
+    real_train = mem.train
+
+    def train(user, **kw):
+        calls.append(user)
+        if len(calls) == 1:  # the POST /train job: it fails once let go
+            fail.wait(60)
+            raise TrainingError("the disk is full")
+        return real_train(user=user, **kw)
+
+    monkeypatch.setattr(mem, "train", train)
+    trainer = Trainer(mem)
+    auto = trainer.watch(["alice"], quiet_s=1)
+    manual = trainer.submit("alice").id
+    assert auto.check(now=0) == [] and auto.check(now=5) == []  # due, but that job is under way
+    fail.set()
+    assert finished(manual)["status"] == "failed"
+    assert auto.check(now=6) == ["alice"]  # no new change needed
+    assert finished(trainer.active("alice"))["status"] == "done" and calls == ["alice", "alice"]
+    assert mem.untrained("alice") == [] and auto.check(now=100) == []

@@ -63,7 +63,11 @@ class AutoTrain:
             if self.busy is not None and self.busy(ns):
                 continue  # see how that training ends before trying one
             self._tried[ns] = generation
-            untrained = self.mem.untrained(ns)
+            try:
+                untrained = self.mem.untrained(ns)
+            except IPMError as e:  # e.g. a damaged index: said once a change, the other namespaces go on
+                log.warning("could not train namespace %s: %s", ns, e)
+                continue
             if not untrained:
                 continue
             log.info("training namespace %s: %d memories not in its index", ns, len(untrained))

@@ -200,8 +200,8 @@ class Config:
         for name in ("lora_layers", "threads", "seed"):
             if getattr(self, name) < 0:
                 raise InvalidInput(f"config option {name} must be at least 0")
-        if self.seed >= 2**63:  # torch.manual_seed takes a 64-bit integer
-            raise InvalidInput("config option seed must be below 2**63")
+        if self.seed >= 2**64:  # torch.manual_seed takes an unsigned 64-bit integer
+            raise InvalidInput("config option seed must be below 2**64")
         if self.learning_rate <= 0:
             raise InvalidInput("learning_rate must be above 0")
         if not 0 <= self.lora_dropout < 1 or not 0 <= self.warmup_ratio < 1 or self.weight_decay < 0:

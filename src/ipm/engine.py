@@ -21,7 +21,7 @@ from typing import Callable, Iterable
 
 from . import index as index_dir
 from .config import Config, Paths, read_user_file
-from .errors import IndexDamaged, IndexMissing, InvalidInput, ModelError, TrainingError
+from .errors import IndexMissing, InvalidInput, ModelError, TrainingError
 from .index import QUESTION_EMBEDDINGS, QUESTIONS_FILE
 from .model import (RUNNER_MODEL_TYPES, BaseModel, Runner, id_token_ids, int8_available, layer_ranges, load_base,
                     quiet_transformers, resolve_model, wanted_layers)
@@ -532,10 +532,7 @@ class IPM:
             current_manifest = prev[1]
         else:
             current = index_dir.current_dir(self.paths.index_root(user))
-            try:
-                current_manifest = index_dir.load_manifest(current) if current else None
-            except IndexDamaged:  # a full training is how a damaged version is replaced
-                current_manifest = None
+            current_manifest = index_dir.load_manifest(current) if current else None
         had = set(_calibrations(current_manifest)) if current_manifest else set()
         wanted = self._decodings_to_calibrate() | had
         new_ids = {m.id for m in memories if prev[1]["ids"].get(m.id) != m.sha256} if prev else None

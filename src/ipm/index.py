@@ -31,11 +31,19 @@ QUESTIONS_FILE = "questions.jsonl"  # a version's training questions, one {"ques
 QUESTION_EMBEDDINGS = "question_embeddings.safetensors"  # their MiniLM embeddings (float16), row for row
 
 
+# How to recover from an index version that cannot be read: it is derived data, made again
+# from the store.
+_REBUILD = "delete that directory and run `ipm train` to index the namespace again"
+
+
 def current_dir(root: Path) -> Path | None:
     try:
-        name = (root / "CURRENT").read_text().strip()
+        name = (root / "CURRENT").read_text(encoding="utf-8").strip()
     except FileNotFoundError:
         return None
+    except (OSError, ValueError) as e:
+        raise IndexDamaged(f"{root / 'CURRENT'} cannot be read ({e}): delete it and run `ipm train` "
+                           "to index the namespace again") from None
     path = root / name
     return path if (path / MANIFEST).is_file() else None
 
@@ -52,10 +60,11 @@ def load_manifest(version: Path) -> dict:
     try:
         manifest = json.loads((version / MANIFEST).read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:  # ValueError: not JSON, or not UTF-8
-        raise IndexDamaged(f"index version {version} cannot be read ({e}); "
-                           f"retrain with `ipm train --full`") from None
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("ids"), dict):
-        raise IndexDamaged(f"index version {version} has a manifest without its IDs; retrain with `ipm train --full`")
+        raise IndexDamaged(f"index version {version} cannot be read ({e}): {_REBUILD}") from None
+    fields = {"version": str, "ids": dict, "base_model": dict, "config": dict, "metrics": dict}
+    missing = [k for k, kind in fields.items() if not isinstance(manifest, dict) or not isinstance(manifest.get(k), kind)]
+    if missing:
+        raise IndexDamaged(f"index version {version} has a manifest without its {', '.join(missing)}: {_REBUILD}")
     return manifest
 
 
@@ -170,6 +179,8 @@ def purge_version(version: Path, live: set[str]) -> bool:
     whether anything changed. Call it under `locked(root)`."""
     try:
         return _purge_version(version, live)
+    except IndexDamaged as e:  # its manifest cannot be read
+        raise IndexDamaged(f"{e} (until then, forgotten memories' training questions may remain in it)") from None
     except Exception as e:  # unreadable JSON, a damaged safetensors file, a full disk...
         raise IndexDamaged(f"index version {version} could not be purged of forgotten memories "
                            f"({type(e).__name__}: {e}); the store no longer has them. Free the disk or fix "
@@ -184,7 +195,7 @@ def _purge_version(version: Path, live: set[str]) -> bool:
     # One JSON object a line; split on newlines only (a text may hold U+2028, written unescaped).
     rows = [line for line in questions.read_text(encoding="utf-8").split("\n") if line] if questions.is_file() else []
     keep = [i for i, line in enumerate(rows) if json.loads(line)["memory_id"] in live]
-    meta = json.loads(manifest.read_text(encoding="utf-8")) if manifest.is_file() else {}
+    meta = load_manifest(version) if manifest.is_file() else {}
     listed = set(meta.get("ids", {})) - live
     if len(keep) == len(rows) and not listed:
         return False

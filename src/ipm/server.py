@@ -295,6 +295,14 @@ class Trainer:
         self._queue.put(job)
         return job
 
+    def watch(self, namespaces: list[str], quiet_s: float, poll_s: float | None = None):
+        """An AutoTrain (not started) that trains `namespaces` as jobs of this trainer once
+        their memories settle, leaving a namespace to a job already under way for it."""
+        from .autotrain import AutoTrain
+
+        return AutoTrain(self.mem, quiet_s, self.submit, namespaces=namespaces, poll_s=poll_s,
+                         busy=lambda ns: self.active(ns) is not None)
+
     def get(self, job_id: str, namespace: str) -> dict | None:
         with self._lock:
             job = self._jobs.get(job_id)
@@ -593,7 +601,7 @@ def create_app(mem: IPM, api_keys: dict[str, str]) -> FastAPI:
                                                     "memories into the current adapter.")):
         """Start training a new index version in the background; poll GET /train/{job_id}.
         Recall keeps answering from the previous version until the new one is complete."""
-        if mem.status(user)["memories"] == 0:
+        if not mem.list(user=user, limit=1):  # (not status(): a damaged index is the job's error to report)
             raise TrainingError(f"namespace {user!r} has no memories to train on: add or import some first")
         job = trainer.submit(user, full)
         return JSONResponse(TrainJobOut(**job.to_dict()).model_dump(exclude_unset=True), status_code=202,
@@ -629,14 +637,11 @@ def serve(mem: IPM, api_keys: dict[str, str], host: str = "127.0.0.1", port: int
 
     import uvicorn
 
-    from .autotrain import AutoTrain
-
     app = create_app(mem, api_keys)
     trainer: Trainer = app.state.trainer
     auto = None
     if train_after:
-        auto = AutoTrain(mem, train_after, trainer.submit, namespaces=sorted(set(api_keys.values())),
-                         busy=lambda ns: trainer.active(ns) is not None).start()
+        auto = trainer.watch(sorted(set(api_keys.values())), train_after).start()
     # uvicorn shuts down gracefully on SIGINT/SIGTERM, then raises the signal again under the
     # handler it found (uvicorn.run swallows the KeyboardInterrupt of SIGINT). Under the
     # default SIGTERM handler that kills the process before anything below runs; this handler
