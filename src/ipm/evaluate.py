@@ -139,9 +139,14 @@ def by_category(in_scope: list[Question], rankings) -> dict:
 BASELINES = RETRIEVERS
 
 
+def check_baselines(names: Sequence[str]) -> None:
+    wrong = [b for b in names if b not in BASELINES]
+    if wrong:
+        raise InvalidInput(f"unknown baseline {wrong[0]!r}; choose from {', '.join(BASELINES)}")
+
+
 def evaluate_baseline(name: str, ids: list[str], texts: list[str], questions: list[Question]) -> dict:
-    if name not in BASELINES:
-        raise InvalidInput(f"unknown baseline {name!r}; choose from {', '.join(BASELINES)}")
+    check_baselines([name])
     in_scope = [q for q in questions if q.gold is not None]
     system = BASELINES[name](ids, texts)
     t0 = time.perf_counter()
@@ -158,9 +163,7 @@ def evaluate_baseline(name: str, ids: list[str], texts: list[str], questions: li
 def evaluate(mem, questions: list[Question], user: str = "default", baselines: Sequence[str] = (),
              progress: Callable[[int, int], None] | None = None) -> dict:
     """The `ipm eval` report: {"n", "ipm": {...}, "<baseline>": {...}}."""
-    wrong = [b for b in baselines if b not in BASELINES]
-    if wrong:  # before the evaluation, not after it
-        raise InvalidInput(f"unknown baseline {wrong[0]!r}; choose from {', '.join(BASELINES)}")
+    check_baselines(baselines)  # before the evaluation, not after it
     known = set(mem.store.ids(user))
     unknown = sorted({m for q in questions if q.gold for m in q.gold} - known)
     if unknown:

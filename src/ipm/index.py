@@ -33,7 +33,7 @@ QUESTION_EMBEDDINGS = "question_embeddings.safetensors"  # their MiniLM embeddin
 
 # How to recover from an index version that cannot be read: it is derived data, made again
 # from the store.
-_REBUILD = "delete that directory and run `ipm train` to index the namespace again"
+_REBUILD = "run `ipm train` to index the namespace again"
 
 
 def current_dir(root: Path) -> Path | None:
@@ -42,8 +42,7 @@ def current_dir(root: Path) -> Path | None:
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as e:
-        raise IndexDamaged(f"{root / 'CURRENT'} cannot be read ({e}): delete it and run `ipm train` "
-                           "to index the namespace again") from None
+        raise IndexDamaged(f"{root / 'CURRENT'} cannot be read ({e}): delete it and {_REBUILD}") from None
     path = root / name
     return path if (path / MANIFEST).is_file() else None
 
@@ -60,11 +59,12 @@ def load_manifest(version: Path) -> dict:
     try:
         manifest = json.loads((version / MANIFEST).read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:  # ValueError: not JSON, or not UTF-8
-        raise IndexDamaged(f"index version {version} cannot be read ({e}): {_REBUILD}") from None
+        raise IndexDamaged(f"index version {version} cannot be read ({e}): delete that directory and {_REBUILD}") from None
     fields = {"version": str, "ids": dict, "base_model": dict, "config": dict, "metrics": dict}
     missing = [k for k, kind in fields.items() if not isinstance(manifest, dict) or not isinstance(manifest.get(k), kind)]
     if missing:
-        raise IndexDamaged(f"index version {version} has a manifest without its {', '.join(missing)}: {_REBUILD}")
+        raise IndexDamaged(f"index version {version} has a manifest without its {', '.join(missing)}: "
+                           f"delete that directory and {_REBUILD}")
     return manifest
 
 

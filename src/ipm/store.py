@@ -108,6 +108,9 @@ class Event:
                 "ids": self.ids, "detail": self.detail}
 
 
+SQL_INT_CAP = 2**62  # a LIMIT or OFFSET past this is "all": SQLite's integers are 64-bit
+
+
 def check_namespace(namespace: str) -> str:
     if not isinstance(namespace, str) or not NAMESPACE_PATTERN.fullmatch(namespace):
         raise InvalidInput(
@@ -228,7 +231,7 @@ class Store:
         check_namespace(namespace)
         sql = "SELECT * FROM events WHERE namespace = ? ORDER BY seq DESC"
         rows = self._conn().execute(sql + (" LIMIT ?" if limit else ""),
-                                    (namespace, min(limit, 2**62)) if limit else (namespace,))  # SQLite's int64
+                                    (namespace, min(limit, SQL_INT_CAP)) if limit else (namespace,))
         out = [Event(r["seq"], r["ts"], r["namespace"], r["action"], json.loads(r["ids"]), json.loads(r["detail"]))
                for r in rows]
         return out[::-1]
@@ -268,7 +271,7 @@ class Store:
             raise InvalidInput("limit must be at least 1 and offset at least 0")
         conn = self._conn()
         rows = conn.execute("SELECT * FROM memories WHERE namespace = ? ORDER BY created_at, id LIMIT ? OFFSET ?",
-                            (namespace, -1 if limit is None else min(limit, 2**62), min(offset, 2**62))).fetchall()
+                            (namespace, -1 if limit is None else min(limit, SQL_INT_CAP), min(offset, SQL_INT_CAP))).fetchall()
         qs: dict[str, list[str]] = {}
         if limit is None and not offset:
             found = conn.execute("SELECT memory_id, question FROM questions WHERE namespace = ? ORDER BY rowid",
