@@ -124,6 +124,25 @@ def test_an_import_file_that_cannot_be_read_creates_no_home(capsys, monkeypatch,
     assert not home.exists()
 
 
+def test_refused_input_leaves_no_new_home_behind_and_an_existing_one_as_it_was(capsys, monkeypatch, tmp_path):
+    home, bad = tmp_path / "a" / "b" / "new", tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "My dog is Max."}\n{"text": ""}\n')
+    refused = [["import", bad], ["add", "My dog is Max.", "--id", "not an id"], ["add", ""],
+               ["add", "My dog is Max.", "--user", "bad user"]]
+    for command in refused:
+        code, _, err = run(capsys, monkeypatch, *command, "--home", home)
+        assert code == 1 and err.startswith("error: ") and "Traceback" not in err, (command, err)
+        assert not (tmp_path / "a").exists(), command  # nor the directories made for it
+    (tmp_path / "kept").mkdir()  # a directory the user made stays, empty as it was
+    code, _, _ = run(capsys, monkeypatch, "import", bad, "--home", tmp_path / "kept")
+    assert code == 1 and list((tmp_path / "kept").iterdir()) == []
+    assert run(capsys, monkeypatch, "add", "My dog is Max.", "--home", home)[0] == 0
+    for command in refused:  # an existing home is kept, with what it holds
+        assert run(capsys, monkeypatch, *command, "--home", home)[0] == 1
+    code, out, _ = run(capsys, monkeypatch, "list", "--json", "--home", home)
+    assert code == 0 and [m["text"] for m in json.loads(out)] == ["My dog is Max."]
+
+
 def test_a_damaged_index_manifest_is_one_error_naming_the_version(capsys, monkeypatch, tmp_path):
     home = tmp_path / "h"
     run(capsys, monkeypatch, "add", "My dog's name is Max.", "--home", home)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import List, Optional
 
@@ -56,6 +57,30 @@ Rerank = typer.Option(None, "--rerank", help="Weight of the base model's likelih
                                              "calibrated with it); default from the config.")
 
 
+@contextmanager
+def _creating(home: Optional[Path]):
+    """The engine on `home` for a command that adds memories, creating the home if needed. If
+    the command fails (a bad record, a taken ID), a store this command created is removed
+    again, with any directories it made: bad input leaves nothing behind, not an empty home."""
+    paths = Paths.at(home)
+    new = not paths.db.exists()
+    missing = [d for d in (paths.db.parent, *paths.db.parent.parents) if not d.exists()]
+    mem = _open(home, create=True)
+    try:
+        yield mem
+    except IPMError:  # refused input: nothing was stored (an interrupt may come after a commit)
+        if new:
+            mem.store.close()
+            for suffix in ("", "-wal", "-shm", "-journal"):
+                Path(f"{paths.db}{suffix}").unlink(missing_ok=True)
+            for d in missing:  # innermost first; only if nothing else was put there meanwhile
+                try:
+                    d.rmdir()
+                except OSError:
+                    break
+        raise
+
+
 def _print_json(data) -> None:
     sys.stdout.write(json.dumps(data, ensure_ascii=False, indent=2) + "\n")
 
@@ -72,7 +97,8 @@ def add(text: str = typer.Argument(..., help="The memory, stored byte-exact."),
         question: List[str] = typer.Option([], "--question", "-q", help="A question this memory answers (repeatable)."),
         user: str = User, home: Optional[Path] = Home, json_out: bool = Json):
     """Add one memory."""
-    m = _open(home, create=True).add(text, id=id, questions=question, user=user)
+    with _creating(home) as mem:
+        m = mem.add(text, id=id, questions=question, user=user)
     if json_out:
         _print_json(m.to_dict())
     else:
@@ -85,7 +111,8 @@ def import_(file: Path = typer.Argument(..., help="memories.json {id: text}, JSO
             user: str = User, home: Optional[Path] = Home, json_out: bool = Json):
     """Import memories or training questions from a file (all or nothing)."""
     data, kind = engine.read_records(file)  # a file that cannot be read creates no home
-    r = _open(home, create=True).import_records(data, user=user, source=str(file), kind=kind)
+    with _creating(home) as mem:
+        r = mem.import_records(data, user=user, source=str(file), kind=kind)
     if json_out:
         _print_json(r.to_dict())
     else:
