@@ -291,9 +291,32 @@ def test_int8_smoke_trains_when_the_home_has_no_index_then_reuses_it(tiny_model,
             for q in ("none", "int8"):
                 m = data[decoding][q]
                 check_metrics(m)
-                assert m["n"] == data["questions"] == 35 and m["p50_ms"] > 0
+                assert m["n"] == data["questions"]["default"] == 35 and m["p50_ms"] > 0
             assert 0 <= data[decoding]["same_first_answer"] <= 35 and data[decoding]["int8"]["median_ratio"] > 0
     check_files(tmp_path / "results", "int8")
+
+
+def test_int8_locomo_smoke_trains_each_conversation_and_scores_them_together(tiny_model, tmp_path, monkeypatch):
+    from ipm.model import int8_available
+
+    if not int8_available():
+        pytest.skip("this PyTorch has no oneDNN int8 matmul")
+    need(SHARED / "locomo" / "conv-26.json")
+    int8 = load("int8", monkeypatch)
+    files = [str(SHARED / "locomo" / "conv-26.json"), str(SHARED / "locomo" / "conv-30.json")]
+    for run in range(2):  # the second run reuses the home's trained namespaces
+        data = int8.main(tiny_args(tiny_model, tmp_path) + ["--locomo", *files, "--limit-memories", "12", "--timed", "2"])
+        assert set(data["questions"]) == {"conv-26", "conv-30"} and min(data["questions"].values()) > 0
+        assert set(data["train_seconds"]) == (set() if run else {"conv-26", "conv-30"})
+        n = sum(data["questions"].values())
+        for decoding in ("hybrid", "pure"):
+            for q in ("none", "int8"):
+                check_metrics(data[decoding][q])
+                assert data[decoding][q]["n"] == n
+                assert [data[decoding]["per_set"][c][q]["n"] for c in ("conv-26", "conv-30")] == \
+                    [data["questions"]["conv-26"], data["questions"]["conv-30"]]
+            assert 0 <= data[decoding]["same_first_answer"] <= n
+    check_files(tmp_path / "results", "int8-locomo-observations")
 
 
 def test_question_mix_smoke(tiny_model, tmp_path, monkeypatch):
