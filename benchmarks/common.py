@@ -110,7 +110,8 @@ def config(args: argparse.Namespace):
 OFF_BEFORE = {"fusion_bm25_floor": 0.0,  # BM25 scores divided by the best one alone
               "fusion_bm25_noise": 0.0,  # nothing taken off BM25 scores
               "expand_retrievers": False,  # retrievers matched memory texts only
-              "also_calibrate": ["pure"]}  # both decodings calibrated (hybrid was the configured one)
+              "also_calibrate": ["pure"],  # both decodings calibrated (hybrid was the configured one)
+              "quantize": "none"}  # asked in the model's dtype (before int8 asks, and before "auto")
 
 
 def run_config(recorded: dict) -> dict:
@@ -285,7 +286,7 @@ def run_info(seed: int, argv: list[str] | None = None) -> dict:
     import torch
 
     from ipm.config import Config
-    from ipm.model import pick_dtype
+    from ipm.model import _cpu_has_vnni, int8_available, pick_dtype
 
     argv = sys.argv if argv is None else argv
     return {
@@ -295,6 +296,8 @@ def run_info(seed: int, argv: list[str] | None = None) -> dict:
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
             # the dtype "auto" picks here: bf16 and float32 hosts rank a few questions differently
             "auto_dtype": str(pick_dtype(Config(), "cuda" if torch.cuda.is_available() else "cpu")).removeprefix("torch."),
+            # whether quantize = "auto" asks in int8 here (a Llama-family model on the CPU)
+            "auto_int8": not torch.cuda.is_available() and int8_available() and _cpu_has_vnni(),
         },
         "versions": {p: _version(p) for p in PACKAGES},
         "git_commit": _git_commit(),

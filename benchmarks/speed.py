@@ -134,6 +134,7 @@ def timed_queries(rank, questions) -> tuple[list[float], list[list[str]]]:
 def run_path(path: str, base, examples, ids, questions, cfg, bars, label: str, hybrid=None) -> dict:
     import torch
 
+    from ipm.engine import IPM
     from ipm.model import id_token_ids
     from ipm.search import GenerateDecoder, RunnerDecoder
     from ipm.train import train_adapter
@@ -156,8 +157,10 @@ def run_path(path: str, base, examples, ids, questions, cfg, bars, label: str, h
     if cuda:
         out["train_cuda_peak_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
         torch.cuda.reset_peak_memory_stats()
-    if path.startswith("default"):
-        decoder = RunnerDecoder(base.runner(result.model), base.tokenizer, base.device, model=result.model)
+    if path.startswith("default"):  # asked as the engine would: int8 as Config.quantize resolves here
+        out["int8"] = IPM._int8(base, cfg)
+        decoder = RunnerDecoder(base.runner(result.model), base.tokenizer, base.device, int8=out["int8"],
+                                model=result.model)
     else:
         decoder = GenerateDecoder(result.model, base.tokenizer, base.device)
     with peak_rss(out, "query_peak_rss_mb"):
@@ -422,7 +425,7 @@ def table(model: dict) -> list[dict]:
         for path in (*paths, "ratio_default_over_naive"):
             m = d[path]
             rows.append({"system": f"{name} {path.replace('ratio_default_over_naive', 'default/naive')}",
-                         "dtype": m.get("dtype", ""),
+                         "dtype": m.get("dtype", "") + (", int8 asks" if m.get("int8") else ""),
                          "recall@1": m.get("recall@1"), "recall@5": m.get("recall@5"),
                          "n": d["held_out_questions"] if path in paths else None,
                          "train ex/s": m["examples_per_second"], "index s": m["index_seconds"],

@@ -61,7 +61,7 @@ def test_int8_asks_rank_like_the_models_own(trained_default):
             same = sum(a == b for a, b in zip(plain, quantized)) / len(asked)
             assert same >= 0.85, (decoding, same)  # on the demo set's questions: 0.91 pure, 0.99 hybrid
     finally:
-        mem.reconfigure(decoding="hybrid", quantize="none")
+        mem.reconfigure(decoding="hybrid", quantize="auto")
 
 
 def test_cli_ask_json_returns_a_stored_memory_verbatim(trained_default):

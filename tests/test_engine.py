@@ -649,7 +649,9 @@ def test_an_index_calibrated_before_bm25_noise_existed_ran_without_it(trained):
     from ipm.engine import CALIBRATED_OPTIONS
 
     configured = trained.config.fusion_bm25_noise
-    old = {"fusion": {k: getattr(trained.config, k) for k in CALIBRATED_OPTIONS if k != "fusion_bm25_noise"}}
+    trained.ask("what is my dog called?")  # the base model is loaded: quantize is recorded as it resolves
+    now = trained._calibrated_settings(trained._base)
+    old = {"fusion": {k: now[k] for k in CALIBRATED_OPTIONS if k != "fusion_bm25_noise"}}
     try:
         trained.reconfigure(fusion_bm25_noise=0.0)
         with warnings.catch_warnings():
@@ -665,7 +667,9 @@ def test_an_index_calibrated_before_bm25_noise_existed_ran_without_it(trained):
 def test_an_index_calibrated_before_the_rerank_or_any_record_warns_only_where_it_should(trained):
     from ipm.engine import CALIBRATED_OPTIONS, RERANK_OPTIONS
 
-    before_rerank = {"fusion": {k: getattr(trained.config, k) for k in CALIBRATED_OPTIONS if k not in RERANK_OPTIONS}}
+    trained.ask("what is my dog called?")  # the base model is loaded: quantize is recorded as it resolves
+    now = trained._calibrated_settings(trained._base)
+    before_rerank = {"fusion": {k: now[k] for k in CALIBRATED_OPTIONS if k not in RERANK_OPTIONS}}
     try:
         # With the rerank off, the number of candidates it would read changes no score.
         trained.reconfigure(rerank_candidates=2)
@@ -1147,7 +1151,6 @@ def test_int8_asks_answer_from_the_store_and_bad_settings_are_refused(trained, t
         for h in quantized.hits:
             assert h.text == MEMORIES[h.id]
         assert sum(h.score for h in quantized.candidates) == pytest.approx(1.0, abs=1e-4)
-    trained.reconfigure(quantize="none")
 
 
 def test_int8_is_refused_where_it_cannot_run(tiny_model):
@@ -1167,6 +1170,55 @@ def test_int8_is_refused_where_it_cannot_run(tiny_model):
     assert IPM._int8(BaseModel("tiny", tiny_model, "0", None, llama, "cuda"), ipm.Config()) is False
 
 
+def test_auto_quantize_is_int8_only_where_the_cpu_multiplies_int8_itself(tiny_model, monkeypatch):
+    """quantize = "auto", the default: int8 for a Llama-family model on an x86 CPU with VNNI or
+    AMX and oneDNN's int8 matmul; the model's dtype on a GPU, without VNNI (7-bit weights,
+    recall unmeasured), without the kernels or for another model family. Never an error."""
+    from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+
+    import ipm.model
+    from ipm.engine import IPM
+    from ipm.model import BaseModel
+
+    cfg = ipm.Config()
+    assert cfg.quantize == "auto"
+    llama = AutoModelForCausalLM.from_pretrained(tiny_model)
+    cpu = BaseModel("tiny", tiny_model, "0", None, llama, "cpu")
+    monkeypatch.setattr(ipm.model, "int8_available", lambda: True)
+    monkeypatch.setattr(ipm.model, "_cpu_has_vnni", lambda: True)
+    assert IPM._int8(cpu, cfg) is True
+    assert IPM._int8(cpu, cfg.updated(quantize="none")) is False
+    assert IPM._int8(BaseModel("tiny", tiny_model, "0", None, llama, "cuda"), cfg) is False
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2))
+    assert IPM._int8(BaseModel("gpt2ish", tiny_model, "0", None, gpt2, "cpu"), cfg) is False
+    monkeypatch.setattr(ipm.model, "_cpu_has_vnni", lambda: False)
+    assert IPM._int8(cpu, cfg) is False
+    monkeypatch.setattr(ipm.model, "_cpu_has_vnni", lambda: True)
+    monkeypatch.setattr(ipm.model, "int8_available", lambda: False)
+    assert IPM._int8(cpu, cfg) is False
+
+
+def test_auto_quantize_calibration_records_what_the_scores_came_from(trained, monkeypatch):
+    """An index trained under "auto" records int8 or none, as it resolved on the training
+    machine: served where "auto" resolves the other way, the hybrid threshold warns."""
+    import ipm.engine
+    from ipm.model import int8_suits
+
+    trained.ask("what is my dog called?")  # the base model is loaded
+    manifest = index_dir.read_manifest(trained.paths.index_root("default"))
+    resolved = "int8" if int8_suits(trained._base) else "none"
+    assert manifest["config"]["quantize"] == "auto"
+    assert manifest["metrics"]["calibration"]["hybrid"]["fusion"]["quantize"] == resolved
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert trained.ask(MEMORIES["family_sister_anna"]).candidates[0].id == "family_sister_anna"
+    assert not [w for w in caught if "calibrated" in str(w.message)]
+    monkeypatch.setattr(ipm.engine, "int8_suits", lambda base: resolved == "none")  # another machine
+    trained.reconfigure(quantize="auto")
+    with pytest.warns(UserWarning, match=f"quantize {resolved}"):
+        assert trained.ask(MEMORIES["family_sister_anna"]).candidates[0].id == "family_sister_anna"
+
+
 def test_int8_where_it_cannot_run_is_refused_before_anything_changes(trained, monkeypatch):
     """Without the int8 kernels: `reconfigure` refuses and keeps the config; `train` refuses
     before training (nothing written)."""
@@ -1176,7 +1228,7 @@ def test_int8_where_it_cannot_run_is_refused_before_anything_changes(trained, mo
     trained.ask("what is my dog called?")  # the base model is loaded
     with pytest.raises(ModelError, match="int8"):
         trained.reconfigure(quantize="int8")
-    assert trained.config.quantize == "none"
+    assert trained.config.quantize == "auto"  # as configured
     assert trained.ask("what is my dog called?").candidates  # still serving
     trained.add("My cat is called Luna.", user="other")
     configured = trained.config

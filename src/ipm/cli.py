@@ -50,8 +50,9 @@ def _open(home: Optional[Path], config_file: Optional[Path] = None, create: bool
 
 Decoding = typer.Option(None, "--decoding", help="hybrid (adapter fused with BM25 and dense candidates) or pure "
                                                   "(adapter over every ID); default from the config.")
-Quantize = typer.Option(None, "--quantize", help="int8: the model's linear maps in int8 (CPU; faster asks), or none; "
-                                                 "default from the config.")
+Quantize = typer.Option(None, "--quantize", help="int8: the model's linear maps in int8 (x86 CPU; faster asks), none: "
+                                                 "the model's dtype, or auto: int8 where the CPU multiplies int8 "
+                                                 "itself (VNNI/AMX); default from the config (auto).")
 Rerank = typer.Option(None, "--rerank", help="Weight of the base model's likelihood of the question given each of the "
                                              "best hybrid candidates' texts (0 = off; warns unless the index was "
                                              "calibrated with it); default from the config.")

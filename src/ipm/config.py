@@ -127,12 +127,13 @@ class Config:
     dtype: str = "auto"
     # Answer with the base model's linear maps in int8 on the CPU ("int8"): weights per output
     # channel, activations per token, oneDNN's int8 matmul. The adapter is trained as without
-    # it; set at training time, the abstention threshold is calibrated on int8 scores (and a
-    # hybrid index calibrated the other way warns when served with it). On the demo index a
-    # hybrid ask took x0.86-0.89 the time in three runs (p50 60 -> 52 ms in the quietest, 77 ->
-    # 68 and 99 -> 88 on a busy host) and gave 297 of 300 questions the same first answer
-    # (README, "int8 asks"). "none" = the model's dtype.
-    quantize: str = "none"
+    # it; the abstention threshold is calibrated on the scores of the setting training ran
+    # under (and a hybrid index calibrated the other way warns when served with it). "none" =
+    # the model's dtype. "auto" = int8 where it pays and is measured: a Llama-family model on
+    # an x86 CPU that multiplies int8 itself (VNNI or AMX) with oneDNN's int8 matmul; elsewhere
+    # (a GPU, no VNNI, another model family) the model's dtype. On such a CPU a hybrid ask took
+    # x0.78 the time on the demo index (p50 61 -> 48 ms) at the same recall (README, "int8 asks").
+    quantize: str = "auto"
     threads: int = 0  # 0 = torch default
     # Store: text size limit, and how IDs are minted for memories added without one
     # ("salient" or "lexicon", see ids.py). On LoCoMo conv-26, salient IDs took the adapter
@@ -179,8 +180,8 @@ class Config:
             raise InvalidInput("id_scheme must be 'salient' or 'lexicon'")
         if self.dtype not in ("auto", "float32", "bfloat16"):
             raise InvalidInput("dtype must be 'auto', 'float32' or 'bfloat16'")
-        if self.quantize not in ("none", "int8"):
-            raise InvalidInput("quantize must be 'none' or 'int8'")
+        if self.quantize not in ("auto", "none", "int8"):
+            raise InvalidInput("quantize must be 'auto', 'none' or 'int8'")
         if self.decoding not in ("pure", "hybrid"):
             raise InvalidInput("decoding must be 'pure' or 'hybrid'")
         if not isinstance(self.also_calibrate, list) or not set(self.also_calibrate) <= {"pure", "hybrid"}:

@@ -23,8 +23,8 @@ from . import index as index_dir
 from .config import Config, Paths, read_user_file
 from .errors import IndexMissing, InvalidInput, ModelError, TrainingError
 from .index import QUESTION_EMBEDDINGS, QUESTIONS_FILE
-from .model import (RUNNER_MODEL_TYPES, BaseModel, Runner, id_token_ids, int8_available, layer_ranges, load_base,
-                    quiet_transformers, resolve_model, wanted_layers)
+from .model import (RUNNER_MODEL_TYPES, BaseModel, Runner, id_token_ids, int8_available, int8_suits, layer_ranges,
+                    load_base, quiet_transformers, resolve_model, wanted_layers)
 from .questions import (OFF_TOPIC, Aliases, alias_questions, builtin_questions, content_words, llm_questions,
                         related_words)
 from .retrieve import Candidates, load_dense_encoder
@@ -619,7 +619,7 @@ class IPM:
             calibration[mode] = calibrate(top1, off)
             calibration[mode]["seconds"] = round(time.perf_counter() - started, 2)
             if mode == "hybrid":  # the threshold holds for these settings only
-                calibration[mode]["fusion"] = self._calibrated_settings()
+                calibration[mode]["fusion"] = self._calibrated_settings(base)
                 calibration[mode]["expansion_folds"] = folds
         lap("calibrate")
         root = self.paths.index_root(user)
@@ -719,9 +719,12 @@ class IPM:
 
     @staticmethod
     def _int8(base: BaseModel, config: Config) -> bool:
-        """Whether to ask with int8 linear maps (Config.quantize); a clear error where it cannot."""
+        """Whether to ask with int8 linear maps (Config.quantize): with "auto" where they suit
+        this machine and model; with "int8", a clear error where they cannot run."""
         if config.quantize == "none":
             return False
+        if config.quantize == "auto":
+            return int8_suits(base)
         if not Runner.supports(base.model):
             raise ModelError(f"quantize = 'int8' needs a Llama-family base model ({', '.join(RUNNER_MODEL_TYPES)}); "
                              f"{base.label} is not one: set quantize = 'none'")
@@ -849,8 +852,11 @@ class IPM:
     def _decodings_to_calibrate(self) -> set[str]:
         return {self.config.decoding, *self.config.also_calibrate}
 
-    def _calibrated_settings(self) -> dict:
-        return {k: getattr(self.config, k) for k in CALIBRATED_OPTIONS}
+    def _calibrated_settings(self, base: BaseModel) -> dict:
+        """The settings a hybrid threshold hangs on, quantize as `base` resolves it ("auto" is
+        int8 on one machine and not on another: what counts is what the scores came from)."""
+        return {**{k: getattr(self.config, k) for k in CALIBRATED_OPTIONS},
+                "quantize": "int8" if self._int8(base, self.config) else "none"}
 
     def _warn_if_calibrated_elsewise(self, user: str, calibration: dict) -> None:
         """Hybrid scores are fused probabilities: a threshold calibrated under other fusion
@@ -860,7 +866,7 @@ class IPM:
             # recorded before the retrievers matched questions, BM25 noise, int8 asks or the rerank existed
             had = {"expand_retrievers": False, "fusion_bm25_noise": 0.0, "quantize": "none", "rerank_likelihood": 0.0,
                    **had}
-        if had is not None and _bearing(had) == _bearing(self._calibrated_settings()):
+        if had is not None and _bearing(had) == _bearing(self._calibrated_settings(self._base)):
             return
         then = ("settings it did not record (an index trained before ipm recorded them)" if had is None else
                 ", ".join(f"{k} {had.get(k)}" for k in CALIBRATED_OPTIONS))

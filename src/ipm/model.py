@@ -8,7 +8,7 @@ safetensors in the model cache so later loads take a fraction of a second.
 that exposes what the engine needs and `model(...)` does not: starting or stopping at any
 layer (training reuses the frozen lower layers' output), key/value tensors we control (beam
 search over a trie), logits for a chosen subset of the vocabulary only, and, for asking on a
-CPU, its linear layers in int8 (`quantize = "int8"`).
+CPU, its linear layers in int8 (`Config.quantize`; by default where the CPU multiplies int8 itself).
 """
 
 from __future__ import annotations
@@ -263,8 +263,6 @@ def load_base(config: Config, paths: Paths, layers: list[int] | None | str = "co
 
 
 def _load_base(config: Config, paths: Paths, layers) -> BaseModel:
-    import torch
-
     name, path, digest = resolve_model(config, paths)
     device = pick_device(config)
     dtype = pick_dtype(config, device)
@@ -589,6 +587,14 @@ def int8_available() -> bool:
     import torch
 
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qlinear_pointwise")
+
+
+def int8_suits(base: BaseModel) -> bool:
+    """Where quantize = "auto" asks in int8: a model the Runner runs, on an x86 CPU whose
+    PyTorch has oneDNN's int8 matmul and which multiplies int8 pairs itself (VNNI or AMX).
+    Without VNNI the weights are rounded to 7 bits (see _Int8Weight) and recall there is
+    unmeasured; on a GPU the model's own dtype is the fast path."""
+    return base.device == "cpu" and Runner.supports(base.model) and int8_available() and _cpu_has_vnni()
 
 
 @dataclass(frozen=True)
