@@ -143,6 +143,29 @@ def test_refused_input_leaves_no_new_home_behind_and_an_existing_one_as_it_was(c
     assert code == 0 and [m["text"] for m in json.loads(out)] == ["My dog is Max."]
 
 
+def test_a_new_home_another_process_stored_into_meanwhile_is_kept(capsys, monkeypatch, tmp_path):
+    """The refused command made the store, but memories arrived from elsewhere before it
+    failed: they are not deleted with it."""
+    import ipm
+    from ipm.engine import IPM
+    from ipm.errors import InvalidInput
+
+    home = tmp_path / "new"
+
+    def other_process_then_refuse(self, *args, **kwargs):
+        other = ipm.open(home)
+        other.store.add("default", "My cat is called Luna.")  # (IPM.add is this stand-in)
+        other.store.close()
+        raise InvalidInput("refused")
+
+    monkeypatch.setattr(IPM, "add", other_process_then_refuse)
+    code, _, err = run(capsys, monkeypatch, "add", "My dog is Max.", "--home", home)
+    assert code == 1 and err.strip() == "error: refused"
+    monkeypatch.undo()
+    code, out, _ = run(capsys, monkeypatch, "list", "--json", "--home", home)
+    assert code == 0 and [m["text"] for m in json.loads(out)] == ["My cat is called Luna."]
+
+
 def test_a_damaged_index_manifest_is_one_error_naming_the_version(capsys, monkeypatch, tmp_path):
     home = tmp_path / "h"
     run(capsys, monkeypatch, "add", "My dog's name is Max.", "--home", home)

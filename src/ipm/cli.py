@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -64,16 +65,18 @@ def _creating(home: Optional[Path]):
     the command fails (a bad record, a taken ID), a store this command created is removed
     again, with any directories it made: bad input leaves nothing behind, not an empty home."""
     paths = Paths.at(home)
-    new = not paths.db.exists()
+    files = [Path(f"{paths.db}{suffix}") for suffix in ("", "-wal", "-shm", "-journal")]
+    new = not os.path.lexists(paths.db)  # (a dangling symlink is the user's: kept)
+    made = [f for f in files if not os.path.lexists(f)]
     missing = [d for d in (paths.db.parent, *paths.db.parent.parents) if not d.exists()]
     mem = _open(home, create=True)
     try:
         yield mem
     except IPMError:  # refused input: nothing was stored (an interrupt may come after a commit)
-        if new:
+        if new and not mem.namespaces():  # (another process may have stored memories meanwhile)
             mem.store.close()
-            for suffix in ("", "-wal", "-shm", "-journal"):
-                Path(f"{paths.db}{suffix}").unlink(missing_ok=True)
+            for f in made:
+                f.unlink(missing_ok=True)
             for d in missing:  # innermost first; only if nothing else was put there meanwhile
                 try:
                     d.rmdir()
