@@ -296,7 +296,8 @@ def run_info(seed: int, argv: list[str] | None = None) -> dict:
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
             # the dtype "auto" picks here: bf16 and float32 hosts rank a few questions differently
             "auto_dtype": str(pick_dtype(Config(), "cuda" if torch.cuda.is_available() else "cpu")).removeprefix("torch."),
-            # whether quantize = "auto" asks in int8 here (a Llama-family model on the CPU)
+            # whether quantize = "auto" asks in int8 here, for a Llama-family model on the default device
+            # (ipm.model.int8_suits, without loading a model)
             "auto_int8": not torch.cuda.is_available() and int8_available() and _cpu_has_vnni(),
         },
         "versions": {p: _version(p) for p in PACKAGES},

@@ -302,6 +302,7 @@ def test_int8_locomo_smoke_trains_each_conversation_and_scores_them_together(tin
     if not int8_available():
         pytest.skip("this PyTorch has no oneDNN int8 matmul")
     need(SHARED / "locomo" / "conv-26.json")
+    need(SHARED / "locomo" / "conv-30.json")
     int8 = load("int8", monkeypatch)
     files = [str(SHARED / "locomo" / "conv-26.json"), str(SHARED / "locomo" / "conv-30.json")]
     for run in range(2):  # the second run reuses the home's trained namespaces

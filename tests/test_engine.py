@@ -1202,7 +1202,7 @@ def test_auto_quantize_calibration_records_what_the_scores_came_from(trained, mo
     """An index trained under "auto" records int8 or none, as it resolved on the training
     machine: served where "auto" resolves the other way, the hybrid threshold warns."""
     import ipm.engine
-    from ipm.model import int8_suits
+    from ipm.model import int8_available, int8_suits
 
     trained.ask("what is my dog called?")  # the base model is loaded
     manifest = index_dir.read_manifest(trained.paths.index_root("default"))
@@ -1213,10 +1213,22 @@ def test_auto_quantize_calibration_records_what_the_scores_came_from(trained, mo
         warnings.simplefilter("always")
         assert trained.ask(MEMORIES["family_sister_anna"]).candidates[0].id == "family_sister_anna"
     assert not [w for w in caught if "calibrated" in str(w.message)]
+    assert manifest["metrics"]["calibration"]["pure"]["quantize"] == resolved
+    if resolved == "none" and not int8_available():
+        return  # no machine here to play the other one on
     monkeypatch.setattr(ipm.engine, "int8_suits", lambda base: resolved == "none")  # another machine
     trained.reconfigure(quantize="auto")
-    with pytest.warns(UserWarning, match=f"quantize {resolved}"):
+    hint = f"or set quantize = '{resolved}'"
+    with pytest.warns(UserWarning, match=f"quantize {resolved}.*{hint}"):
         assert trained.ask(MEMORIES["family_sister_anna"]).candidates[0].id == "family_sister_anna"
+    trained.reconfigure(decoding="pure")  # its threshold hangs on int8 asks too
+    with pytest.warns(UserWarning, match=f"calibrated with quantize {resolved}, not .*{hint}"):
+        assert trained.ask(MEMORIES["family_sister_anna"]).candidates[0].id == "family_sister_anna"
+    trained.reconfigure(quantize=resolved)  # served as calibrated: nothing to say
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trained.ask(MEMORIES["family_sister_anna"])
+    assert not [w for w in caught if "calibrated" in str(w.message)]
 
 
 def test_int8_where_it_cannot_run_is_refused_before_anything_changes(trained, monkeypatch):

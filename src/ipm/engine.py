@@ -118,6 +118,13 @@ def _bearing(settings: dict) -> dict:
     return settings if settings.get("rerank_likelihood") else {**settings, "rerank_candidates": None}
 
 
+def _quantize_hint(had: dict | None, now: dict) -> str:
+    """", or set quantize = ..." where int8 asks are what differs: serving the other way costs nothing."""
+    if had is None or had.get("quantize") == now["quantize"]:
+        return ""
+    return f", or set quantize = '{had['quantize']}'"
+
+
 def _calibrations(manifest: dict) -> dict:
     """An index's abstention calibration per decoding ({decoding: {"threshold", ...}})."""
     calibration = manifest["metrics"]["calibration"]
@@ -618,6 +625,7 @@ class IPM:
             off = [p for _, p in self._top1(decoder, OFF_TOPIC, trie, proposer, tick)]
             calibration[mode] = calibrate(top1, off)
             calibration[mode]["seconds"] = round(time.perf_counter() - started, 2)
+            calibration[mode]["quantize"] = "int8" if self._int8(base, self.config) else "none"  # what scored it
             if mode == "hybrid":  # the threshold holds for these settings only
                 calibration[mode]["fusion"] = self._calibrated_settings(base)
                 calibration[mode]["expansion_folds"] = folds
@@ -866,14 +874,25 @@ class IPM:
             # recorded before the retrievers matched questions, BM25 noise, int8 asks or the rerank existed
             had = {"expand_retrievers": False, "fusion_bm25_noise": 0.0, "quantize": "none", "rerank_likelihood": 0.0,
                    **had}
-        if had is not None and _bearing(had) == _bearing(self._calibrated_settings(self._base)):
+        now = self._calibrated_settings(self._base)
+        if had is not None and _bearing(had) == _bearing(now):
             return
         then = ("settings it did not record (an index trained before ipm recorded them)" if had is None else
                 ", ".join(f"{k} {had.get(k)}" for k in CALIBRATED_OPTIONS))
         warnings.warn(f"namespace {user!r}: the abstention threshold of its index was calibrated under fusion "
                       f"{then}, not under the configured ones; abstention may refuse more or fewer questions "
-                      "than calibrated. Run `ipm train --full` to recalibrate, or set abstain_threshold.",
-                      stacklevel=2)
+                      "than calibrated. Run `ipm train --full` to recalibrate, or set abstain_threshold"
+                      + _quantize_hint(had, now) + ".", stacklevel=2)
+
+    def _warn_if_pure_calibrated_elsewise(self, user: str, calibration: dict) -> None:
+        """Pure decoding's scores hang on int8 asks alone: say so where its threshold came from
+        the other setting (recorded since "auto"; older indexes do not say)."""
+        had, now = calibration.get("quantize"), self._calibrated_settings(self._base)["quantize"]
+        if had is not None and had != now:
+            warnings.warn(f"namespace {user!r}: the abstention threshold of its index was calibrated with quantize "
+                          f"{had}, not {now}; abstention may refuse more or fewer questions than calibrated. Run "
+                          f"`ipm train --full` to recalibrate, set abstain_threshold, or set quantize = '{had}'.",
+                          stacklevel=2)
 
     def _serve(self, user: str) -> _Serving:
         """The serving state of `user`, refreshed if a new version was trained or memories changed."""
@@ -935,6 +954,8 @@ class IPM:
                 s.threshold = calibrated
                 if self.config.decoding == "hybrid":
                     self._warn_if_calibrated_elsewise(user, s.calibration["hybrid"])
+                else:
+                    self._warn_if_pure_calibrated_elsewise(user, s.calibration["pure"])
         if s.generation != gen:
             live = set(self.store.ids(user))
             # Read once a change, not on every ask: a namespace may hold many untrained memories.
