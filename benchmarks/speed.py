@@ -6,6 +6,9 @@ Model part (side by side, same training examples, seed and epochs):
   default = the engine's path: train_adapter(fast=True) and RunnerDecoder;
   default-N-layers (with --base-layers N) = the default path on N of the base's layers
             (Config.base_layers: the top lora_layers and the lowest others).
+Every default path asks as the engine would, with int8 linear maps where Config.quantize
+resolves to them ("auto": a CPU with VNNI or AMX; the table's dtype column says "int8 asks"),
+so there a default path in another dtype differs from the default in training, not in asking.
 on the first --memories demo memories (held-out questions from examples/demo/questions.json)
 and, with --locomo, on the first --memories observations of one LoCoMo conversation.
 Model memory is the peak resident set size above the one at the start of the phase (freed heap
