@@ -8,7 +8,8 @@ Model part (side by side, same training examples, seed and epochs):
             (Config.base_layers: the top lora_layers and the lowest others).
 Every default path asks as the engine would, with int8 linear maps where Config.quantize
 resolves to them ("auto": a CPU with VNNI or AMX; the table's dtype column says "int8 asks"),
-so there a default path in another dtype differs from the default in training, not in asking.
+so there a default path in another dtype differs from the default mostly in training (its asks
+ differ only in the dtype of the embedding and the output head).
 on the first --memories demo memories (held-out questions from examples/demo/questions.json)
 and, with --locomo, on the first --memories observations of one LoCoMo conversation.
 Model memory is the peak resident set size above the one at the start of the phase (freed heap
