@@ -6,12 +6,12 @@ Model part (side by side, same training examples, seed and epochs):
   default = the engine's path: train_adapter(fast=True) and RunnerDecoder;
   default-N-layers (with --base-layers N) = the default path on N of the base's layers
             (Config.base_layers: the top lora_layers and the lowest others).
+on the first --memories demo memories (held-out questions from examples/demo/questions.json)
+and, with --locomo, on the first --memories observations of one LoCoMo conversation.
 Every default path asks as the engine would, with int8 linear maps where Config.quantize
 resolves to them ("auto": a CPU with VNNI or AMX; the table's dtype column says "int8 asks"),
 so there a default path in another dtype differs from the default mostly in training (its asks
- differ only in the dtype of the embedding and the output head).
-on the first --memories demo memories (held-out questions from examples/demo/questions.json)
-and, with --locomo, on the first --memories observations of one LoCoMo conversation.
+differ only in the dtype of the embedding and the output head).
 Model memory is the peak resident set size above the one at the start of the phase (freed heap
 is handed back to the OS first with malloc_trim; Linux: the high-water mark is reset through
 /proc/self/clear_refs; elsewhere a ru_maxrss delta, which only shows growth above the earlier
