@@ -166,6 +166,28 @@ def test_a_new_home_another_process_stored_into_meanwhile_is_kept(capsys, monkey
     assert code == 0 and [m["text"] for m in json.loads(out)] == ["My cat is called Luna."]
 
 
+def test_an_ipm_warning_is_one_line_on_stderr(capsys, monkeypatch, tmp_path):
+    """What the engine warns of (an index calibrated under other settings, ...) reaches a CLI
+    user as one line, not Python's file:line report with a source line under it."""
+    import warnings
+
+    from ipm.engine import IPM
+    from ipm.errors import IPMWarning
+
+    home = tmp_path / "h"
+    run(capsys, monkeypatch, "add", "My dog is Max.", "--home", home)
+    listed = IPM.list
+
+    def warn_then_list(self, *args, **kwargs):
+        warnings.warn("namespace 'default': calibrated elsewise [b]x[/b]", IPMWarning, stacklevel=2)
+        return listed(self, *args, **kwargs)
+
+    monkeypatch.setattr(IPM, "list", warn_then_list)
+    code, out, err = run(capsys, monkeypatch, "list", "--json", "--home", home)
+    assert code == 0 and [m["text"] for m in json.loads(out)] == ["My dog is Max."]
+    assert err == "warning: namespace 'default': calibrated elsewise [b]x[/b]\n"
+
+
 def test_a_damaged_index_manifest_is_one_error_naming_the_version(capsys, monkeypatch, tmp_path):
     home = tmp_path / "h"
     run(capsys, monkeypatch, "add", "My dog's name is Max.", "--home", home)

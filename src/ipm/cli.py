@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import List, Optional
@@ -18,7 +19,7 @@ from rich.text import Text
 
 from . import engine
 from .config import Config, Paths
-from .errors import IPMError, NotFound
+from .errors import IPMError, IPMWarning, NotFound
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="IPM: Indexed Parametric Memory. Store memories verbatim, train a LoRA index, recall exactly.")
@@ -334,11 +335,22 @@ app.command()(serve)
 app.command()(mcp)
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None, _default=warnings.showwarning):
+    """An IPMWarning as one line on stderr ("warning: ..."); any other as Python shows it."""
+    if issubclass(category, IPMWarning):
+        err.print(f"[yellow]warning:[/yellow] {escape(str(message))}", highlight=False)
+    else:
+        _default(message, category, filename, lineno, file, line)
+
+
 def run(typer_app: typer.Typer) -> None:
     """Run a typer app the CLI's way: an IPMError is one line on stderr and exit code 1, a usage
-    error click's message and exit code 2, Ctrl-C exit code 130; never a traceback for these."""
+    error click's message and exit code 2, Ctrl-C exit code 130; never a traceback for these.
+    An IPMWarning is one line on stderr."""
     try:
-        code = typer_app(standalone_mode=False)
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            code = typer_app(standalone_mode=False)
     except IPMError as e:
         err.print(f"[red]error:[/red] {escape(str(e))}", highlight=False)
         sys.exit(1)

@@ -21,7 +21,7 @@ from typing import Callable, Iterable
 
 from . import index as index_dir
 from .config import Config, Paths, read_user_file
-from .errors import IndexMissing, InvalidInput, ModelError, TrainingError
+from .errors import IndexMissing, InvalidInput, IPMWarning, ModelError, TrainingError
 from .index import QUESTION_EMBEDDINGS, QUESTIONS_FILE
 from .model import (RUNNER_MODEL_TYPES, BaseModel, Runner, id_token_ids, int8_available, int8_suits, layer_ranges,
                     load_base, quiet_transformers, resolve_model, wanted_layers)
@@ -882,7 +882,7 @@ class IPM:
         warnings.warn(f"namespace {user!r}: the abstention threshold of its index was calibrated under fusion "
                       f"{then}, not under the configured ones; abstention may refuse more or fewer questions "
                       "than calibrated. Run `ipm train --full` to recalibrate, or set abstain_threshold"
-                      + _quantize_hint(had, now) + ".", stacklevel=2)
+                      + _quantize_hint(had, now) + ".", IPMWarning, stacklevel=2)
 
     def _warn_if_pure_calibrated_elsewise(self, user: str, calibration: dict) -> None:
         """Pure decoding's scores hang on int8 asks alone: say so where its threshold came from
@@ -892,7 +892,7 @@ class IPM:
             warnings.warn(f"namespace {user!r}: the abstention threshold of its index was calibrated with quantize "
                           f"{had}, not {now}; abstention may refuse more or fewer questions than calibrated. Run "
                           f"`ipm train --full` to recalibrate, set abstain_threshold, or set quantize = '{had}'.",
-                          stacklevel=2)
+                          IPMWarning, stacklevel=2)
 
     def _serve(self, user: str) -> _Serving:
         """The serving state of `user`, refreshed if a new version was trained or memories changed."""

@@ -38,5 +38,10 @@ class TrainingError(IPMError):
     """Training could not run (nothing to train on, interrupted, ...)."""
 
 
+class IPMWarning(UserWarning):
+    """Something a user should know that does not stop the work (an index calibrated under
+    other settings, a file that could not be deleted); the CLI prints it on one line."""
+
+
 class HomeError(IPMError):
     """The home directory or its database cannot be used (not a directory, not an IPM store)."""

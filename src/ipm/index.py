@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
-from .errors import IndexDamaged, IndexMissing
+from .errors import IndexDamaged, IndexMissing, IPMWarning
 
 MANIFEST = "manifest.json"
 QUESTIONS_FILE = "questions.jsonl"  # a version's training questions, one {"question", "memory_id"} a line
@@ -145,7 +145,7 @@ def delete_retired(retired: dict[str, Path]) -> None:
         shutil.rmtree(path, ignore_errors=True)
         if path.exists():
             warnings.warn(f"old index version {name} could not be deleted: delete {path} by hand "
-                          "(it may hold training questions of forgotten memories)", stacklevel=2)
+                          "(it may hold training questions of forgotten memories)", IPMWarning, stacklevel=2)
 
 
 def _alive(pid: int) -> bool:
