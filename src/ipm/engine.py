@@ -625,7 +625,7 @@ class IPM:
             off = [p for _, p in self._top1(decoder, OFF_TOPIC, trie, proposer, tick)]
             calibration[mode] = calibrate(top1, off)
             calibration[mode]["seconds"] = round(time.perf_counter() - started, 2)
-            calibration[mode]["quantize"] = "int8" if self._int8(base, self.config) else "none"  # what scored it
+            calibration[mode]["quantize"] = self._quantize_resolved(base)  # what scored it
             if mode == "hybrid":  # the threshold holds for these settings only
                 calibration[mode]["fusion"] = self._calibrated_settings(base)
                 calibration[mode]["expansion_folds"] = folds
@@ -860,11 +860,14 @@ class IPM:
     def _decodings_to_calibrate(self) -> set[str]:
         return {self.config.decoding, *self.config.also_calibrate}
 
+    def _quantize_resolved(self, base: BaseModel) -> str:
+        """Config.quantize as `base` resolves it, "int8" or "none": "auto" is int8 on one
+        machine and not on another, and what a threshold hangs on is what the scores came from."""
+        return "int8" if self._int8(base, self.config) else "none"
+
     def _calibrated_settings(self, base: BaseModel) -> dict:
-        """The settings a hybrid threshold hangs on, quantize as `base` resolves it ("auto" is
-        int8 on one machine and not on another: what counts is what the scores came from)."""
-        return {**{k: getattr(self.config, k) for k in CALIBRATED_OPTIONS},
-                "quantize": "int8" if self._int8(base, self.config) else "none"}
+        """The settings a hybrid threshold hangs on, quantize resolved (_quantize_resolved)."""
+        return {**{k: getattr(self.config, k) for k in CALIBRATED_OPTIONS}, "quantize": self._quantize_resolved(base)}
 
     def _warn_if_calibrated_elsewise(self, user: str, calibration: dict) -> None:
         """Hybrid scores are fused probabilities: a threshold calibrated under other fusion
@@ -887,7 +890,7 @@ class IPM:
     def _warn_if_pure_calibrated_elsewise(self, user: str, calibration: dict) -> None:
         """Pure decoding's scores hang on int8 asks alone: say so where its threshold came from
         the other setting (recorded since "auto"; older indexes do not say)."""
-        had, now = calibration.get("quantize"), self._calibrated_settings(self._base)["quantize"]
+        had, now = calibration.get("quantize"), self._quantize_resolved(self._base)
         if had is not None and had != now:
             warnings.warn(f"namespace {user!r}: the abstention threshold of its index was calibrated with quantize "
                           f"{had}, not {now}; abstention may refuse more or fewer questions than calibrated. Run "
