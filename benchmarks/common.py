@@ -286,19 +286,19 @@ def run_info(seed: int, argv: list[str] | None = None) -> dict:
     import torch
 
     from ipm.config import Config
-    from ipm.model import _cpu_has_vnni, int8_available, pick_dtype
+    from ipm.model import int8_suits_device, pick_device, pick_dtype
 
     argv = sys.argv if argv is None else argv
+    device = pick_device(Config())  # where the defaults run here
     return {
         "machine": {
             "platform": platform.platform(), "python": platform.python_version(), "cpu_count": os.cpu_count(),
             "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
             # the dtype "auto" picks here: bf16 and float32 hosts rank a few questions differently
-            "auto_dtype": str(pick_dtype(Config(), "cuda" if torch.cuda.is_available() else "cpu")).removeprefix("torch."),
+            "auto_dtype": str(pick_dtype(Config(), device)).removeprefix("torch."),
             # whether quantize = "auto" asks in int8 here, for a Llama-family model on the default device
-            # (ipm.model.int8_suits, without loading a model)
-            "auto_int8": not torch.cuda.is_available() and int8_available() and _cpu_has_vnni(),
+            "auto_int8": int8_suits_device(device),
         },
         "versions": {p: _version(p) for p in PACKAGES},
         "git_commit": _git_commit(),

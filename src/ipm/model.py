@@ -589,12 +589,17 @@ def int8_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qlinear_pointwise")
 
 
-def int8_suits(base: BaseModel) -> bool:
-    """Where quantize = "auto" asks in int8: a model the Runner runs, on an x86 CPU whose
-    PyTorch has oneDNN's int8 matmul and which multiplies int8 pairs itself (VNNI or AMX).
-    Without VNNI the weights are rounded to 7 bits (see _Int8Weight) and recall there is
+def int8_suits_device(device: str) -> bool:
+    """Whether quantize = "auto" asks in int8 on `device` (for a model the Runner runs): an x86
+    CPU whose PyTorch has oneDNN's int8 matmul and which multiplies int8 pairs itself (VNNI or
+    AMX). Without VNNI the weights are rounded to 7 bits (see _Int8Weight) and recall there is
     unmeasured; on a GPU the model's own dtype is the fast path."""
-    return base.device == "cpu" and Runner.supports(base.model) and int8_available() and _cpu_has_vnni()
+    return device == "cpu" and int8_available() and _cpu_has_vnni()
+
+
+def int8_suits(base: BaseModel) -> bool:
+    """Where quantize = "auto" asks in int8: a model the Runner runs, on a device that suits it."""
+    return Runner.supports(base.model) and int8_suits_device(base.device)
 
 
 @dataclass(frozen=True)
