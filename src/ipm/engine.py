@@ -769,7 +769,7 @@ class IPM:
         import torch
 
         encoder = load_dense_encoder()
-        out = torch.zeros((len(rows), encoder.model.get_sentence_embedding_dimension()), dtype=torch.float16)
+        out = torch.zeros((len(rows), encoder.dimension), dtype=torch.float16)
         old = self._read_question_embeddings(prev_dir) if prev_dir is not None else None
         if old is None:
             prev_rows = []

