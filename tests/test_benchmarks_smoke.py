@@ -296,6 +296,30 @@ def test_int8_smoke_trains_when_the_home_has_no_index_then_reuses_it(tiny_model,
     check_files(tmp_path / "results", "int8")
 
 
+def test_packed_smoke_asks_with_packed_weights_and_without(tiny_model, tmp_path, monkeypatch):
+    from ipm.model import onednn_linear_available
+
+    if not onednn_linear_available():
+        pytest.skip("this PyTorch has no oneDNN matmul")
+    packed = load("packed", monkeypatch)
+    demo = json.loads((ROOT / "examples" / "demo" / "questions.json").read_text())
+    questions = tmp_path / "questions.json"
+    questions.write_text(json.dumps(demo[:20] + demo[-3:]))  # 3 out of scope, left out
+    data = packed.main(tiny_args(tiny_model, tmp_path) + ["--timed", "3", "--questions", str(questions)])
+    assert "float32" in data and "trained" in data
+    for dtype in ("float32", "bfloat16"):
+        if dtype not in data:
+            continue
+        for way in ("plain", "packed"):
+            check_metrics(data[dtype][way])
+            assert data[dtype][way]["n"] == 20 and data[dtype][way]["p50_ms"] > 0
+        # the same arithmetic in another memory layout, summed in another order: the same ranking
+        # but for a near-tie
+        assert data[dtype]["same_first_answer"] >= 19
+    assert data["minilm"]["packed"]["median_ratio"] > 0 and data["minilm"]["max_abs_difference"] < 1e-4
+    check_files(tmp_path / "results", "packed")
+
+
 def test_int8_locomo_smoke_trains_each_conversation_and_scores_them_together(tiny_model, tmp_path, monkeypatch):
     from ipm.model import int8_available
 

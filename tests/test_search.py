@@ -93,6 +93,52 @@ def test_runner_merges_the_adapter_it_serves_and_follows_its_changes(tiny_model)
     assert not torch.allclose(runner_logits(), other, atol=1e-3)
 
 
+def test_runner_packs_the_weights_it_reads_and_follows_their_changes(tiny_model):
+    """On a CPU with oneDNN, asks apply every linear map through oneDNN with its weight packed
+    once (Runner._packed_weight): the same numbers as the model's own forward, a weight changed
+    in place is packed again, and a pack is dropped with the weight it was made from."""
+    import gc
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from ipm.model import onednn_linear_available
+
+    if not onednn_linear_available():
+        pytest.skip("this PyTorch has no oneDNN matmul: nothing is packed")
+    torch.manual_seed(4)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model),
+                           LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False))
+    model.eval()
+    r = Runner(model)
+    ids = torch.tensor([list(range(5, 17))])
+
+    def both():
+        with torch.no_grad():
+            return r.logits(r.hidden(ids)), model(input_ids=ids).logits
+
+    ours, ref = both()
+    assert torch.allclose(ours, ref, atol=1e-4)
+    inner = model.get_base_model().model
+    plain = inner.layers[0].mlp.down_proj.weight  # a plain nn.Linear's weight
+    assert any(entry[0]() is plain for entry in r._packed.values())
+    n = len(r._packed)
+    with torch.no_grad():
+        plain.mul_(3.0)  # changed in place: its version moves on
+    moved, ref = both()
+    assert torch.allclose(moved, ref, atol=1e-4) and not torch.allclose(moved, ours, atol=1e-3)
+    lora_b = inner.layers[0].self_attn.q_proj.lora_B["default"].weight
+    with torch.no_grad():
+        lora_b.add_(0.5)  # a new merged weight: packed anew, the old merge's pack dropped with it
+    again, ref = both()
+    assert torch.allclose(again, ref, atol=1e-4) and not torch.allclose(again, moved, atol=1e-3)
+    gc.collect()
+    assert len(r._packed) == n and all(entry[0]() is not None for entry in r._packed.values())
+    with torch.enable_grad():  # training's path is PyTorch's own, with gradients
+        out = r.logits(r.hidden(ids))
+    assert out.requires_grad and torch.allclose(out.detach(), again, atol=1e-4)
+
+
 def exact_scores(model, tok, question, trie):
     """P(ID) = product over branching nodes of softmax over the allowed children."""
     prompt = prompt_ids(tok, question)
