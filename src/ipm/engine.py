@@ -209,6 +209,19 @@ def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
     return out
 
 
+def labelled_records(data, kind: str = "json") -> list[tuple[str, object]] | None:
+    """Decoded records (`decode_records`) with the label that names each in an error: "line 3"
+    (JSON lines), "index 2" (a JSON list), "key 'x'" (an object's items, as (key, value)); None
+    for any other JSON value."""
+    if kind == "lines":
+        return [(f"line {n}", rec) for n, rec in data]
+    if isinstance(data, dict):
+        return [(f"key {key!r}", item) for key, item in data.items()]
+    if isinstance(data, list):
+        return [(f"index {i}", rec) for i, rec in enumerate(data)]
+    return None
+
+
 def parse_records(data, source: str, kind: str = "json") -> tuple[list[NewMemory], list[str], list[tuple[str, str]], list[str]]:
     """Validate import records. Accepted shapes:
     - `{"id": "text", ...}` (memories keyed by ID);
@@ -216,13 +229,8 @@ def parse_records(data, source: str, kind: str = "json") -> tuple[list[NewMemory
     - a list of `{"question", "memory_id"}` (training questions for existing memories).
     Returns (memories, their labels, questions, their labels), a label naming where the record
     is ("line 3", "index 2", "key 'x'"); raises InvalidInput naming the bad record."""
-    if kind == "lines":
-        records, where = data, "line"
-    elif isinstance(data, dict):
-        records, where = list(data.items()), "key"
-    elif isinstance(data, list):
-        records, where = data, "index"
-    else:
+    records = labelled_records(data, kind)
+    if records is None:
         raise InvalidInput(f"{source}: expected a JSON object, a JSON list or JSON lines")
     if not records:
         raise InvalidInput(f"{source} holds no records")
@@ -230,14 +238,10 @@ def parse_records(data, source: str, kind: str = "json") -> tuple[list[NewMemory
     questions: list[tuple[str, str]] = []
     mem_labels: list[str] = []
     q_labels: list[str] = []
-    for i, rec in enumerate(records):
-        if where == "line":
-            label, rec = f"line {rec[0]}", rec[1]
-        elif where == "key":
-            label = f"key {rec[0]!r}"
+    keyed = kind != "lines" and isinstance(data, dict)
+    for label, rec in records:
+        if keyed:
             rec = {"id": rec[0], "text": rec[1]}
-        else:
-            label = f"index {i}"
         try:
             if not isinstance(rec, dict):
                 raise InvalidInput("expected an object")
@@ -606,7 +610,7 @@ class IPM:
                                init_from=prev[0] if prev else None)
         lap("train")
         trie = Trie((m.id, id_token_ids(base.tokenizer, m.id)) for m in memories)
-        decoder = self._make_decoder(base, result.model)
+        decoder = self._make_decoder(base, result.model, pack_weights=False)  # batched: see Runner._packed_weight
         # Calibrate the abstention threshold of the decoding that will serve this index, and
         # of any other that may (Config.also_calibrate): each costs its share of indexing time.
         modes = {mode: proposer for mode, proposer in (("pure", None), ("hybrid", candidates))
@@ -718,9 +722,9 @@ class IPM:
         return top1, folds
 
     # -- recall ------------------------------------------------------------------------
-    def _make_decoder(self, base: BaseModel, model):
+    def _make_decoder(self, base: BaseModel, model, pack_weights: bool = True):
         int8 = self._int8(base, self.config)  # (refused for a model without a Runner)
-        runner = base.runner(model)
+        runner = base.runner(model, pack_weights)
         if runner is not None:
             return RunnerDecoder(runner, base.tokenizer, base.device, int8=int8, model=model)
         return GenerateDecoder(model, base.tokenizer, base.device)

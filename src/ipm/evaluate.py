@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from .config import read_user_file
-from .engine import decode_records
+from .engine import decode_records, labelled_records
 from .errors import InvalidInput
 from .retrieve import RETRIEVERS
 from .store import check_question
@@ -33,12 +33,12 @@ def load_questions(path: str | Path) -> list[Question]:
     """A questions file: a JSON list or JSON lines of {"question", "memory_id", "category"?},
     read as an import file is (engine.decode_records); a bad record is named."""
     data, kind = decode_records(read_user_file(path, "questions file"), str(path))
-    records = data if kind == "lines" else list(enumerate(data)) if isinstance(data, list) else None
+    records = labelled_records(data, kind) if kind == "lines" or isinstance(data, list) else None
     if not records:
         raise InvalidInput(f"{path} must be a non-empty list of {{\"question\", \"memory_id\"}} objects")
     out = []
-    for n, rec in records:
-        where = f"{path}: {'line' if kind == 'lines' else 'index'} {n}"
+    for label, rec in records:
+        where = f"{path}: {label}"
         expected = f"{where}: expected {{\"question\": str, \"memory_id\": str | [str, ...] | null}}"
         if not isinstance(rec, dict) or not isinstance(rec.get("question"), str) or "memory_id" not in rec:
             raise InvalidInput(expected)

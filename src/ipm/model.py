@@ -167,9 +167,9 @@ class BaseModel:
     def eos_id(self) -> int:
         return self.tokenizer.eos_token_id
 
-    def runner(self, model=None) -> "Runner | None":
+    def runner(self, model=None, pack_weights: bool = True) -> "Runner | None":
         m = model if model is not None else self.model
-        return Runner(m) if Runner.supports(m) else None
+        return Runner(m, pack_weights) if Runner.supports(m) else None
 
 
 def resolve_model(config: Config, paths: Paths) -> tuple[str, Path, str]:
@@ -506,12 +506,14 @@ class Runner:
         return kept[key][2]
 
     def _linear(self, module, x):
-        """`module(x)`, but a LoRA-wrapped linear is applied with its adapter merged into its
-        weight when no gradient is asked for: one matmul instead of three, and none of the casts
-        to and from the adapter's float32 (a hybrid ask ~8% faster on CPU; scores differ by the
-        rounding of the merged weight to the base model's dtype). Anything plain LoRA's merge
-        would not reproduce (dropout in train mode, a LoRA bias or variant such as DoRA, a
-        base layer that is not a plain nn.Linear, e.g. quantized) keeps PEFT's own forward."""
+        """`module(x)`, but when no gradient is asked for: a LoRA-wrapped linear is applied with
+        its adapter merged into its weight, one matmul instead of three and none of the casts to
+        and from the adapter's float32 (a hybrid ask ~8% faster on CPU; scores differ by the
+        rounding of the merged weight to the base model's dtype); and on a CPU, that weight or a
+        plain nn.Linear's goes through oneDNN packed (`_packed_weight`; a module's forward hooks,
+        which nothing here registers, are not called). Anything plain LoRA's merge would not
+        reproduce (dropout in train mode, a LoRA bias or variant such as DoRA, a base layer that
+        is not a plain nn.Linear, e.g. quantized) keeps PEFT's own forward."""
         import torch
         import torch.nn.functional as F
 
@@ -533,31 +535,35 @@ class Runner:
 
     def _packed_weight(self, weight, x):
         """`weight` reordered once for oneDNN's matmul (as `pack_linears` does for MiniLM), for
-        `x` on a CPU in the weight's dtype; None where that does not apply. On the 2-core CPU a
-        hybrid ask in float32 took x0.70 the time and in bf16 x0.85 (the demo index, 120 questions,
-        the ways alternating; the same first answers, scores equal to 1e-6 and exactly); PyTorch's
-        own float32 matmul (MKL) is slow on these few-row products here. The price is a packed
-        copy of every linear weight an ask reads, kept while the weight lives and is unchanged:
-        about 210 MB for the default model in bf16, 420 MB in float32 (int8 asks use their own
-        int8 copies instead). Training's runner does not pack (`pack_weights=False`): its frozen
-        lower layers run once an example, in large batches, where packing gained nothing."""
+        `x` on an x86 CPU in the weight's dtype; None where that does not apply. On the 2-core CPU
+        a hybrid ask in float32 took x0.74 the time and in bf16 x0.84 (benchmarks/packed.py: the
+        demo index, the ways alternating; the same first answers); PyTorch's own float32 matmul
+        (MKL) is slow on these few-row products here. The price is a packed copy of every linear
+        weight an ask reads, kept while the weight lives and is unchanged: about 210 MB for the
+        default model in bf16, 420 MB in float32, and ~70 / 140 MB more for each further adapter
+        set served (their merged weights; int8 asks use their own int8 copies instead). The
+        runners that train and calibrate an index do not pack (`pack_weights=False`): they work
+        in batches, where packing gained nothing and cost peak memory."""
         import torch
 
-        if (not self.pack_weights or x.device.type != "cpu" or x.dtype != weight.dtype or weight.dtype not in (torch.float32, torch.bfloat16)
-                or not onednn_linear_available() or torch.is_autocast_enabled("cpu")):
+        if (not self.pack_weights or x.device.type != "cpu" or x.dtype != weight.dtype
+                or not onednn_linear_available(weight.dtype) or torch.is_autocast_enabled("cpu")):
             return None
-        key, version = id(weight), 0 if weight.is_inference() else weight._version
+        # `param.data = ...` (as Module.to does) swaps the storage without bumping the version
+        state = (0 if weight.is_inference() else weight._version, weight.data_ptr())
+        key = id(weight)
         hit = self._packed.get(key)
-        if hit is not None and hit[0]() is weight and hit[1] == version:
+        if hit is not None and hit[0]() is weight and hit[1] == state:
             return hit[2]
-        cache = self._packed
+        runner = weakref.ref(self)  # not the cache itself: a callback holding it would keep it alive in a cycle
 
         def forget(ref, key=key):  # the weight is gone (e.g. a merge for an adapter no longer served)
-            if cache.get(key, (None,))[0] is ref:
-                del cache[key]
+            me = runner()
+            if me is not None and me._packed.get(key, (None,))[0] is ref:
+                del me._packed[key]
 
         packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACK_ROWS_HINT)
-        cache[key] = (weakref.ref(weight, forget), version, packed)
+        self._packed[key] = (weakref.ref(weight, forget), state, packed)
         return packed
 
     @staticmethod
@@ -685,11 +691,23 @@ def _int8_linear(x, w: _Int8Weight):
     return y.view(*shape[:-1], y.shape[-1])
 
 
-def onednn_linear_available() -> bool:
-    """Whether this PyTorch has oneDNN's float matmul on packed weights (x86 and ARM CPU builds)."""
+@functools.lru_cache(maxsize=None)
+def onednn_linear_available(dtype=None) -> bool:
+    """Whether packed weights go through oneDNN's matmul here (`pack_linears`, `Runner._packed_weight`):
+    an x86 CPU (where it was measured) with a PyTorch that has it; for `dtype` bf16 also a CPU
+    whose oneDNN runs bf16 (AVX512 or AVX-NE-CONVERT: elsewhere packing a bf16 weight fails).
+    `dtype` None or float32: float32."""
+    import platform
+
     import torch
 
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    if platform.machine().lower() not in ("x86_64", "amd64") or not torch.backends.mkldnn.is_available():
+        return False
+    if not hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+        return False
+    if dtype is None or dtype == torch.float32:
+        return True
+    return dtype == torch.bfloat16 and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def pack_linears(module) -> int:
