@@ -216,7 +216,7 @@ def labelled_records(data, kind: str = "json") -> list[tuple[str, object]] | Non
     if kind == "lines":
         return [(f"line {n}", rec) for n, rec in data]
     if isinstance(data, dict):
-        return [(f"key {key!r}", item) for key, item in data.items()]
+        return [(f"key {key!r}", (key, value)) for key, value in data.items()]
     if isinstance(data, list):
         return [(f"index {i}", rec) for i, rec in enumerate(data)]
     return None
