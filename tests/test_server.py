@@ -402,6 +402,8 @@ def test_train_in_background_while_answering(live, bob):
         assert again.status_code == 409 and job["job_id"] in again.json()["detail"]
         assert c.get("/status").json()["training_job"] == job["job_id"]
         assert bob.get(f"/train/{job['job_id']}").status_code == 404  # another namespace's job
+        gone = bob.get("/train/0123456789abcdef")
+        assert gone.status_code == 404 and "until it restarts" in gone.json()["detail"]
 
         answered = []
 

@@ -612,7 +612,8 @@ def create_app(mem: IPM, api_keys: dict[str, str]) -> FastAPI:
     def train_job(job_id: str, user: str = User):
         job = trainer.get(job_id, user)
         if job is None:
-            raise NotFound(f"no training job {job_id!r} for this namespace")
+            raise NotFound(f"no training job {job_id!r} for this namespace (jobs live in the server's memory: the "
+                           f"last {MAX_FINISHED_JOBS} finished ones, until it restarts; GET /status shows the index version)")
         return TrainJobOut(**job)
 
     @app.get("/status", response_model=StatusOut, responses=auth_errors, tags=["server"])
