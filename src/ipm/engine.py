@@ -238,9 +238,8 @@ def parse_records(data, source: str, kind: str = "json") -> tuple[list[NewMemory
     questions: list[tuple[str, str]] = []
     mem_labels: list[str] = []
     q_labels: list[str] = []
-    keyed = kind != "lines" and isinstance(data, dict)
     for label, rec in records:
-        if keyed:
+        if isinstance(data, dict):  # {"id": "text"}: (key, value) pairs
             rec = {"id": rec[0], "text": rec[1]}
         try:
             if not isinstance(rec, dict):

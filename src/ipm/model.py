@@ -369,7 +369,7 @@ class Runner:
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.n_layers = len(self.layers)
         self._merged: dict = {}  # LoRA linear -> {active adapters: (their tensors, versions, merged weight)}
-        self._packed: dict = {}  # id of a weight -> (weak ref to it, its version, it packed for oneDNN)
+        self._packed: dict = {}  # id of a weight -> (weak ref to it, (its version, data_ptr), it packed for oneDNN)
         self.pack_weights = pack_weights  # see _packed_weight
         self._int8: dict = {}  # layer index -> {its weights' identity: (weak refs to them, _Int8Weight x 4)}
 
@@ -529,9 +529,7 @@ class Runner:
         else:
             return module(x)
         packed = self._packed_weight(weight, x)
-        if packed is None:
-            return F.linear(x, weight, bias)
-        return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+        return F.linear(x, weight, bias) if packed is None else _packed_linear(packed, bias, x)
 
     def _packed_weight(self, weight, x):
         """`weight` reordered once for oneDNN's matmul (as `pack_linears` does for MiniLM), for
@@ -562,7 +560,7 @@ class Runner:
             if me is not None and me._packed.get(key, (None,))[0] is ref:
                 del me._packed[key]
 
-        packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACK_ROWS_HINT)
+        packed = _pack(weight)
         self._packed[key] = (weakref.ref(weight, forget), state, packed)
         return packed
 
@@ -727,14 +725,21 @@ def pack_linears(module) -> int:
     for lin in module.modules():
         if type(lin) is not torch.nn.Linear or lin.weight.device.type != "cpu" or lin.weight.dtype != torch.float32:
             continue
-        packed = torch.ops.mkldnn._reorder_linear_weight(lin.weight.detach(), PACK_ROWS_HINT)
-        lin.forward = functools.partial(_packed_linear, packed, None if lin.bias is None else lin.bias.detach())
+        lin.forward = functools.partial(_packed_linear, _pack(lin.weight), None if lin.bias is None else lin.bias.detach())
         lin.weight = None
         n += 1
     return n
 
 
+def _pack(weight):
+    """`weight` reordered into oneDNN's layout for `_packed_linear` (a copy; no gradient)."""
+    import torch
+
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACK_ROWS_HINT)
+
+
 def _packed_linear(weight, bias, x):
+    """`x @ W.T + bias` with W packed by `_pack`."""
     import torch
 
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
