@@ -190,12 +190,17 @@ def fake_version(root, name, rows, dim=4):
                                                for q, m in rows), encoding="utf-8")
     emb = torch.arange(len(rows) * dim, dtype=torch.float16).reshape(len(rows), dim)
     save_file({"embeddings": emb}, str(v / "question_embeddings.safetensors"), metadata={"encoder": "x"})
+    ids = list(dict.fromkeys(m for _, m in rows))
+    save_file({"embeddings": torch.arange(len(ids) * dim, dtype=torch.float32).reshape(len(ids), dim)},
+              str(v / "text_embeddings.safetensors"), metadata={"encoder": "x", "ids": json.dumps(ids)})
     (v / "manifest.json").write_text(json.dumps({"version": name, "ids": {m: "h" for _, m in rows},
                                                  "base_model": {}, "config": {}, "metrics": {}}))
     return v, emb
 
 
 def test_purge_keeps_line_separators_finishes_a_failed_purge_and_names_a_damaged_version(tmp_path):
+    import torch
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
     from ipm.engine import read_questions
@@ -214,8 +219,12 @@ def test_purge_keeps_line_separators_finishes_a_failed_purge_and_names_a_damaged
     assert torch_equal(load_file(str(v1 / "question_embeddings.safetensors"))["embeddings"], emb[[0, 2]])
     assert json.loads((v1 / "manifest.json").read_text())["ids"] == {"note_keep_one": "h"}
     assert "4812" not in (v1 / "questions.jsonl").read_text() + (v2 / "questions.jsonl").read_text()
+    for v in (v1, v2):  # the forgotten text's embedding goes too
+        with safe_open(str(v / "text_embeddings.safetensors"), framework="pt") as f:
+            assert json.loads(f.metadata()["ids"]) == ["note_keep_one"] and f.metadata()["encoder"] == "x"
+            assert torch_equal(f.get_tensor("embeddings"), torch.tensor([[0.0, 1, 2, 3]]))
     assert sorted(p.name for p in v1.iterdir()) == ["manifest.json", "question_embeddings.safetensors",
-                                                    "questions.jsonl"]  # no temporary file left
+                                                    "questions.jsonl", "text_embeddings.safetensors"]  # no temporary file left
     assert index_dir.purge(root, lambda: {"note_keep_one"}) == []  # done: the next purge finds nothing
     v3, _ = fake_version(root, "v0003", rows[:2])  # e.g. a purge that could not finish
     assert index_dir.purge(root, lambda: {"note_keep_one"}) == ["v0003"]
@@ -832,7 +841,9 @@ def test_the_retrievers_match_the_training_questions_kept_with_the_index(mem, ho
     import torch
     from safetensors.torch import load_file
 
-    from ipm.engine import QUESTION_EMBEDDINGS, read_questions
+    from safetensors import safe_open
+
+    from ipm.engine import QUESTION_EMBEDDINGS, TEXT_EMBEDDINGS, read_questions
     from ipm.retrieve import load_dense_encoder
 
     encoder = load_dense_encoder()
@@ -856,6 +867,26 @@ def test_the_retrievers_match_the_training_questions_kept_with_the_index(mem, ho
         mem.reconfigure(expand_retrievers=False)
         plain = {h.id: h for h in mem.ask("zanzibar shed", k=5).candidates}
     assert "home_key_flowerpot" not in plain or plain["home_key_flowerpot"].signals.bm25 == 0
+
+    # The texts' embeddings are kept too (one row per indexed ID): a serving process reads them
+    texts = load_file(str(v1 / TEXT_EMBEDDINGS))
+    with safe_open(str(v1 / TEXT_EMBEDDINGS), framework="pt") as f:
+        text_ids = json.loads(f.metadata()["ids"])
+    by_id = {m.id: m.text for m in mem.list()}
+    assert sorted(text_ids) == sorted(by_id) and texts["embeddings"].dtype == torch.float32
+    assert torch.allclose(texts["embeddings"], encoder.encode([by_id[i] for i in text_ids]).cpu(), atol=1e-5)
+    encoded: list[str] = []
+    real = encoder.encode
+    monkeypatch.setattr(encoder, "encode", lambda texts: encoded.extend(texts) or real(texts))
+    fresh = ipm.open(home, config=tiny_config.updated(hybrid_candidates=1), cache=tmp_path / "cache")
+    same = {h.id: h for h in fresh.ask("zanzibar shed", k=5).candidates}["home_key_flowerpot"]
+    assert encoded == ["zanzibar shed"] and same.signals == hit.signals
+    fresh.update("home_key_flowerpot", "The spare key is in the garage.")  # changed since training: encoded
+    fresh.ask("zanzibar shed")
+    assert encoded[1:] == ["The spare key is in the garage.", "zanzibar shed"]
+    fresh.update("home_key_flowerpot", "The spare key is under the blue flowerpot.")
+    fresh.store.close()
+    monkeypatch.setattr(encoder, "encode", real)
 
     # An index that kept no embeddings is served the same, embedding its questions once
     (v1 / QUESTION_EMBEDDINGS).unlink()
@@ -885,6 +916,9 @@ def test_the_retrievers_match_the_training_questions_kept_with_the_index(mem, ho
             assert torch.equal(e, old[row]) and (row[0] in texts or row[0] not in encoded)
         else:
             assert row[1] == "food_favorite_sushi" and row[0] in encoded
+    # ... and of the texts only the new memory's (as a question and as a text): the others' text
+    # embeddings come from the version before
+    assert {t for t in encoded if t in texts} == {"My favourite food is sushi."}
 
     # A memory updated since training no longer matches the questions made from its old text
     assert {h.id: h for h in mem.ask("zanzibar shed", k=5).candidates}["home_key_flowerpot"].signals.bm25 > 0

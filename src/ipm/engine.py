@@ -22,7 +22,7 @@ from typing import Callable, Iterable
 from . import index as index_dir
 from .config import Config, Paths, read_user_file
 from .errors import IndexMissing, InvalidInput, IPMWarning, ModelError, TrainingError
-from .index import QUESTION_EMBEDDINGS, QUESTIONS_FILE
+from .index import QUESTION_EMBEDDINGS, QUESTIONS_FILE, TEXT_EMBEDDINGS
 from .model import (RUNNER_MODEL_TYPES, BaseModel, Runner, id_token_ids, int8_available, int8_suits, layer_ranges,
                     load_base, quiet_transformers, resolve_model, wanted_layers)
 from .questions import (OFF_TOPIC, Aliases, alias_questions, builtin_questions, content_words, llm_questions,
@@ -99,6 +99,7 @@ class _Serving:
     pending_words: dict[str, frozenset[str]] = field(default_factory=dict)
     candidates: Candidates | None = None
     embeddings: dict = field(default_factory=dict)  # text sha256 -> MiniLM embedding, reused across resyncs
+    text_embeddings_read: str | None = None  # the version whose kept text embeddings `embeddings` has
     expansion: dict | None = None  # id -> (training questions, their embeddings) of the served version
 
 
@@ -594,6 +595,8 @@ class IPM:
         q_emb = expansion = None
         text_emb: dict = {}  # the memories' text embeddings, shared by calibration's retrievers
         try:
+            if prev:  # those the version this one continues from kept are not encoded again
+                text_emb.update(self._read_text_embeddings(prev[0], prev[1]["ids"]))
             if self.config.expand_retrievers:
                 q_emb = self._embed_questions(rows, prev[0] if prev else None, progress, trained_on)
                 expansion = group_expansion(rows, q_emb, {m.id: m.text for m in memories})
@@ -646,6 +649,13 @@ class IPM:
 
                 save_file({"embeddings": q_emb.contiguous()}, str(tmp / QUESTION_EMBEDDINGS),
                           metadata={"encoder": load_dense_encoder().fingerprint})
+            if candidates is not None:
+                import torch
+                from safetensors.torch import save_file
+
+                save_file({"embeddings": torch.stack([text_emb[m.sha256] for m in memories]).float().contiguous()},
+                          str(tmp / TEXT_EMBEDDINGS), metadata={"encoder": load_dense_encoder().fingerprint,
+                                                                 "ids": json.dumps([m.id for m in memories])})
             manifest = {
                 "format": 1, "namespace": user, "version": name,
                 "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -807,6 +817,25 @@ class IPM:
             if (f.metadata() or {}).get("encoder") != load_dense_encoder().fingerprint:
                 return None
             return f.get_tensor("embeddings")
+
+    @staticmethod
+    def _read_text_embeddings(version_dir: Path, indexed: dict[str, str]) -> dict:
+        """{text sha256: embedding} of the texts a version kept embeddings of (see
+        index.TEXT_EMBEDDINGS), by the text hashes of its manifest's `indexed` ({id: sha256});
+        empty where it kept none (an older index) or another encoder made them."""
+        from safetensors import safe_open
+
+        path = version_dir / TEXT_EMBEDDINGS
+        if not path.is_file():
+            return {}
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            if metadata.get("encoder") != load_dense_encoder().fingerprint:
+                return {}
+            ids, emb = json.loads(metadata.get("ids", "[]")), f.get_tensor("embeddings")
+        if len(ids) != len(emb):
+            return {}
+        return {indexed[mid]: e for mid, e in zip(ids, emb) if mid in indexed}
 
     def _load_expansion(self, version_dir: Path, texts: dict[str, str]) -> dict:
         """The served version's training questions and their embeddings, by memory ID (an index
@@ -985,6 +1014,9 @@ class IPM:
                         # trie) but not the questions made from its old text.
                         expansion = {m.id: s.expansion[m.id] for m in indexed
                                      if m.id in s.expansion and s.indexed.get(m.id) == m.sha256}
+                    if s.text_embeddings_read != s.version:
+                        s.embeddings.update(self._read_text_embeddings(root / s.version, s.indexed))
+                        s.text_embeddings_read = s.version
                     s.candidates = self._candidates(indexed, s.embeddings, expansion)
                     keep = {m.sha256 for m in indexed}
                     s.embeddings = {sha: e for sha, e in s.embeddings.items() if sha in keep}

@@ -2,7 +2,8 @@
 
     <home>/indexes/<namespace>/
         v0001/ adapter_model.safetensors, adapter_config.json, manifest.json,
-               questions.jsonl (training questions), question_embeddings.safetensors (MiniLM, float16)
+               questions.jsonl (training questions), question_embeddings.safetensors (MiniLM, float16),
+               text_embeddings.safetensors (the memories' texts, MiniLM, float32)
         v0002/ ...
         CURRENT            <- the name of the serving version, replaced atomically
 
@@ -29,6 +30,9 @@ from .errors import IndexDamaged, IndexMissing, IPMWarning
 MANIFEST = "manifest.json"
 QUESTIONS_FILE = "questions.jsonl"  # a version's training questions, one {"question", "memory_id"} a line
 QUESTION_EMBEDDINGS = "question_embeddings.safetensors"  # their MiniLM embeddings (float16), row for row
+# The indexed memories' texts' MiniLM embeddings (float32), one row per ID of its metadata's "ids"
+# (a JSON list): a serving process reads them instead of encoding every text again.
+TEXT_EMBEDDINGS = "text_embeddings.safetensors"
 
 
 # How to recover from an index version that cannot be read: it is derived data, made again
@@ -161,7 +165,7 @@ def purge(root: Path, live: Callable[[], set[str]], forgotten: frozenset[str] = 
     lock is held), and the `forgotten` IDs whatever the store says now (one may already have
     been added again, under the same ID, with another text), out of every version of a
     namespace: its training questions (the memory's own text is one of them), those questions'
-    embeddings, and its entry in the manifest's ID set. So a purge that failed half-way (a full
+    embeddings, its text's embedding, and its entry in the manifest's ID set. So a purge that failed half-way (a full
     disk) is finished by the next one. Each file is written beside the old one and swapped in,
     under the namespace's lock (`locked`), so two processes (a CLI forget and a server
     training) never lose each other's purge. Returns the versions changed. The adapter's
@@ -197,8 +201,24 @@ def _purge_version(version: Path, live: set[str]) -> bool:
     keep = [i for i, line in enumerate(rows) if json.loads(line)["memory_id"] in live]
     meta = load_manifest(version) if manifest.is_file() else {}
     listed = set(meta.get("ids", {})) - live
-    if len(keep) == len(rows) and not listed:
+    texts = version / TEXT_EMBEDDINGS
+    text_ids = None
+    if texts.is_file():
+        with safe_open(str(texts), framework="pt") as f:
+            text_metadata = f.metadata() or {}
+            text_ids = json.loads(text_metadata.get("ids", "[]"))
+    if len(keep) == len(rows) and not listed and (text_ids is None or set(text_ids) <= live):
         return False
+    if text_ids is not None and not set(text_ids) <= live:
+        with safe_open(str(texts), framework="pt") as f:
+            tensor = f.get_tensor("embeddings")
+        kept = [i for i, mid in enumerate(text_ids) if mid in live]
+        if len(tensor) == len(text_ids):
+            with _replacing(texts) as tmp:
+                save_file({"embeddings": tensor[kept].contiguous()}, str(tmp),
+                          metadata={**text_metadata, "ids": json.dumps([text_ids[i] for i in kept])})
+        else:  # not the file its metadata describes: the engine encodes the texts again anyway
+            texts.unlink()
     embeddings = version / QUESTION_EMBEDDINGS
     if embeddings.is_file() and len(keep) < len(rows):
         with safe_open(str(embeddings), framework="pt") as f:
