@@ -5,7 +5,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
-export IPM_HOME=${IPM_HOME:-.ipm-demo}
+# A home of its own, made afresh on every run (never $IPM_HOME, which may hold a user's store):
+# ask it afterwards with `ipm ask --home .ipm-demo "..."`.
+export IPM_HOME=.ipm-demo
 rm -rf "$IPM_HOME"
 ipm import examples/demo/memories.jsonl
 ipm train

@@ -179,6 +179,37 @@ def test_forget_purges_the_text_and_questions_from_every_index_version(trained, 
     assert text not in (versions[0] / "questions.jsonl").read_text()
 
 
+def test_a_memory_forgotten_and_added_again_while_training_is_left_out_of_the_new_version(trained, home):
+    from ipm.engine import read_questions
+
+    old_text = MEMORIES["personal_pet_max"]
+    trained.add("I keep my passport in the desk drawer.")
+    done = []
+
+    def progress(phase, *_):
+        if phase == "train" and not done:  # the snapshot of the memories is taken; training runs
+            done.append(1)
+            trained.forget("personal_pet_max")
+            trained.add("My dog is called Rex now.", id="personal_pet_max")
+    manifest = trained.train(progress=progress)
+    v = index_dir.current_dir(home / "indexes" / "default")
+    assert manifest["version"] == v.name and "personal_pet_max" not in manifest["ids"]
+    assert "personal_pet_max" not in json.loads((v / "manifest.json").read_text())["ids"]
+    assert all(mid != "personal_pet_max" and old_text not in q for q, mid in read_questions(v))
+    assert trained.untrained() == ["personal_pet_max"]  # learned, with its new text, at the next train
+    assert trained.ask("Rex", k=4).candidates[0].id == "personal_pet_max"
+
+
+def test_a_new_version_never_takes_the_name_of_the_one_served(tmp_path):
+    root = tmp_path / "indexes" / "u"
+    root.mkdir(parents=True)
+    for name in ("v0001", "v0002"):
+        (root / name).mkdir()
+    (root / "CURRENT").write_text("v0003")  # its directory deleted by hand
+    name, tmp = index_dir.new_version(root)
+    assert name == "v0004" and tmp.name.startswith("v0004.tmp-")
+
+
 def fake_version(root, name, rows, dim=4):
     """An index version's files as train writes them (questions, their embeddings, manifest)."""
     import torch
@@ -192,7 +223,8 @@ def fake_version(root, name, rows, dim=4):
     save_file({"embeddings": emb}, str(v / "question_embeddings.safetensors"), metadata={"encoder": "x"})
     ids = list(dict.fromkeys(m for _, m in rows))
     save_file({"embeddings": torch.arange(len(ids) * dim, dtype=torch.float32).reshape(len(ids), dim)},
-              str(v / "text_embeddings.safetensors"), metadata={"encoder": "x", "ids": json.dumps(ids)})
+              str(v / "text_embeddings.safetensors"),
+              metadata={"encoder": "x", "ids": json.dumps(ids), "sha256": json.dumps(["h"] * len(ids))})
     (v / "manifest.json").write_text(json.dumps({"version": name, "ids": {m: "h" for _, m in rows},
                                                  "base_model": {}, "config": {}, "metrics": {}}))
     return v, emb
@@ -222,6 +254,7 @@ def test_purge_keeps_line_separators_finishes_a_failed_purge_and_names_a_damaged
     for v in (v1, v2):  # the forgotten text's embedding goes too
         with safe_open(str(v / "text_embeddings.safetensors"), framework="pt") as f:
             assert json.loads(f.metadata()["ids"]) == ["note_keep_one"] and f.metadata()["encoder"] == "x"
+            assert json.loads(f.metadata()["sha256"]) == ["h"]
             assert torch_equal(f.get_tensor("embeddings"), torch.tensor([[0.0, 1, 2, 3]]))
     assert sorted(p.name for p in v1.iterdir()) == ["manifest.json", "question_embeddings.safetensors",
                                                     "questions.jsonl", "text_embeddings.safetensors"]  # no temporary file left
@@ -236,14 +269,30 @@ def test_purge_keeps_line_separators_finishes_a_failed_purge_and_names_a_damaged
         index_dir.purge(root, set)
     fake_version(root, "v0004", rows[:2])[0].joinpath("question_embeddings.safetensors").write_bytes(b"damaged")
     (v3 / "questions.jsonl").unlink()
+    v5, _ = fake_version(root, "v0005", rows[:2])
     with pytest.raises(IndexDamaged, match="v0004"):
         index_dir.purge(root, lambda: {"note_keep_one"})
+    assert read_questions(v5) == [rows[0]]  # one version that cannot be purged does not hold up the others
     shutil.rmtree(root / "v0004")
+    shutil.rmtree(v5)
     (v3 / "manifest.json").write_text('{"ids": {')  # what to do is said, and is enough
     with pytest.raises(IndexDamaged, match="v0003 cannot be read .*: delete that directory and run `ipm train`"):
         index_dir.purge(root, lambda: {"note_keep_one"})
     shutil.rmtree(v3)
     assert index_dir.purge(root, lambda: {"note_keep_one"}) == []
+    # A purge that failed is finished by the next one even where the ID was added again meanwhile
+    shutil.rmtree(v1)
+    shutil.rmtree(v2)
+    v6, _ = fake_version(root, "v0006", rows)
+    (v6 / "questions.jsonl").write_text("not json\n")
+    with pytest.raises(IndexDamaged, match="v0006"):
+        index_dir.purge(root, both, frozenset({"personal_pin_secret"}))
+    assert json.loads((root / ".forgotten-pending").read_text()) == ["personal_pin_secret"]
+    shutil.rmtree(v6)
+    v6, _ = fake_version(root, "v0006", rows)  # repaired (as it was): the pin is in the store again
+    assert index_dir.purge(root, both) == ["v0006"]
+    assert read_questions(v6) == [rows[0], rows[2]] and not (root / ".forgotten-pending").exists()
+    assert index_dir.purge(root, both) == []  # and nothing is remembered once done
 
 
 def torch_equal(a, b) -> bool:
@@ -871,9 +920,10 @@ def test_the_retrievers_match_the_training_questions_kept_with_the_index(mem, ho
     # The texts' embeddings are kept too (one row per indexed ID): a serving process reads them
     texts = load_file(str(v1 / TEXT_EMBEDDINGS))
     with safe_open(str(v1 / TEXT_EMBEDDINGS), framework="pt") as f:
-        text_ids = json.loads(f.metadata()["ids"])
+        text_ids, text_shas = json.loads(f.metadata()["ids"]), json.loads(f.metadata()["sha256"])
     by_id = {m.id: m.text for m in mem.list()}
     assert sorted(text_ids) == sorted(by_id) and texts["embeddings"].dtype == torch.float32
+    assert text_shas == [json.loads((v1 / "manifest.json").read_text())["ids"][i] for i in text_ids]
     assert torch.allclose(texts["embeddings"], encoder.encode([by_id[i] for i in text_ids]).cpu(), atol=1e-5)
     encoded: list[str] = []
     real = encoder.encode
@@ -885,6 +935,16 @@ def test_the_retrievers_match_the_training_questions_kept_with_the_index(mem, ho
     fresh.ask("zanzibar shed")
     assert encoded[1:] == ["The spare key is in the garage.", "zanzibar shed"]
     fresh.update("home_key_flowerpot", "The spare key is under the blue flowerpot.")
+    fresh.store.close()
+    # A damaged file is derived data: the texts are encoded again, and a purge deletes it
+    (v1 / TEXT_EMBEDDINGS).write_bytes(b"damaged")
+    encoded.clear()
+    fresh = ipm.open(home, config=tiny_config.updated(hybrid_candidates=1), cache=tmp_path / "cache")
+    assert {h.id: h for h in fresh.ask("zanzibar shed", k=5).candidates}["home_key_flowerpot"].signals == hit.signals
+    assert len(encoded) == len(by_id) + 1
+    fresh.add("A note to forget.", id="note_to_forget")
+    fresh.forget("note_to_forget")
+    assert not (v1 / TEXT_EMBEDDINGS).exists()
     fresh.store.close()
     monkeypatch.setattr(encoder, "encode", real)
 

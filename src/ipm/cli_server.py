@@ -25,7 +25,8 @@ def _need(module: str) -> None:
     import importlib.util
 
     if importlib.util.find_spec(module) is None:
-        raise InvalidInput(f"the {module!r} package is not installed: pip install 'ipm[server]'")
+        raise InvalidInput(f"the {module!r} package is not installed: install ipm's server extra "
+                           "(from a checkout: pip install -e '.[server]')")
 
 
 def _log_to_stderr() -> None:

@@ -531,6 +531,7 @@ class IPM:
         check_namespace(user)
         # Finish any purge a forget could not (index.purge), before anything else.
         index_dir.purge(self.paths.index_root(user), lambda: set(self.store.ids(user)))
+        snapshot = self.store.generation(user)  # a memory forgotten after this is purged from the new version
         memories = self.store.list(user)
         if not memories:
             raise TrainingError(f"namespace {user!r} has no memories to train on: add or import some first")
@@ -596,7 +597,7 @@ class IPM:
         text_emb: dict = {}  # the memories' text embeddings, shared by calibration's retrievers
         try:
             if prev:  # those the version this one continues from kept are not encoded again
-                text_emb.update(self._read_text_embeddings(prev[0], prev[1]["ids"]))
+                text_emb.update(self._read_text_embeddings(prev[0]))
             if self.config.expand_retrievers:
                 q_emb = self._embed_questions(rows, prev[0] if prev else None, progress, trained_on)
                 expansion = group_expansion(rows, q_emb, {m.id: m.text for m in memories})
@@ -650,12 +651,9 @@ class IPM:
                 save_file({"embeddings": q_emb.contiguous()}, str(tmp / QUESTION_EMBEDDINGS),
                           metadata={"encoder": load_dense_encoder().fingerprint})
             if candidates is not None:
-                import torch
-                from safetensors.torch import save_file
-
-                save_file({"embeddings": torch.stack([text_emb[m.sha256] for m in memories]).float().contiguous()},
-                          str(tmp / TEXT_EMBEDDINGS), metadata={"encoder": load_dense_encoder().fingerprint,
-                                                                 "ids": json.dumps([m.id for m in memories])})
+                index_dir.save_text_embeddings(tmp / TEXT_EMBEDDINGS, [(m.id, m.sha256, text_emb[m.sha256])
+                                                                       for m in memories],
+                                               load_dense_encoder().fingerprint)
             manifest = {
                 "format": 1, "namespace": user, "version": name,
                 "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -672,9 +670,10 @@ class IPM:
             }
             # A memory forgotten while this version trained is purged from it before it is
             # made current, under the lock a forget's purge takes: a forget either comes first
-            # (the store no longer has the memory) or finds this version in place.
+            # (the store no longer has the memory) or finds this version in place. One forgotten
+            # and added again meanwhile goes too: this version learned its old text.
             with self._lock, index_dir.locked(root):
-                live = set(self.store.ids(user))
+                live = set(self.store.ids(user)) - self.store.forgotten_since(user, snapshot)
                 index_dir.purge_version(tmp, live)
                 manifest["ids"] = {k: v for k, v in manifest["ids"].items() if k in live}
                 replaced = index_dir.current_dir(root)  # kept, whatever its age: others may be reading it
@@ -819,23 +818,15 @@ class IPM:
             return f.get_tensor("embeddings")
 
     @staticmethod
-    def _read_text_embeddings(version_dir: Path, indexed: dict[str, str]) -> dict:
+    def _read_text_embeddings(version_dir: Path) -> dict:
         """{text sha256: embedding} of the texts a version kept embeddings of (see
-        index.TEXT_EMBEDDINGS), by the text hashes of its manifest's `indexed` ({id: sha256});
-        empty where it kept none (an older index) or another encoder made them."""
-        from safetensors import safe_open
-
+        index.TEXT_EMBEDDINGS); empty where it kept none (an older index), the file cannot be
+        read, or another encoder made them: the texts are encoded again."""
         path = version_dir / TEXT_EMBEDDINGS
-        if not path.is_file():
+        kept = index_dir.read_text_embeddings(path) if path.is_file() else None
+        if kept is None or kept[0] != load_dense_encoder().fingerprint:
             return {}
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-            if metadata.get("encoder") != load_dense_encoder().fingerprint:
-                return {}
-            ids, emb = json.loads(metadata.get("ids", "[]")), f.get_tensor("embeddings")
-        if len(ids) != len(emb):
-            return {}
-        return {indexed[mid]: e for mid, e in zip(ids, emb) if mid in indexed}
+        return {sha: e for _, sha, e in kept[1]}
 
     def _load_expansion(self, version_dir: Path, texts: dict[str, str]) -> dict:
         """The served version's training questions and their embeddings, by memory ID (an index
@@ -1010,16 +1001,19 @@ class IPM:
                     if self.config.expand_retrievers:
                         if s.expansion is None:
                             s.expansion = self._load_expansion(root / s.version, {m.id: m.text for m in indexed})
+                        s.expansion = {mid: e for mid, e in s.expansion.items() if mid in live}  # forgotten: gone
                         # A memory updated since training keeps its ID (and its place in the
                         # trie) but not the questions made from its old text.
                         expansion = {m.id: s.expansion[m.id] for m in indexed
                                      if m.id in s.expansion and s.indexed.get(m.id) == m.sha256}
                     if s.text_embeddings_read != s.version:
-                        s.embeddings.update(self._read_text_embeddings(root / s.version, s.indexed))
+                        s.embeddings.update(self._read_text_embeddings(root / s.version))
                         s.text_embeddings_read = s.version
                     s.candidates = self._candidates(indexed, s.embeddings, expansion)
                     keep = {m.sha256 for m in indexed}
                     s.embeddings = {sha: e for sha, e in s.embeddings.items() if sha in keep}
+                else:  # nothing for the retrievers: what they held of forgotten memories goes too
+                    s.embeddings, s.expansion, s.text_embeddings_read = {}, None, None
                 s.generation = gen
         return s
 

@@ -30,9 +30,12 @@ from .errors import IndexDamaged, IndexMissing, IPMWarning
 MANIFEST = "manifest.json"
 QUESTIONS_FILE = "questions.jsonl"  # a version's training questions, one {"question", "memory_id"} a line
 QUESTION_EMBEDDINGS = "question_embeddings.safetensors"  # their MiniLM embeddings (float16), row for row
-# The indexed memories' texts' MiniLM embeddings (float32), one row per ID of its metadata's "ids"
-# (a JSON list): a serving process reads them instead of encoding every text again.
+# The indexed memories' texts' MiniLM embeddings (float32), one row per entry of its metadata's
+# "ids" and "sha256" (JSON lists: the memory and the hash of the text embedded): a serving
+# process reads them instead of encoding every text again. Derived data: a damaged one is
+# deleted by a purge and ignored by the engine, which encodes the texts again.
 TEXT_EMBEDDINGS = "text_embeddings.safetensors"
+PENDING_FORGETS = ".forgotten-pending"  # IDs forgotten whose purge has yet to finish (a JSON list)
 
 
 # How to recover from an index version that cannot be read: it is derived data, made again
@@ -79,7 +82,14 @@ def new_version(root: Path) -> tuple[str, Path]:
         pid = stale.name.rsplit("-", 1)[-1]
         if not pid.isdigit() or not _alive(int(pid)):
             shutil.rmtree(stale, ignore_errors=True)
-    name = f"v{max((int(v.name[1:]) for v in versions(root)), default=0) + 1:04d}"
+    # Never a name served before: where the current version's directory was deleted by hand, a
+    # process serving it would take a new version under its name for the one it has loaded.
+    try:
+        served = (root / "CURRENT").read_text(encoding="utf-8").strip()
+    except (OSError, ValueError):
+        served = ""
+    numbers = [int(v.name[1:]) for v in versions(root)] + ([int(served[1:])] if re.fullmatch(r"v\d+", served) else [])
+    name = f"v{max(numbers, default=0) + 1:04d}"
     tmp = root / f"{name}.tmp-{os.getpid()}"
     tmp.mkdir()
     return name, tmp
@@ -166,7 +176,9 @@ def purge(root: Path, live: Callable[[], set[str]], forgotten: frozenset[str] = 
     been added again, under the same ID, with another text), out of every version of a
     namespace: its training questions (the memory's own text is one of them), those questions'
     embeddings, its text's embedding, and its entry in the manifest's ID set. So a purge that failed half-way (a full
-    disk) is finished by the next one. Each file is written beside the old one and swapped in,
+    disk) is finished by the next one, even where the ID was added again meanwhile (the IDs of a
+    failed purge are kept in PENDING_FORGETS until one succeeds), and a version that cannot be
+    purged does not keep the others from it. Each file is written beside the old one and swapped in,
     under the namespace's lock (`locked`), so two processes (a CLI forget and a server
     training) never lose each other's purge. Returns the versions changed. The adapter's
     weights are not edited: what they learned points at an ID the trie no longer holds, and a
@@ -174,8 +186,32 @@ def purge(root: Path, live: Callable[[], set[str]], forgotten: frozenset[str] = 
     if not root.is_dir():
         return []
     with locked(root):
+        # IDs whose purge failed, remembered on disk: one added again since is live in the store,
+        # but what the versions hold of it is the forgotten text's.
+        pending = root / PENDING_FORGETS
+        try:
+            forgotten = forgotten | frozenset(json.loads(pending.read_text(encoding="utf-8")))
+        except FileNotFoundError:
+            pass
+        except (OSError, ValueError, TypeError):  # unreadable: purge what the store says, as before
+            pass
         keep = live() - forgotten
-        return [v.name for v in versions(root) if purge_version(v, keep)]
+        changed, failed = [], []
+        for v in versions(root):  # one that cannot be purged does not keep the others from it
+            try:
+                if purge_version(v, keep):
+                    changed.append(v.name)
+            except IndexDamaged as e:
+                failed.append(str(e))
+        if failed:
+            try:
+                with _replacing(pending) as tmp:
+                    tmp.write_text(json.dumps(sorted(forgotten)), encoding="utf-8")
+            except OSError:  # a full disk: the store no longer has the memory, the error says what to do
+                pass
+            raise IndexDamaged("; ".join(failed))
+        pending.unlink(missing_ok=True)
+        return changed
 
 
 def purge_version(version: Path, live: set[str]) -> bool:
@@ -202,23 +238,15 @@ def _purge_version(version: Path, live: set[str]) -> bool:
     meta = load_manifest(version) if manifest.is_file() else {}
     listed = set(meta.get("ids", {})) - live
     texts = version / TEXT_EMBEDDINGS
-    text_ids = None
-    if texts.is_file():
-        with safe_open(str(texts), framework="pt") as f:
-            text_metadata = f.metadata() or {}
-            text_ids = json.loads(text_metadata.get("ids", "[]"))
-    if len(keep) == len(rows) and not listed and (text_ids is None or set(text_ids) <= live):
+    text = read_text_embeddings(texts) if texts.is_file() else None
+    if texts.is_file() and text is None:  # damaged: derived data, the engine encodes the texts again
+        texts.unlink()
+    stale = text is not None and not {mid for mid, _, _ in text[1]} <= live
+    if len(keep) == len(rows) and not listed and not stale:
         return False
-    if text_ids is not None and not set(text_ids) <= live:
-        with safe_open(str(texts), framework="pt") as f:
-            tensor = f.get_tensor("embeddings")
-        kept = [i for i, mid in enumerate(text_ids) if mid in live]
-        if len(tensor) == len(text_ids):
-            with _replacing(texts) as tmp:
-                save_file({"embeddings": tensor[kept].contiguous()}, str(tmp),
-                          metadata={**text_metadata, "ids": json.dumps([text_ids[i] for i in kept])})
-        else:  # not the file its metadata describes: the engine encodes the texts again anyway
-            texts.unlink()
+    if stale:
+        with _replacing(texts) as tmp:
+            save_text_embeddings(tmp, [r for r in text[1] if r[0] in live], text[0])
     embeddings = version / QUESTION_EMBEDDINGS
     if embeddings.is_file() and len(keep) < len(rows):
         with safe_open(str(embeddings), framework="pt") as f:
@@ -236,6 +264,34 @@ def _purge_version(version: Path, live: set[str]) -> bool:
         with _replacing(manifest) as tmp:
             write_manifest(tmp, meta)
     return True
+
+
+def save_text_embeddings(path: Path, rows: list[tuple[str, str, object]], encoder: str) -> None:
+    """Write (memory ID, sha256 of its text, embedding) rows as a TEXT_EMBEDDINGS file."""
+    import torch
+    from safetensors.torch import save_file
+
+    emb = torch.stack([e for _, _, e in rows]).float() if rows else torch.zeros((0, 0))
+    save_file({"embeddings": emb.contiguous()}, str(path),
+              metadata={"encoder": encoder, "ids": json.dumps([mid for mid, _, _ in rows]),
+                        "sha256": json.dumps([sha for _, sha, _ in rows])})
+
+
+def read_text_embeddings(path: Path) -> tuple[str, list[tuple[str, str, object]]] | None:
+    """A TEXT_EMBEDDINGS file's encoder and (memory ID, text sha256, embedding) rows; None where
+    it cannot be read or does not hold what its metadata says."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            ids, shas = json.loads(metadata["ids"]), json.loads(metadata["sha256"])
+            emb = f.get_tensor("embeddings")
+    except Exception:  # noqa: BLE001  a truncated or foreign file: derived data, made again
+        return None
+    if not (isinstance(ids, list) and isinstance(shas, list) and len(ids) == len(shas) == len(emb)):
+        return None
+    return metadata.get("encoder", ""), list(zip(ids, shas, emb))
 
 
 @contextmanager
@@ -267,6 +323,8 @@ def _replacing(path: Path) -> Iterator[Path]:
     tmp = Path(name)
     try:
         yield tmp
+        _fsync(tmp)  # the new content on disk before it replaces the old (a power cut)
         os.replace(tmp, path)
+        _fsync(path.parent)
     finally:
         tmp.unlink(missing_ok=True)

@@ -227,6 +227,13 @@ class Store:
             "SELECT MAX(seq) FROM events WHERE namespace = ? AND action != 'ask'", (namespace,)).fetchone()
         return row[0] or 0
 
+    def forgotten_since(self, namespace: str, generation: int) -> set[str]:
+        """The IDs forgotten after `generation` (a value of `generation()`), whatever the store
+        holds under them now."""
+        rows = self._conn().execute("SELECT ids FROM events WHERE namespace = ? AND action = 'forget' AND seq > ?",
+                                    (namespace, generation))
+        return {mid for (ids,) in rows for mid in json.loads(ids)}
+
     def events(self, namespace: str, limit: int | None = None) -> list[Event]:
         check_namespace(namespace)
         sql = "SELECT * FROM events WHERE namespace = ? ORDER BY seq DESC"
