@@ -200,6 +200,34 @@ def test_a_memory_forgotten_and_added_again_while_training_is_left_out_of_the_ne
     assert trained.ask("Rex", k=4).candidates[0].id == "personal_pet_max"
 
 
+def test_an_index_is_asked_with_the_prompt_it_was_trained_with(trained, home, tiny_config, tmp_path, monkeypatch):
+    from ipm import search
+    from ipm.model import LEGACY_PROMPT, PROMPT
+
+    v = index_dir.current_dir(home / "indexes" / "default")
+    manifest = json.loads((v / "manifest.json").read_text())
+    assert manifest["prompt"] == PROMPT == "{question}\nMemory:"
+    used = []
+    real = search.prompt_ids
+    monkeypatch.setattr(search, "prompt_ids", lambda tok, q, template=PROMPT: used.append(template) or real(tok, q, template))
+    trained.ask("what is my dog called?")
+    assert set(used) == {PROMPT}
+    # an index trained before ipm recorded its prompt was trained with the one that began "Question: "
+    del manifest["prompt"]
+    (v / "manifest.json").write_text(json.dumps(manifest))
+    used.clear()
+    for decoding in ("hybrid", "pure"):
+        old = ipm.open(home, config=tiny_config.updated(decoding=decoding), cache=tmp_path / "cache")
+        old.ask("what is my dog called?")
+        old.store.close()
+    assert set(used) == {LEGACY_PROMPT} and len(used) >= 2
+    # ... and is not continued by an incremental train, which would mix the two
+    trained.add("I keep my passport in the desk drawer.")
+    again = trained.train()
+    assert again["metrics"]["full_because"] == "the current index was trained with an earlier prompt format"
+    assert again["prompt"] == PROMPT
+
+
 def test_a_new_version_never_takes_the_name_of_the_one_served(tmp_path):
     root = tmp_path / "indexes" / "u"
     root.mkdir(parents=True)

@@ -23,8 +23,8 @@ from . import index as index_dir
 from .config import Config, Paths, read_user_file
 from .errors import IndexMissing, InvalidInput, IPMWarning, ModelError, TrainingError
 from .index import QUESTION_EMBEDDINGS, QUESTIONS_FILE, TEXT_EMBEDDINGS
-from .model import (RUNNER_MODEL_TYPES, BaseModel, Runner, id_token_ids, int8_available, int8_suits, layer_ranges,
-                    load_base, quiet_transformers, resolve_model, wanted_layers)
+from .model import (LEGACY_PROMPT, PROMPT, RUNNER_MODEL_TYPES, BaseModel, Runner, id_token_ids, int8_available,
+                    int8_suits, layer_ranges, load_base, quiet_transformers, resolve_model, wanted_layers)
 from .questions import (OFF_TOPIC, Aliases, alias_questions, builtin_questions, content_words, llm_questions,
                         related_words)
 from .retrieve import Candidates, load_dense_encoder
@@ -92,6 +92,7 @@ class _Serving:
     adapter: str | None = None
     trie: Trie = field(default_factory=Trie)
     indexed: dict[str, str] = field(default_factory=dict)  # id -> text sha256 at training
+    prompt: str = PROMPT  # the template the served version was trained with
     threshold: float = 0.0
     calibration: dict = field(default_factory=dict)  # the index's abstention calibration, per decoding
     generation: int = -1  # store generation the trie and `pending_words` reflect
@@ -507,6 +508,8 @@ class IPM:
         elif changed:
             why = "the LoRA shape changed (" + ", ".join(f"{k} {manifest['config'].get(k)} -> {getattr(self.config, k)}"
                                                        for k in changed) + ")"
+        elif manifest.get("prompt", LEGACY_PROMPT) != PROMPT:
+            why = "the current index was trained with an earlier prompt format"
         elif not (prev / QUESTIONS_FILE).is_file():
             why = "the current index kept no training questions to replay"
         else:
@@ -660,6 +663,7 @@ class IPM:
                 "base_model": {"name": base.name, "source": self.config.base_model, "sha256": base.sha256,
                                "layers": list(base.layers) if base.layers else None},
                 "ids": {m.id: m.sha256 for m in memories},
+                "prompt": PROMPT,
                 "threshold": calibration[self.config.decoding]["threshold"],
                 "config": self.config.to_dict(),
                 "metrics": {**result.metrics, "dtype": str(next(base.model.parameters()).dtype).removeprefix("torch."),
@@ -843,18 +847,20 @@ class IPM:
         return self._rank_many(decoder, [question], trie, candidates, k)[0]
 
     def _rank_many(self, decoder, questions: list[str], trie: Trie, candidates: Candidates | None,
-                   k: int) -> list[list[tuple[str, float, Signals | None]]]:
-        """`_rank` for several questions; hybrid decoding scores them in batched forward passes."""
+                   k: int, prompt: str = PROMPT) -> list[list[tuple[str, float, Signals | None]]]:
+        """`_rank` for several questions; hybrid decoding scores them in batched forward passes.
+        `prompt`: the template the index was trained with."""
         cfg = self.config
         if candidates is None:
-            return [[(mid, p, None) for mid, p in decoder.search(q, trie, k=k, beam_size=max(k, cfg.beam_size))]
+            return [[(mid, p, None) for mid, p in decoder.search(q, trie, k=k, beam_size=max(k, cfg.beam_size),
+                                                                  prompt=prompt)]
                     for q in questions]
         proposed = [{mid: v for mid, v in c.items() if mid in trie} for c in candidates.many(questions, cfg.hybrid_candidates)]
         subs = [Trie((mid, trie.sequences[mid]) for mid in p) for p in proposed]
         out = []
         for b in range(0, len(questions), ASK_BATCH):
             # every candidate's exact probability, for a batch of questions per forward pass
-            scored = decoder.score_many(list(zip(questions[b:b + ASK_BATCH], subs[b:b + ASK_BATCH])))
+            scored = decoder.score_many(list(zip(questions[b:b + ASK_BATCH], subs[b:b + ASK_BATCH])), prompt)
             batch = []
             for lora, prop in zip(scored, proposed[b:b + ASK_BATCH]):
                 signals = {mid: Signals(math.log(max(lora.get(mid, 0.0), 1e-30)), cos, bm)
@@ -963,6 +969,7 @@ class IPM:
             self._model.eval()
             s.version, s.adapter, s.expansion = version_dir.name, adapter, None
             s.indexed = manifest["ids"]
+            s.prompt = manifest.get("prompt", LEGACY_PROMPT)
             s.calibration = _calibrations(manifest)
             s.generation = -1
         gen = self.store.generation(user)
@@ -1044,7 +1051,7 @@ class IPM:
                 if s.adapter is not None and len(s.trie):
                     if self._model.active_adapter != s.adapter:  # PEFT's set_adapter walks every module
                         self._model.set_adapter(s.adapter)
-                    found = self._rank_many(self._decoder, chunk, s.trie, s.candidates, k)
+                    found = self._rank_many(self._decoder, chunk, s.trie, s.candidates, k, s.prompt)
                 texts = self.store.get_many(user, sorted({mid for f in found for mid, _, _ in f}))
                 # The trie only holds live IDs, and the store is checked again here: a memory
                 # forgotten by another process since the trie was synced is never returned.

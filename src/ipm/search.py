@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .model import Runner, prompt_ids
+from .model import PROMPT, Runner, prompt_ids
 from .trie import Node, Trie
 
 
@@ -162,7 +162,10 @@ class RunnerDecoder:
             raise ValueError("RunnerDecoder was made without its model: pass model= to rerank")
         return query_likelihood(self.model, self.tokenizer, pairs, self.device)
 
-    def search(self, question: str, trie: Trie, k: int = 1, beam_size: int = 4) -> list[tuple[str, float]]:
+    def search(self, question: str, trie: Trie, k: int = 1, beam_size: int = 4,
+               prompt: str = PROMPT) -> list[tuple[str, float]]:
+        """The top-k IDs of `trie` and their probabilities; `prompt`: the template the index was
+        trained with (its manifest's)."""
         import torch
 
         if len(trie) == 0:
@@ -172,7 +175,7 @@ class RunnerDecoder:
         forced, start = Trie.chain(trie.root)
         if start.memory_id is not None:  # only one ID exists
             return [(start.memory_id, 1.0)]
-        ids = torch.tensor([prompt_ids(self.tokenizer, question) + forced], device=self.device)
+        ids = torch.tensor([prompt_ids(self.tokenizer, question, prompt) + forced], device=self.device)
         with torch.inference_mode():
             x = r.embed(ids)
             T = ids.shape[1]
@@ -208,7 +211,7 @@ class RunnerDecoder:
                 h, suffix_kv, suffix_valid = self._step(beams, prompt_kv, suffix_kv, suffix_valid, T)
             return [(mid, math.exp(lp)) for lp, mid in finished[:k]]
 
-    def score(self, question: str, trie: Trie) -> dict[str, float]:
+    def score(self, question: str, trie: Trie, prompt: str = PROMPT) -> dict[str, float]:
         """The exact probability of every ID in `trie`, in one forward pass (tree attention).
 
         The prompt and the trie's nodes go in as one sequence: a node sees the prompt and its
@@ -217,9 +220,9 @@ class RunnerDecoder:
         node with one ID below leads to no further choice). Same numbers as an exhaustive beam
         search, at the cost of one prompt-sized forward pass: meant for small tries (hybrid
         decoding's candidates)."""
-        return self.score_many([(question, trie)])[0]
+        return self.score_many([(question, trie)], prompt)[0]
 
-    def score_many(self, items: list[tuple[str, Trie]]) -> list[dict[str, float]]:
+    def score_many(self, items: list[tuple[str, Trie]], prompt: str = PROMPT) -> list[dict[str, float]]:
         """`score` for several (question, trie) pairs in one batched forward pass."""
         import torch
 
@@ -229,7 +232,7 @@ class RunnerDecoder:
             if len(trie) <= 1:
                 out[i] = {mid: 1.0 for mid in trie.sequences}
             else:
-                trees.append((i, _Tree(prompt_ids(self.tokenizer, question), trie)))
+                trees.append((i, _Tree(prompt_ids(self.tokenizer, question, prompt), trie)))
         if not trees:
             return out
         r = self.runner
@@ -402,12 +405,13 @@ class GenerateDecoder:
         self.tokenizer = tokenizer
         self.device = device
 
-    def search(self, question: str, trie: Trie, k: int = 1, beam_size: int = 4) -> list[tuple[str, float]]:
+    def search(self, question: str, trie: Trie, k: int = 1, beam_size: int = 4,
+               prompt: str = PROMPT) -> list[tuple[str, float]]:
         import torch
 
         if len(trie) == 0:
             return []
-        prompt = prompt_ids(self.tokenizer, question)
+        prompt = prompt_ids(self.tokenizer, question, prompt)
         n = len(prompt)
         beam_size = max(beam_size, k)
         eos = self.tokenizer.eos_token_id
@@ -435,12 +439,12 @@ class GenerateDecoder:
                 hits.append((node.memory_id, math.exp(score)))
         return hits[:k]
 
-    def score(self, question: str, trie: Trie) -> dict[str, float]:
+    def score(self, question: str, trie: Trie, prompt: str = PROMPT) -> dict[str, float]:
         """The probability of every ID in `trie`: a beam as wide as the trie is exhaustive."""
-        return dict(self.search(question, trie, k=len(trie), beam_size=len(trie))) if len(trie) else {}
+        return dict(self.search(question, trie, k=len(trie), beam_size=len(trie), prompt=prompt)) if len(trie) else {}
 
-    def score_many(self, items: list[tuple[str, Trie]]) -> list[dict[str, float]]:
-        return [self.score(q, trie) for q, trie in items]
+    def score_many(self, items: list[tuple[str, Trie]], prompt: str = PROMPT) -> list[dict[str, float]]:
+        return [self.score(q, trie, prompt) for q, trie in items]
 
     def likelihood(self, pairs: list[tuple[str, str]]) -> list[float]:
         return query_likelihood(self.model, self.tokenizer, pairs, self.device)
