@@ -286,7 +286,7 @@ def run_info(seed: int, argv: list[str] | None = None) -> dict:
     import torch
 
     from ipm.config import Config
-    from ipm.model import int8_suits_device, pick_device, pick_dtype
+    from ipm.model import PROMPT, int8_suits_device, pick_device, pick_dtype
 
     argv = sys.argv if argv is None else argv
     device = pick_device(Config())  # where the defaults run here
@@ -304,6 +304,7 @@ def run_info(seed: int, argv: list[str] | None = None) -> dict:
         "git_commit": _git_commit(),
         "git_dirty": _git_dirty(),
         "seed": seed,
+        "prompt": PROMPT,  # what the indexes were trained and asked with (absent: ipm's LEGACY_PROMPT)
         "command": shlex.join(["python", *argv]),
         "python": sys.executable,
         "utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -338,6 +338,7 @@ def reusable(paths: list[Path], args, cfg, systems: tuple[str, ...], convs: dict
     hybrid figures are computed again from those scores (see the module docstring)."""
     from ipm.engine import FUSION_OPTIONS as FUSION  # query-time only
     from ipm.engine import _bearing
+    from ipm.model import LEGACY_PROMPT, PROMPT
 
     want = _bearing(json.loads(json.dumps(cfg.to_dict())))
     out: dict = {}
@@ -352,9 +353,11 @@ def reusable(paths: list[Path], args, cfg, systems: tuple[str, ...], convs: dict
         free = {*FUSION, "max_k"}  # max_k only caps an ask's k (10 in results before it did, unused then)
         same = ({k: v for k, v in had.items() if k not in free} == {k: v for k, v in want.items() if k not in free},
                 old.get("seed") == args.seed, old.get("ids", "engine") == args.ids,
-                old.get("limit_memories") == args.limit_memories)
+                old.get("limit_memories") == args.limit_memories,
+                old.get("run", {}).get("prompt", LEGACY_PROMPT) == PROMPT)
         if not all(same):
-            print(f"--reuse {path}: not reused, it ran with another configuration, seed, IDs or memory limit", flush=True)
+            print(f"--reuse {path}: not reused, it ran with another configuration, seed, IDs, memory limit or prompt",
+                  flush=True)
             continue
         refuse = any(had[k] != want[k] for k in FUSION)
         scores_file = Path(path).with_name(f"{old['benchmark']}-candidates.json.gz")

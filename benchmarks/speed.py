@@ -199,7 +199,7 @@ def run_path(path: str, base, examples, ids, questions, cfg, bars, label: str, h
 
 def model_part(args, cfg, bars) -> dict:
     import ipm
-    from ipm.model import load_base
+    from ipm.model import PROMPT, load_base
 
     common.seed_everything(args.seed)
     sets = {}
@@ -235,7 +235,8 @@ def model_part(args, cfg, bars) -> dict:
                     expansion = group_expansion(rows, mem._embed_questions(rows),
                                                 {m.id: m.text for m in mem.store.list(user)})
                 candidates = mem._candidates(mem.store.list(user), expansion=expansion)
-                hybrid = lambda decoder, qs, trie, k, c=candidates: mem._rank_many(decoder, qs, trie, c, k)  # noqa: E731
+                hybrid = lambda decoder, qs, trie, k, c=candidates: mem._rank_many(  # noqa: E731
+                    decoder, qs, trie, c, k, prompt=PROMPT)  # the adapters here are trained with it
             for path, b in bases.items():
                 d[path] = run_path(path, b, examples, ids, qs, cfg, bars, name, hybrid)
                 gc.collect()

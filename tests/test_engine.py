@@ -228,6 +228,51 @@ def test_an_index_is_asked_with_the_prompt_it_was_trained_with(trained, home, ti
     assert again["prompt"] == PROMPT
 
 
+def test_a_forget_cut_short_is_finished_later_even_once_its_id_is_added_again(trained, home, monkeypatch):
+    from ipm.engine import read_questions
+
+    root = home / "indexes" / "default"
+    text = MEMORIES["personal_pet_max"]
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(index_dir, "purge", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        trained.forget("personal_pet_max")
+    monkeypatch.undo()
+    with pytest.raises(NotFound):
+        trained.get("personal_pet_max")
+    assert json.loads((root / ".forgotten-pending").read_text()) == ["personal_pet_max"]
+    trained.add("My dog is called Rex now.", id="personal_pet_max")
+    assert text in (index_dir.current_dir(root) / "questions.jsonl").read_text()  # not purged yet
+    trained.forget("work_job_acme")  # any later purge (a forget, a train) finishes it
+    for v in index_dir.versions(root):
+        assert text not in (v / "questions.jsonl").read_text()
+        assert all(mid != "personal_pet_max" for _, mid in read_questions(v))
+    assert not (root / ".forgotten-pending").exists()
+    # a forget the store refuses leaves nothing pending
+    with pytest.raises(NotFound):
+        trained.forget("no_such_memory")
+    assert not (root / ".forgotten-pending").exists()
+
+
+def test_a_forgotten_id_added_again_is_not_answered_by_what_the_index_learned_of_it(trained, home, tiny_config,
+                                                                                    tmp_path):
+    other = ipm.open(home, config=tiny_config, cache=tmp_path / "cache")  # another process serving it
+    for m in (trained, other):
+        assert m.ask(MEMORIES["personal_pet_max"], k=4).candidates[0].id == "personal_pet_max"
+    trained.forget("personal_pet_max")
+    trained.add("My dog is called Rex now.", id="personal_pet_max")
+    for m in (trained, other):
+        a = m.ask(MEMORIES["personal_pet_max"], k=4)
+        # the adapter's ranking no longer holds it; only the words of its new text can find it
+        assert all(h.pending for h in a.hits + a.candidates if h.id == "personal_pet_max")
+        assert "personal_pet_max" not in m._serving["default"].indexed
+        assert m.untrained() == ["personal_pet_max"]
+    assert [h.id for h in other.ask("Rex", k=4).hits if h.pending] == ["personal_pet_max"]
+    other.store.close()
+
+
 def test_a_new_version_never_takes_the_name_of_the_one_served(tmp_path):
     root = tmp_path / "indexes" / "u"
     root.mkdir(parents=True)

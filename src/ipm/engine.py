@@ -93,6 +93,7 @@ class _Serving:
     trie: Trie = field(default_factory=Trie)
     indexed: dict[str, str] = field(default_factory=dict)  # id -> text sha256 at training
     prompt: str = PROMPT  # the template the served version was trained with
+    trained_at: int | None = None  # the store generation the served version read its memories at
     threshold: float = 0.0
     calibration: dict = field(default_factory=dict)  # the index's abstention calibration, per decoding
     generation: int = -1  # store generation the trie and `pending_words` reflect
@@ -345,13 +346,24 @@ class IPM:
     def forget(self, id: str, user: str = DEFAULT_USER) -> None:
         """Erase a memory. Its ID leaves the decoder's trie before this returns, and its text
         and training questions leave the store and every index version on disk (index.purge)."""
-        with self._lock:
-            self.store.forget(user, id)
-            s = self._serving.get(user)
-            if s is not None:
-                s.trie.remove(id)
+        root = self.paths.index_root(check_namespace(user))
+        self.get(id, user=user)  # NotFound before anything is written
+        # Remembered before the store lets it go: a purge cut short (Ctrl-C, a crash) is finished
+        # by the next one, even once the ID is added again.
+        index_dir.remember_forgotten(root, id)
+        try:
+            with self._lock:
+                self.store.forget(user, id)
+                s = self._serving.get(user)
+                if s is not None:
+                    s.trie.remove(id)
+                    s.indexed.pop(id, None)  # what the index learned of it is of the forgotten text
+        except BaseException:
+            if id in self.store.ids(user):  # not forgotten after all: its index files stay as they are
+                index_dir.remember_forgotten(root, id, forget=False)
+            raise
         # File I/O over every version: under the index lock only, so asks are not held up by it.
-        index_dir.purge(self.paths.index_root(user), lambda: set(self.store.ids(user)), frozenset({id}))
+        index_dir.purge(root, lambda: set(self.store.ids(user)), frozenset({id}))
 
     def log(self, user: str = DEFAULT_USER, limit: int | None = None):
         return self.store.events(user, limit)
@@ -663,6 +675,7 @@ class IPM:
                 "base_model": {"name": base.name, "source": self.config.base_model, "sha256": base.sha256,
                                "layers": list(base.layers) if base.layers else None},
                 "ids": {m.id: m.sha256 for m in memories},
+                "store_generation": snapshot,  # its memories as the store held them then
                 "prompt": PROMPT,
                 "threshold": calibration[self.config.decoding]["threshold"],
                 "config": self.config.to_dict(),
@@ -704,7 +717,7 @@ class IPM:
         for b in range(0, len(questions), ASK_BATCH):
             chunk = questions[b:b + ASK_BATCH]
             out += [(hits[0][0], hits[0][1]) if hits else (None, 0.0)
-                    for hits in self._rank_many(decoder, chunk, trie, candidates, k=1)]
+                    for hits in self._rank_many(decoder, chunk, trie, candidates, k=1, prompt=PROMPT)]  # a new index
             tick(len(chunk))
         return out
 
@@ -841,15 +854,11 @@ class IPM:
             emb = self._embed_questions(rows)
         return group_expansion(rows, emb, texts)
 
-    def _rank(self, decoder, question: str, trie: Trie, candidates: Candidates | None,
-              k: int) -> list[tuple[str, float, Signals | None]]:
-        """The top-k (id, score, signals) under the configured decoding (see Config.decoding)."""
-        return self._rank_many(decoder, [question], trie, candidates, k)[0]
-
     def _rank_many(self, decoder, questions: list[str], trie: Trie, candidates: Candidates | None,
-                   k: int, prompt: str = PROMPT) -> list[list[tuple[str, float, Signals | None]]]:
-        """`_rank` for several questions; hybrid decoding scores them in batched forward passes.
-        `prompt`: the template the index was trained with."""
+                   k: int, *, prompt: str) -> list[list[tuple[str, float, Signals | None]]]:
+        """The top-k (id, score, signals) of each question under the configured decoding (see
+        Config.decoding); hybrid decoding scores them in batched forward passes. `prompt`: the
+        template the index was trained with (its manifest's)."""
         cfg = self.config
         if candidates is None:
             return [[(mid, p, None) for mid, p in decoder.search(q, trie, k=k, beam_size=max(k, cfg.beam_size),
@@ -968,8 +977,9 @@ class IPM:
                 self._model.delete_adapter(s.adapter)
             self._model.eval()
             s.version, s.adapter, s.expansion = version_dir.name, adapter, None
-            s.indexed = manifest["ids"]
+            s.indexed = dict(manifest["ids"])
             s.prompt = manifest.get("prompt", LEGACY_PROMPT)
+            s.trained_at = manifest.get("store_generation")
             s.calibration = _calibrations(manifest)
             s.generation = -1
         gen = self.store.generation(user)
@@ -990,6 +1000,12 @@ class IPM:
                 else:
                     self._warn_if_pure_calibrated_elsewise(user, s.calibration["pure"])
         if s.generation != gen:
+            # A memory forgotten since (here or by another process) is no longer the one the
+            # index learned, even if its ID was added again: it waits for the next train.
+            since = s.generation if s.generation >= 0 else s.trained_at
+            if since is not None and s.indexed:
+                for mid in self.store.forgotten_since(user, since):
+                    s.indexed.pop(mid, None)
             live = set(self.store.ids(user))
             # Read once a change, not on every ask: a namespace may hold many untrained memories.
             s.pending_words = {m.id: frozenset(content_words(m.text))
@@ -1051,7 +1067,7 @@ class IPM:
                 if s.adapter is not None and len(s.trie):
                     if self._model.active_adapter != s.adapter:  # PEFT's set_adapter walks every module
                         self._model.set_adapter(s.adapter)
-                    found = self._rank_many(self._decoder, chunk, s.trie, s.candidates, k, s.prompt)
+                    found = self._rank_many(self._decoder, chunk, s.trie, s.candidates, k, prompt=s.prompt)
                 texts = self.store.get_many(user, sorted({mid for f in found for mid, _, _ in f}))
                 # The trie only holds live IDs, and the store is checked again here: a memory
                 # forgotten by another process since the trie was synced is never returned.

@@ -186,15 +186,9 @@ def purge(root: Path, live: Callable[[], set[str]], forgotten: frozenset[str] = 
     if not root.is_dir():
         return []
     with locked(root):
-        # IDs whose purge failed, remembered on disk: one added again since is live in the store,
-        # but what the versions hold of it is the forgotten text's.
-        pending = root / PENDING_FORGETS
-        try:
-            forgotten = forgotten | frozenset(json.loads(pending.read_text(encoding="utf-8")))
-        except FileNotFoundError:
-            pass
-        except (OSError, ValueError, TypeError):  # unreadable: purge what the store says, as before
-            pass
+        # IDs whose purge has not finished, remembered on disk (see remember_forgotten): one added
+        # again since is live in the store, but what the versions hold of it is the forgotten text's.
+        forgotten = forgotten | _read_pending(root)
         keep = live() - forgotten
         changed, failed = [], []
         for v in versions(root):  # one that cannot be purged does not keep the others from it
@@ -205,13 +199,44 @@ def purge(root: Path, live: Callable[[], set[str]], forgotten: frozenset[str] = 
                 failed.append(str(e))
         if failed:
             try:
-                with _replacing(pending) as tmp:
-                    tmp.write_text(json.dumps(sorted(forgotten)), encoding="utf-8")
+                _write_pending(root, forgotten)
             except OSError:  # a full disk: the store no longer has the memory, the error says what to do
                 pass
             raise IndexDamaged("; ".join(failed))
-        pending.unlink(missing_ok=True)
+        _write_pending(root, frozenset())
         return changed
+
+
+def remember_forgotten(root: Path, memory_id: str, forget: bool = True) -> None:
+    """Add `memory_id` to the IDs whose purge is pending (PENDING_FORGETS), under the namespace's
+    lock, before the store forgets it; `forget=False` takes it back out (the store kept it).
+    Nothing to do for a namespace without an index directory."""
+    if not root.is_dir():
+        return
+    with locked(root):
+        pending = _read_pending(root)
+        ids = pending | {memory_id} if forget else pending - {memory_id}
+        if ids != pending:
+            _write_pending(root, ids)
+
+
+def _read_pending(root: Path) -> frozenset[str]:
+    try:
+        return frozenset(json.loads((root / PENDING_FORGETS).read_text(encoding="utf-8")))
+    except FileNotFoundError:
+        return frozenset()
+    except (OSError, ValueError, TypeError) as e:
+        raise IndexDamaged(f"{root / PENDING_FORGETS} cannot be read ({e}): it lists memories forgotten whose "
+                           "purge from the index files has not finished; if you delete it, also delete the "
+                           f"index versions in {root} and {_REBUILD}") from None
+
+
+def _write_pending(root: Path, ids: frozenset[str]) -> None:
+    if ids:
+        with _replacing(root / PENDING_FORGETS) as tmp:
+            tmp.write_text(json.dumps(sorted(ids)), encoding="utf-8")
+    else:
+        (root / PENDING_FORGETS).unlink(missing_ok=True)
 
 
 def purge_version(version: Path, live: set[str]) -> bool:
