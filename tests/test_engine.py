@@ -250,10 +250,62 @@ def test_a_forget_cut_short_is_finished_later_even_once_its_id_is_added_again(tr
         assert text not in (v / "questions.jsonl").read_text()
         assert all(mid != "personal_pet_max" for _, mid in read_questions(v))
     assert not (root / ".forgotten-pending").exists()
-    # a forget the store refuses leaves nothing pending
     with pytest.raises(NotFound):
         trained.forget("no_such_memory")
     assert not (root / ".forgotten-pending").exists()
+
+
+def test_a_forget_the_store_fails_takes_back_only_its_own_pending_note(trained, home, monkeypatch):
+    import sqlite3
+
+    root = home / "indexes" / "default"
+    pending = root / ".forgotten-pending"
+    text = MEMORIES["personal_pet_max"]
+
+    def locked_db(*a, **k):
+        raise sqlite3.OperationalError("database is locked")
+    with monkeypatch.context() as m:
+        m.setattr(trained.store, "forget", locked_db)
+        with pytest.raises(sqlite3.OperationalError):
+            trained.forget("work_job_acme")
+    assert trained.get("work_job_acme").text == MEMORIES["work_job_acme"]
+    assert not pending.exists()  # kept in the store: its index files are left as they are
+    hit = trained.ask(MEMORIES["work_job_acme"], k=4).candidates[0]
+    assert (hit.id, hit.pending) == ("work_job_acme", False)
+
+    # A forget cut short, its ID added again, then a second forget the store fails: the first
+    # forget's note stays, so its old text is still purged by a later purge.
+    with monkeypatch.context() as m:
+        m.setattr(index_dir, "purge", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+        with pytest.raises(KeyboardInterrupt):
+            trained.forget("personal_pet_max")
+    trained.add("My dog is called Rex now.", id="personal_pet_max")
+    with monkeypatch.context() as m:
+        m.setattr(trained.store, "forget", locked_db)
+        with pytest.raises(sqlite3.OperationalError):
+            trained.forget("personal_pet_max")
+    assert json.loads(pending.read_text()) == ["personal_pet_max"]
+    trained.forget("work_job_acme")
+    assert all(text not in (v / "questions.jsonl").read_text() for v in index_dir.versions(root))
+
+
+def test_a_forget_goes_ahead_when_its_pending_note_cannot_be_written(trained, home, monkeypatch):
+    from ipm.engine import read_questions
+
+    write = index_dir._write_pending
+
+    def full_disk(root, ids):
+        if ids:
+            raise OSError(28, "No space left on device")
+        write(root, ids)  # removing the list needs no space
+    monkeypatch.setattr(index_dir, "_write_pending", full_disk)
+    trained.forget("personal_pet_max")
+    with pytest.raises(NotFound):
+        trained.get("personal_pet_max")
+    a = trained.ask(MEMORIES["personal_pet_max"], k=4)
+    assert "personal_pet_max" not in [h.id for h in a.hits + a.candidates]
+    for v in index_dir.versions(home / "indexes" / "default"):
+        assert all(mid != "personal_pet_max" for _, mid in read_questions(v))
 
 
 def test_a_forgotten_id_added_again_is_not_answered_by_what_the_index_learned_of_it(trained, home, tiny_config,
@@ -270,6 +322,23 @@ def test_a_forgotten_id_added_again_is_not_answered_by_what_the_index_learned_of
         assert "personal_pet_max" not in m._serving["default"].indexed
         assert m.untrained() == ["personal_pet_max"]
     assert [h.id for h in other.ask("Rex", k=4).hits if h.pending] == ["personal_pet_max"]
+    other.store.close()
+
+
+def test_a_reconfigured_engine_still_drops_an_id_forgotten_and_added_again(trained, home, tiny_config, tmp_path):
+    # An index trained before manifests recorded their store generation.
+    manifest = index_dir.current_dir(home / "indexes" / "default") / "manifest.json"
+    data = json.loads(manifest.read_text())
+    del data["store_generation"]
+    manifest.write_text(json.dumps(data))
+    other = ipm.open(home, config=tiny_config, cache=tmp_path / "cache")
+    assert other.ask(MEMORIES["personal_pet_max"], k=4).candidates[0].id == "personal_pet_max"
+    trained.forget("personal_pet_max")
+    trained.add("My dog is called Rex now.", id="personal_pet_max")
+    other.reconfigure(beam_size=other.config.beam_size + 1)
+    a = other.ask(MEMORIES["personal_pet_max"], k=4)
+    assert all(h.pending for h in a.hits + a.candidates if h.id == "personal_pet_max")
+    assert "personal_pet_max" not in other._serving["default"].indexed
     other.store.close()
 
 

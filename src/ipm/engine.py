@@ -21,7 +21,7 @@ from typing import Callable, Iterable
 
 from . import index as index_dir
 from .config import Config, Paths, read_user_file
-from .errors import IndexMissing, InvalidInput, IPMWarning, ModelError, TrainingError
+from .errors import IndexDamaged, IndexMissing, InvalidInput, IPMWarning, ModelError, TrainingError
 from .index import QUESTION_EMBEDDINGS, QUESTIONS_FILE, TEXT_EMBEDDINGS
 from .model import (LEGACY_PROMPT, PROMPT, RUNNER_MODEL_TYPES, BaseModel, Runner, id_token_ids, int8_available,
                     int8_suits, layer_ranges, load_base, quiet_transformers, resolve_model, wanted_layers)
@@ -93,7 +93,9 @@ class _Serving:
     trie: Trie = field(default_factory=Trie)
     indexed: dict[str, str] = field(default_factory=dict)  # id -> text sha256 at training
     prompt: str = PROMPT  # the template the served version was trained with
-    trained_at: int | None = None  # the store generation the served version read its memories at
+    # The store generation up to which forgets are applied to `indexed` (first the one the served
+    # version read its memories at); apart from `generation`, which a reconfigure resets.
+    forgets_seen: int | None = None
     threshold: float = 0.0
     calibration: dict = field(default_factory=dict)  # the index's abstention calibration, per decoding
     generation: int = -1  # store generation the trie and `pending_words` reflect
@@ -349,8 +351,13 @@ class IPM:
         root = self.paths.index_root(check_namespace(user))
         self.get(id, user=user)  # NotFound before anything is written
         # Remembered before the store lets it go: a purge cut short (Ctrl-C, a crash) is finished
-        # by the next one, even once the ID is added again.
-        index_dir.remember_forgotten(root, id)
+        # by the next one, even once the ID is added again. Where that note cannot be written (a
+        # full disk, a damaged list), the memory is still forgotten: the purge below then fails
+        # with an error that says what to do.
+        try:
+            noted = index_dir.remember_forgotten(root, id)
+        except (OSError, IndexDamaged):
+            noted = False
         try:
             with self._lock:
                 self.store.forget(user, id)
@@ -359,7 +366,9 @@ class IPM:
                     s.trie.remove(id)
                     s.indexed.pop(id, None)  # what the index learned of it is of the forgotten text
         except BaseException:
-            if id in self.store.ids(user):  # not forgotten after all: its index files stay as they are
+            # Not forgotten after all: its index files stay as they are. Only the note this call
+            # wrote is taken back (an earlier forget's, still pending, stays).
+            if noted and id in self.store.ids(user):
                 index_dir.remember_forgotten(root, id, forget=False)
             raise
         # File I/O over every version: under the index lock only, so asks are not held up by it.
@@ -979,7 +988,7 @@ class IPM:
             s.version, s.adapter, s.expansion = version_dir.name, adapter, None
             s.indexed = dict(manifest["ids"])
             s.prompt = manifest.get("prompt", LEGACY_PROMPT)
-            s.trained_at = manifest.get("store_generation")
+            s.forgets_seen = manifest.get("store_generation")
             s.calibration = _calibrations(manifest)
             s.generation = -1
         gen = self.store.generation(user)
@@ -1002,10 +1011,10 @@ class IPM:
         if s.generation != gen:
             # A memory forgotten since (here or by another process) is no longer the one the
             # index learned, even if its ID was added again: it waits for the next train.
-            since = s.generation if s.generation >= 0 else s.trained_at
-            if since is not None and s.indexed:
-                for mid in self.store.forgotten_since(user, since):
+            if s.forgets_seen is not None and s.indexed:
+                for mid in self.store.forgotten_since(user, s.forgets_seen):
                     s.indexed.pop(mid, None)
+            s.forgets_seen = gen
             live = set(self.store.ids(user))
             # Read once a change, not on every ask: a namespace may hold many untrained memories.
             s.pending_words = {m.id: frozenset(content_words(m.text))

@@ -207,17 +207,18 @@ def purge(root: Path, live: Callable[[], set[str]], forgotten: frozenset[str] = 
         return changed
 
 
-def remember_forgotten(root: Path, memory_id: str, forget: bool = True) -> None:
+def remember_forgotten(root: Path, memory_id: str, forget: bool = True) -> bool:
     """Add `memory_id` to the IDs whose purge is pending (PENDING_FORGETS), under the namespace's
     lock, before the store forgets it; `forget=False` takes it back out (the store kept it).
-    Nothing to do for a namespace without an index directory."""
+    Whether the list changed. Nothing to do for a namespace without an index directory."""
     if not root.is_dir():
-        return
+        return False
     with locked(root):
         pending = _read_pending(root)
         ids = pending | {memory_id} if forget else pending - {memory_id}
         if ids != pending:
             _write_pending(root, ids)
+        return ids != pending
 
 
 def _read_pending(root: Path) -> frozenset[str]:
