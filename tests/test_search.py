@@ -39,6 +39,45 @@ def test_runner_matches_the_model_forward(lora_model):
     assert torch.allclose(ref, ours, atol=1e-4)
 
 
+def test_training_loss_is_the_models_own_cross_entropy_over_the_id_vocabulary(lora_model):
+    """The fast path's loss (the lower layers' states cached, the softmax over the ID tokens)
+    equals the cross-entropy of the model's own full forward at the ID positions, restricted to
+    the same tokens, for a batch of right-padded sequences of different lengths; and so do the
+    adapter's gradients."""
+    import torch.nn.functional as F
+
+    from ipm.train import _fast_loss, _targets
+
+    model, tok = lora_model
+    runner = Runner(model)
+    ids = ["personal_pet_max", "family_sister_anna", "food_favorite_sushi"]
+    questions = ["what is my dog called?", "where does my sister live these days, and with whom?", "sushi?"]
+    seqs = [(prompt_ids(tok, q) + id_token_ids(tok, m), len(prompt_ids(tok, q))) for q, m in zip(questions, ids)]
+    vocab = sorted({t for s, n in seqs for t in s[n:]})
+    col = torch.full((len(tok),), -1, dtype=torch.long)
+    col[torch.tensor(vocab)] = torch.arange(len(vocab))
+    model.train()
+    with torch.no_grad():
+        lower = [runner.hidden(torch.tensor([s]), 0, 2)[0] for s, _ in seqs]
+    ours = _fast_loss(runner, seqs, lower, 2, torch.tensor(vocab), col, "cpu")
+    ours.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+    refs = []
+    for r, (s, n) in enumerate(seqs):
+        logits = model(input_ids=torch.tensor([s])).logits[0]
+        rows = [t for rr, t in zip(*_targets(seqs)[:2]) if rr == r]
+        refs.append(F.cross_entropy(logits[rows][:, vocab], col[torch.tensor(s[n:])], reduction="sum"))
+    ref = sum(refs) / len(_targets(seqs)[0])
+    ref.backward()
+    model.eval()
+    assert ours.item() == pytest.approx(ref.item(), rel=1e-5)
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            assert torch.allclose(grads[n], p.grad, atol=1e-5), n
+    model.zero_grad()
+
+
 def test_runner_merges_the_adapter_it_serves_and_follows_its_changes(tiny_model):
     """Without gradients the runner applies each LoRA linear as one merged weight, cached: the
     cache must follow an optimiser step, a switch of adapter (and back), a disabled adapter and
