@@ -8,7 +8,7 @@ import pytest
 
 import ipm
 from ipm import index as index_dir
-from ipm.errors import IndexMissing, InvalidInput, ModelError, NotFound, TrainingError
+from ipm.errors import IndexDamaged, IndexMissing, InvalidInput, ModelError, NotFound, TrainingError
 from ipm.train import Example
 from tests.conftest import MEMORIES, tiny_config_for
 
@@ -242,7 +242,7 @@ def test_a_forget_cut_short_is_finished_later_even_once_its_id_is_added_again(tr
     monkeypatch.undo()
     with pytest.raises(NotFound):
         trained.get("personal_pet_max")
-    assert json.loads((root / ".forgotten-pending").read_text()) == ["personal_pet_max"]
+    assert list(json.loads((root / ".forgotten-pending").read_text())) == ["personal_pet_max"]
     trained.add("My dog is called Rex now.", id="personal_pet_max")
     assert text in (index_dir.current_dir(root) / "questions.jsonl").read_text()  # not purged yet
     trained.forget("work_job_acme")  # any later purge (a forget, a train) finishes it
@@ -284,9 +284,45 @@ def test_a_forget_the_store_fails_takes_back_only_its_own_pending_note(trained, 
         m.setattr(trained.store, "forget", locked_db)
         with pytest.raises(sqlite3.OperationalError):
             trained.forget("personal_pet_max")
-    assert json.loads(pending.read_text()) == ["personal_pet_max"]
+    assert list(json.loads(pending.read_text())) == ["personal_pet_max"]
     trained.forget("work_job_acme")
     assert all(text not in (v / "questions.jsonl").read_text() for v in index_dir.versions(root))
+
+
+def test_a_purge_leaves_a_forget_under_way_be_until_the_store_has_logged_it(trained, home):
+    """A forget notes its ID before the store deletes the memory. A purge meanwhile (another
+    process's forget or train) must not take a memory the store still holds out of the index,
+    nor drop the note: the forget may fail, or be killed, or go on to finish."""
+    from ipm.engine import read_questions
+
+    root = home / "indexes" / "default"
+    pending = root / ".forgotten-pending"
+    text = MEMORIES["personal_pet_max"]
+    # another process's forget, stopped between its note and the store's delete
+    index_dir.remember_forgotten(root, "personal_pet_max", since=trained.store.generation("default"))
+    trained.forget("work_job_acme")
+    assert text in (index_dir.current_dir(root) / "questions.jsonl").read_text()
+    assert "personal_pet_max" in json.loads((index_dir.current_dir(root) / "manifest.json").read_text())["ids"]
+    assert list(json.loads(pending.read_text())) == ["personal_pet_max"]
+    hit = trained.ask(text, k=4).candidates[0]
+    assert (hit.id, hit.pending) == ("personal_pet_max", False)  # still indexed, still answered
+    trained.store.forget("default", "personal_pet_max")  # that forget reaches the store, then dies
+    trained.add("My dog is called Rex now.", id="personal_pet_max")
+    trained.train()  # any later purge finishes it, though the ID was added again meanwhile
+    for v in index_dir.versions(root):
+        assert text not in (v / "questions.jsonl").read_text()
+        assert not any(q == text for q, _ in read_questions(v))
+    assert not pending.exists()
+
+
+def test_pending_notes_written_as_a_plain_list_still_count(tmp_path):
+    root = tmp_path / "indexes" / "u"
+    root.mkdir(parents=True)
+    (root / ".forgotten-pending").write_text('["a_b_c"]')
+    assert index_dir._read_pending(root) == {"a_b_c": None}
+    (root / ".forgotten-pending").write_text('{"a_b_c": "soon"}')
+    with pytest.raises(IndexDamaged, match="cannot be read"):
+        index_dir._read_pending(root)
 
 
 def test_a_forget_goes_ahead_when_its_pending_note_cannot_be_written(trained, home, monkeypatch):
@@ -429,7 +465,7 @@ def test_purge_keeps_line_separators_finishes_a_failed_purge_and_names_a_damaged
     (v6 / "questions.jsonl").write_text("not json\n")
     with pytest.raises(IndexDamaged, match="v0006"):
         index_dir.purge(root, both, frozenset({"personal_pin_secret"}))
-    assert json.loads((root / ".forgotten-pending").read_text()) == ["personal_pin_secret"]
+    assert json.loads((root / ".forgotten-pending").read_text()) == {"personal_pin_secret": None}
     shutil.rmtree(v6)
     v6, _ = fake_version(root, "v0006", rows)  # repaired (as it was): the pin is in the store again
     assert index_dir.purge(root, both) == ["v0006"]

@@ -351,11 +351,12 @@ class IPM:
         root = self.paths.index_root(check_namespace(user))
         self.get(id, user=user)  # NotFound before anything is written
         # Remembered before the store lets it go: a purge cut short (Ctrl-C, a crash) is finished
-        # by the next one, even once the ID is added again. Where that note cannot be written (a
+        # by the next one, even once the ID is added again; a purge meanwhile leaves the memory be
+        # until the store has logged its forget (index.purge). Where that note cannot be written (a
         # full disk, a damaged list), the memory is still forgotten: the purge below then fails
         # with an error that says what to do.
         try:
-            noted = index_dir.remember_forgotten(root, id)
+            noted = index_dir.remember_forgotten(root, id, since=self.store.generation(user))
         except (OSError, IndexDamaged):
             noted = False
         try:
@@ -372,7 +373,11 @@ class IPM:
                 index_dir.remember_forgotten(root, id, forget=False)
             raise
         # File I/O over every version: under the index lock only, so asks are not held up by it.
-        index_dir.purge(root, lambda: set(self.store.ids(user)), frozenset({id}))
+        index_dir.purge(root, lambda: set(self.store.ids(user)), frozenset({id}), self._forgotten_since(user))
+
+    def _forgotten_since(self, user: str):
+        """For index.purge: the IDs the store has logged a forget of after a generation."""
+        return lambda generation: self.store.forgotten_since(user, generation)
 
     def log(self, user: str = DEFAULT_USER, limit: int | None = None):
         return self.store.events(user, limit)
@@ -554,7 +559,8 @@ class IPM:
         serving until the new one is complete."""
         check_namespace(user)
         # Finish any purge a forget could not (index.purge), before anything else.
-        index_dir.purge(self.paths.index_root(user), lambda: set(self.store.ids(user)))
+        index_dir.purge(self.paths.index_root(user), lambda: set(self.store.ids(user)),
+                        forgotten_since=self._forgotten_since(user))
         snapshot = self.store.generation(user)  # a memory forgotten after this is purged from the new version
         memories = self.store.list(user)
         if not memories:

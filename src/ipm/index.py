@@ -35,7 +35,7 @@ QUESTION_EMBEDDINGS = "question_embeddings.safetensors"  # their MiniLM embeddin
 # process reads them instead of encoding every text again. Derived data: a damaged one is
 # deleted by a purge and ignored by the engine, which encodes the texts again.
 TEXT_EMBEDDINGS = "text_embeddings.safetensors"
-PENDING_FORGETS = ".forgotten-pending"  # IDs forgotten whose purge has yet to finish (a JSON list)
+PENDING_FORGETS = ".forgotten-pending"  # IDs forgotten whose purge has yet to finish (JSON: ID -> generation)
 
 
 # How to recover from an index version that cannot be read: it is derived data, made again
@@ -170,14 +170,16 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def purge(root: Path, live: Callable[[], set[str]], forgotten: frozenset[str] = frozenset()) -> list[str]:
+def purge(root: Path, live: Callable[[], set[str]], forgotten: frozenset[str] = frozenset(),
+          forgotten_since: Callable[[int], set[str]] | None = None) -> list[str]:
     """Take every memory not in `live()` (the namespace's memories in the store, read once the
     lock is held), and the `forgotten` IDs whatever the store says now (one may already have
     been added again, under the same ID, with another text), out of every version of a
     namespace: its training questions (the memory's own text is one of them), those questions'
     embeddings, its text's embedding, and its entry in the manifest's ID set. So a purge that failed half-way (a full
     disk) is finished by the next one, even where the ID was added again meanwhile (the IDs of a
-    failed purge are kept in PENDING_FORGETS until one succeeds), and a version that cannot be
+    failed purge are kept in PENDING_FORGETS until one succeeds, as are those of a forget under
+    way: see remember_forgotten), and a version that cannot be
     purged does not keep the others from it. Each file is written beside the old one and swapped in,
     under the namespace's lock (`locked`), so two processes (a CLI forget and a server
     training) never lose each other's purge. Returns the versions changed. The adapter's
@@ -188,8 +190,17 @@ def purge(root: Path, live: Callable[[], set[str]], forgotten: frozenset[str] = 
     with locked(root):
         # IDs whose purge has not finished, remembered on disk (see remember_forgotten): one added
         # again since is live in the store, but what the versions hold of it is the forgotten text's.
-        forgotten = forgotten | _read_pending(root)
-        keep = live() - forgotten
+        # A note made before a forget reaches the store counts once the store has logged that
+        # forget (`forgotten_since`); until then the memory may still be kept (the forget failed,
+        # was killed, or is under way in another process), and the note waits.
+        notes = _read_pending(root)
+        due, waiting = set(forgotten), {}
+        for mid, since in notes.items():
+            if since is None or forgotten_since is None or mid in forgotten_since(since):
+                due.add(mid)
+            elif mid not in due:
+                waiting[mid] = since
+        keep = live() - due
         changed, failed = [], []
         for v in versions(root):  # one that cannot be purged does not keep the others from it
             try:
@@ -199,43 +210,56 @@ def purge(root: Path, live: Callable[[], set[str]], forgotten: frozenset[str] = 
                 failed.append(str(e))
         if failed:
             try:
-                _write_pending(root, forgotten)
+                _write_pending(root, {**waiting, **dict.fromkeys(due)})
             except OSError:  # a full disk: the store no longer has the memory, the error says what to do
                 pass
             raise IndexDamaged("; ".join(failed))
-        _write_pending(root, frozenset())
+        if waiting != notes:
+            _write_pending(root, waiting)
         return changed
 
 
-def remember_forgotten(root: Path, memory_id: str, forget: bool = True) -> bool:
-    """Add `memory_id` to the IDs whose purge is pending (PENDING_FORGETS), under the namespace's
-    lock, before the store forgets it; `forget=False` takes it back out (the store kept it).
-    Whether the list changed. Nothing to do for a namespace without an index directory."""
+def remember_forgotten(root: Path, memory_id: str, since: int | None = None, forget: bool = True) -> bool:
+    """Note `memory_id` among the IDs whose purge is pending (PENDING_FORGETS), under the
+    namespace's lock, before the store forgets it; `since`: the store's generation before the
+    forget, so that a purge meanwhile purges it only once the store has logged the forget.
+    `forget=False` takes the note back out (the store kept the memory). Whether the notes
+    changed. Nothing to do for a namespace without an index directory."""
     if not root.is_dir():
         return False
     with locked(root):
-        pending = _read_pending(root)
-        ids = pending | {memory_id} if forget else pending - {memory_id}
-        if ids != pending:
-            _write_pending(root, ids)
-        return ids != pending
+        notes = _read_pending(root)
+        if forget and memory_id not in notes:
+            _write_pending(root, {**notes, memory_id: since})
+            return True
+        if not forget and memory_id in notes:
+            _write_pending(root, {k: v for k, v in notes.items() if k != memory_id})
+            return True
+        return False
 
 
-def _read_pending(root: Path) -> frozenset[str]:
+def _read_pending(root: Path) -> dict[str, int | None]:
+    """The pending notes: ID -> the store generation before its forget, or None where the forget
+    is known to have happened (a failed purge's IDs; a plain JSON list, as written before)."""
     try:
-        return frozenset(json.loads((root / PENDING_FORGETS).read_text(encoding="utf-8")))
+        data = json.loads((root / PENDING_FORGETS).read_text(encoding="utf-8"))
+        if isinstance(data, list):
+            return dict.fromkeys(map(str, data))
+        if not isinstance(data, dict) or not all(v is None or type(v) is int for v in data.values()):
+            raise ValueError("not a JSON object of IDs to store generations")
+        return data
     except FileNotFoundError:
-        return frozenset()
+        return {}
     except (OSError, ValueError, TypeError) as e:
         raise IndexDamaged(f"{root / PENDING_FORGETS} cannot be read ({e}): it lists memories forgotten whose "
                            "purge from the index files has not finished; if you delete it, also delete the "
                            f"index versions in {root} and {_REBUILD}") from None
 
 
-def _write_pending(root: Path, ids: frozenset[str]) -> None:
-    if ids:
+def _write_pending(root: Path, notes: dict[str, int | None]) -> None:
+    if notes:
         with _replacing(root / PENDING_FORGETS) as tmp:
-            tmp.write_text(json.dumps(sorted(ids)), encoding="utf-8")
+            tmp.write_text(json.dumps(dict(sorted(notes.items()))), encoding="utf-8")
     else:
         (root / PENDING_FORGETS).unlink(missing_ok=True)
 
