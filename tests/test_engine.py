@@ -299,7 +299,7 @@ def test_a_purge_leaves_a_forget_under_way_be_until_the_store_has_logged_it(trai
     pending = root / ".forgotten-pending"
     text = MEMORIES["personal_pet_max"]
     # another process's forget, stopped between its note and the store's delete
-    index_dir.remember_forgotten(root, "personal_pet_max", since=trained.store.generation("default"))
+    assert index_dir.remember_forgotten(root, "personal_pet_max", trained.store.generation("default"))
     trained.forget("work_job_acme")
     assert text in (index_dir.current_dir(root) / "questions.jsonl").read_text()
     assert "personal_pet_max" in json.loads((index_dir.current_dir(root) / "manifest.json").read_text())["ids"]
@@ -323,6 +323,32 @@ def test_pending_notes_written_as_a_plain_list_still_count(tmp_path):
     (root / ".forgotten-pending").write_text('{"a_b_c": "soon"}')
     with pytest.raises(IndexDamaged, match="cannot be read"):
         index_dir._read_pending(root)
+    (root / ".forgotten-pending").write_text('{"a_b_c": 100000000000000000000000}')  # past SQLite's integers
+    with pytest.raises(IndexDamaged, match="cannot be read"):
+        index_dir._read_pending(root)
+
+
+def test_a_failed_forget_keeps_its_note_when_another_process_forgot_the_memory_meanwhile(trained, home, monkeypatch):
+    import sqlite3
+
+    root = home / "indexes" / "default"
+    text = MEMORIES["personal_pet_max"]
+    forget = trained.store.forget
+
+    def meanwhile(namespace, memory_id):
+        # Another process forgets it (and is killed before its purge), then it is added again;
+        # this process's own delete then fails.
+        forget(namespace, memory_id)
+        trained.store.add(namespace, "My dog is called Rex now.", memory_id)
+        raise sqlite3.OperationalError("database is locked")
+    monkeypatch.setattr(trained.store, "forget", meanwhile)
+    with pytest.raises(sqlite3.OperationalError):
+        trained.forget("personal_pet_max")
+    monkeypatch.undo()
+    assert list(json.loads((root / ".forgotten-pending").read_text())) == ["personal_pet_max"]
+    trained.forget("work_job_acme")
+    assert all(text not in (v / "questions.jsonl").read_text() for v in index_dir.versions(root))
+    assert trained.get("personal_pet_max").text == "My dog is called Rex now."
 
 
 def test_a_forget_goes_ahead_when_its_pending_note_cannot_be_written(trained, home, monkeypatch):

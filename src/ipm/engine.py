@@ -355,8 +355,9 @@ class IPM:
         # until the store has logged its forget (index.purge). Where that note cannot be written (a
         # full disk, a damaged list), the memory is still forgotten: the purge below then fails
         # with an error that says what to do.
+        since = self.store.generation(user)
         try:
-            noted = index_dir.remember_forgotten(root, id, since=self.store.generation(user))
+            noted = index_dir.remember_forgotten(root, id, since)
         except (OSError, IndexDamaged):
             noted = False
         try:
@@ -370,7 +371,7 @@ class IPM:
             # Not forgotten after all: its index files stay as they are. Only the note this call
             # wrote is taken back (an earlier forget's, still pending, stays).
             if noted and id in self.store.ids(user):
-                index_dir.remember_forgotten(root, id, forget=False)
+                index_dir.take_back_note(root, id, since, lambda: id in self.store.forgotten_since(user, since))
             raise
         # File I/O over every version: under the index lock only, so asks are not held up by it.
         index_dir.purge(root, lambda: set(self.store.ids(user)), frozenset({id}), self._forgotten_since(user))

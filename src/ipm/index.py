@@ -215,27 +215,39 @@ def purge(root: Path, live: Callable[[], set[str]], forgotten: frozenset[str] = 
                 pass
             raise IndexDamaged("; ".join(failed))
         if waiting != notes:
-            _write_pending(root, waiting)
+            try:
+                _write_pending(root, waiting)
+            except OSError:  # a full disk: the notes stay as they were, and are purged again next time
+                pass
         return changed
 
 
-def remember_forgotten(root: Path, memory_id: str, since: int | None = None, forget: bool = True) -> bool:
+def remember_forgotten(root: Path, memory_id: str, since: int) -> bool:
     """Note `memory_id` among the IDs whose purge is pending (PENDING_FORGETS), under the
     namespace's lock, before the store forgets it; `since`: the store's generation before the
     forget, so that a purge meanwhile purges it only once the store has logged the forget.
-    `forget=False` takes the note back out (the store kept the memory). Whether the notes
-    changed. Nothing to do for a namespace without an index directory."""
+    Whether this wrote the note (one already there stays as it is). Nothing to do for a
+    namespace without an index directory."""
     if not root.is_dir():
         return False
     with locked(root):
         notes = _read_pending(root)
-        if forget and memory_id not in notes:
-            _write_pending(root, {**notes, memory_id: since})
-            return True
-        if not forget and memory_id in notes:
+        if memory_id in notes:
+            return False
+        _write_pending(root, {**notes, memory_id: since})
+        return True
+
+
+def take_back_note(root: Path, memory_id: str, since: int, forget_logged: Callable[[], bool]) -> None:
+    """Undo remember_forgotten(root, memory_id, since) for a forget the store did not carry out:
+    unless the note has changed, or the store has logged a forget of it since all the same
+    (another process's, which may not have purged yet)."""
+    if not root.is_dir():
+        return
+    with locked(root):
+        notes = _read_pending(root)
+        if memory_id in notes and notes[memory_id] == since and not forget_logged():
             _write_pending(root, {k: v for k, v in notes.items() if k != memory_id})
-            return True
-        return False
 
 
 def _read_pending(root: Path) -> dict[str, int | None]:
@@ -245,7 +257,8 @@ def _read_pending(root: Path) -> dict[str, int | None]:
         data = json.loads((root / PENDING_FORGETS).read_text(encoding="utf-8"))
         if isinstance(data, list):
             return dict.fromkeys(map(str, data))
-        if not isinstance(data, dict) or not all(v is None or type(v) is int for v in data.values()):
+        if not isinstance(data, dict) or not all(v is None or (type(v) is int and 0 <= v < 2**63)
+                                                 for v in data.values()):
             raise ValueError("not a JSON object of IDs to store generations")
         return data
     except FileNotFoundError:
