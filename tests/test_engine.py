@@ -315,6 +315,15 @@ def test_a_purge_leaves_a_forget_under_way_be_until_the_store_has_logged_it(trai
     assert not pending.exists()
 
 
+def test_a_forget_over_a_damaged_pending_list_forgets_and_says_what_is_left(trained, home):
+    (home / "indexes" / "default" / ".forgotten-pending").write_text("garbage")
+    with pytest.raises(IndexDamaged, match="'personal_pet_max' is forgotten from the store .* cannot be read .* "
+                                           "run `ipm train`"):
+        trained.forget("personal_pet_max")
+    with pytest.raises(NotFound):
+        trained.get("personal_pet_max")
+
+
 def test_pending_notes_written_as_a_plain_list_still_count(tmp_path):
     root = tmp_path / "indexes" / "u"
     root.mkdir(parents=True)

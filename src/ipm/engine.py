@@ -374,7 +374,11 @@ class IPM:
                 index_dir.take_back_note(root, id, since, lambda: id in self.store.forgotten_since(user, since))
             raise
         # File I/O over every version: under the index lock only, so asks are not held up by it.
-        index_dir.purge(root, lambda: set(self.store.ids(user)), frozenset({id}), self._forgotten_since(user))
+        try:
+            index_dir.purge(root, lambda: set(self.store.ids(user)), frozenset({id}), self._forgotten_since(user))
+        except IndexDamaged as e:
+            raise IndexDamaged(f"{id!r} is forgotten from the store (it is never answered again), but not yet "
+                               f"from every index file: {e}") from None
 
     def _forgotten_since(self, user: str):
         """For index.purge: the IDs the store has logged a forget of after a generation."""
