@@ -50,6 +50,9 @@ def test_speed_smoke(tiny_model, tmp_path, monkeypatch):
         assert hybrid[key] > 0, key
     assert 0.0 <= hybrid["recall@1"] <= hybrid["recall@5"] <= 1.0
     assert 0.0 <= hybrid["batched_recall@1"] <= 1.0
+    # The naive path's adapter asked through hybrid decoding: what the training shortcut costs the answers.
+    naive_hybrid = demo["naive"]["hybrid_recall"]
+    assert 0.0 <= naive_hybrid["recall@1"] <= naive_hybrid["recall@5"] <= 1.0
     # --base-layers: the default path again on 3 of the 4 layers, its hybrid decoding too.
     fewer = demo["default-3-layers"]
     assert demo["paths"][-1] == "default-3-layers" and fewer["adapter_metrics"]["trained_layers"] == 2
@@ -61,3 +64,4 @@ def test_speed_smoke(tiny_model, tmp_path, monkeypatch):
         assert trie["sizes"]["1000"][key] > 0, (key, trie["sizes"]["1000"][key])
     md = (out / "speed.md").read_text()
     assert "recall@1" in md and "## Trie" in md and "default-3-layers, hybrid decoding" in md
+    assert "naive, hybrid decoding" in md
