@@ -35,7 +35,7 @@ class Config:
     # Keep only N decoder layers of the base model (0 = all): the top `lora_layers` and the
     # lowest N - lora_layers; the ones between are dropped. A query's forward pass costs in
     # proportion to the layers kept (on the 2-core CPU, 15 of 30 layers cut the hybrid k=1 p50
-    # by about 40%, 57 -> 35 ms, for about a point of demo recall@1; see the README).
+    # by about 40%, 57 -> 35 ms, for about a point of demo recall@1; docs/results.md, "Fewer base layers").
     base_layers: int = 0
     # Train LoRA only in the top N decoder layers (0 = all layers). The frozen layers below
     # are run once per training example and their output reused across epochs.
@@ -59,7 +59,7 @@ class Config:
     # "aliases" (names <-> the relations other memories give them). benchmarks/question_mix.py
     # compares mixes: on LoCoMo conv-26, adding "wh" took the adapter alone from 24.8 to 30.6
     # held-out recall@1; adding "related" changed nothing; "aliases" moved the demo set's hybrid
-    # recall within its seed-to-seed spread (README).
+    # recall within its seed-to-seed spread (docs/results.md, "Training questions").
     question_kinds: list[str] = field(default_factory=lambda: list(DEFAULT_QUESTION_KINDS))
     llm_questions_per_memory: int = 4
     # Incremental training (`train(full=False)`, the default when an index exists): continue
@@ -89,7 +89,7 @@ class Config:
     decoding: str = "hybrid"
     # Decodings whose abstention threshold is calibrated at training time besides `decoding`'s,
     # so that switching to them (`ipm ask --decoding`) abstains where it should: e.g. ["pure"].
-    # Each costs its share of indexing time (README, "Abstention").
+    # Each costs its share of indexing time (README, "Abstention" under How it works).
     also_calibrate: list[str] = field(default_factory=list)
     hybrid_candidates: int = 10
     fusion_adapter: float = 0.25
@@ -111,7 +111,7 @@ class Config:
     # time on the demo set, float32 CPU).
     # benchmarks/rerank_kept.py: weight 2, chosen on LoCoMo conv-26/30/41,
     # +3.1 points of recall@1 there, +0.4 (observations) and -2.4 (turns) on conv-42/43, +0.7 on
-    # the demo: no held-out gain yet, so off (README, "A fourth signal").
+    # the demo: no held-out gain yet, so off (docs/results.md, "A fourth signal").
     rerank_likelihood: float = 0.0
     rerank_candidates: int = 6
     beam_size: int = 8
@@ -132,7 +132,7 @@ class Config:
     # the model's dtype. "auto" = int8 where it pays and is measured: a Llama-family model on
     # an x86 CPU that multiplies int8 itself (VNNI or AMX) with oneDNN's int8 matmul; elsewhere
     # (a GPU, no VNNI, another model family) the model's dtype. On such a CPU a hybrid ask took
-    # x0.78 the time on the demo index (p50 61 -> 48 ms) at the same recall (README, "int8 asks").
+    # x0.78 the time on the demo index (p50 61 -> 48 ms) at the same recall (docs/results.md, "int8 asks").
     quantize: str = "auto"
     threads: int = 0  # 0 = torch default
     # Store: text size limit, and how IDs are minted for memories added without one

@@ -342,7 +342,7 @@ def _keep_layers(model, layers: tuple[int, ...], path: Path) -> None:
 PROMPT = "{question}\nMemory:"
 # Indexes trained before ipm recorded the prompt began it with "Question: ". Without it a demo
 # training sequence is 2 tokens of 21 shorter: x0.83-0.99 the training time in an alternating
-# A/B, the same held-out recall (README, "A shorter prompt").
+# A/B, the same held-out recall (docs/results.md, "A shorter prompt").
 LEGACY_PROMPT = "Question: {question}\nMemory:"
 
 
