@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import shutil
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -196,10 +197,13 @@ def test_a_damaged_index_manifest_is_one_error_naming_the_version(capsys, monkey
     (version.parent / "CURRENT").write_text("v0001")
     for broken in ('{"ids": {', "[]", '{"version": "v0001"}', b"\xff\xfe"):
         (version / "manifest.json").write_bytes(broken if isinstance(broken, bytes) else broken.encode())
-        for command in (["status"], ["list"]):
-            code, _, err = run(capsys, monkeypatch, *command, "--home", home)
-            assert code == 1 and "Traceback" not in err, (broken, command, err)
-            assert err.startswith(f"error: index version {version}") and len(err.strip().splitlines()) == 1
+        code, _, err = run(capsys, monkeypatch, "status", "--home", home)
+        assert code == 1 and "Traceback" not in err, (broken, err)
+        assert err.startswith(f"error: index version {version}") and len(err.strip().splitlines()) == 1
+        # Listing needs no index: the memories, and the damage as a warning.
+        code, out, err = run(capsys, monkeypatch, "list", "--home", home)
+        assert code == 0 and "personal_pet_max" in out and "Traceback" not in err, (broken, err)
+        assert err.startswith(f"warning: index version {version}") and len(err.strip().splitlines()) == 1
     (version.parent / "CURRENT").write_bytes(b"\xff")
     code, _, err = run(capsys, monkeypatch, "status", "--home", home)
     assert code == 1 and err.startswith(f"error: {version.parent / 'CURRENT'} cannot be read") and "Traceback" not in err
@@ -282,6 +286,53 @@ def test_the_runner_turns_interrupts_exits_and_usage_errors_into_exit_codes(caps
     assert e.value.code == code and says in err and "Traceback" not in err
 
 
+def test_the_runner_turns_a_file_system_error_into_one_line_and_exit_1(capsys, monkeypatch):
+    import typer
+
+    from ipm.cli import run
+
+    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+
+    @app.command()
+    def command(flag: bool = False):
+        Path("/nonexistent-dir-for-ipm-test/ipm.db").read_bytes()  # what an unreadable home raises, as any user
+
+    monkeypatch.setattr(sys, "argv", ["prog"])
+    with pytest.raises(SystemExit) as e:
+        run(app)
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and "Traceback" not in err
+    assert err.strip() == "error: No such file or directory: /nonexistent-dir-for-ipm-test/ipm.db"
+
+
+def test_json_output_prints_a_diverged_loss_as_null(capsys):
+    from ipm.cli import _print_json
+
+    _print_json({"loss_last": float("nan"), "losses": [1.0, float("inf")]})
+    assert json.loads(capsys.readouterr().out) == {"loss_last": None, "losses": [1.0, None]}  # strict JSON
+
+
+def test_an_id_that_is_not_utf8_is_not_found_and_nothing_changes(capsys, monkeypatch, tmp_path):
+    home = tmp_path / "h"
+    run(capsys, monkeypatch, "add", "My dog's name is Max.", "--home", home)
+    bad = "caf\udce9"  # the byte 0xe9 as a shell passes it in argv (surrogateescape)
+    for command in (["show", bad], ["forget", bad], ["update", bad, "new text"]):
+        code, _, err = run(capsys, monkeypatch, *command, "--home", home)
+        assert code == 1 and err.startswith("error: no memory") and "Traceback" not in err, (command, err)
+    code, out, _ = run(capsys, monkeypatch, "list", "--json", "--home", home)
+    assert [m["id"] for m in json.loads(out)] == ["personal_pet_max"]
+
+
+def test_eval_refuses_a_max_k_below_the_recall_it_scores_before_asking(capsys, monkeypatch, tmp_path):
+    home = tmp_path / "h"
+    run(capsys, monkeypatch, "add", "My dog's name is Max.", "--home", home)
+    (home / "ipm.toml").write_text("max_k = 5\n")
+    questions = tmp_path / "q.json"
+    questions.write_text(json.dumps([{"question": "What is my dog called?", "memory_id": "personal_pet_max"}]))
+    code, _, err = run(capsys, monkeypatch, "eval", questions, "--home", home)
+    assert code == 1 and "needs max_k of at least 10 (it is 5" in err and "Traceback" not in err
+
+
 def test_the_server_programs_print_usage_errors_without_a_traceback(capsys, monkeypatch):
     from ipm.cli_server import run_alone, serve
 
@@ -297,7 +348,6 @@ def test_the_readme_lists_every_config_option_with_its_default():
     another default without it fails here."""
     import dataclasses
     import re
-    from pathlib import Path
 
     from ipm.config import Config
 

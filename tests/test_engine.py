@@ -1559,3 +1559,19 @@ def test_int8_where_it_cannot_run_is_refused_before_anything_changes(trained, mo
         trained.config = configured
     assert index_dir.current_dir(trained.paths.index_root("other")) is None
     assert not [e for e in trained.log(user="other") if e.action == "train"]
+
+
+def test_an_index_trained_on_a_relative_base_model_path_is_served_from_any_directory(tiny_model, tmp_path,
+                                                                                      monkeypatch):
+    monkeypatch.chdir(tiny_model.parent)
+    cfg = tiny_config_for(tiny_model).updated(base_model=tiny_model.name, epochs=2, also_calibrate=[])
+    m = ipm.open(tmp_path / "home", config=cfg, cache=tmp_path / "cache")
+    m.import_records(MEMORIES)
+    m.train()
+    m.store.close()
+    manifest = json.loads((index_dir.current_dir(tmp_path / "home" / "indexes" / "default") / "manifest.json").read_text())
+    assert manifest["base_model"]["source"] == str(tiny_model)
+    monkeypatch.chdir(tmp_path)  # another working directory, where the relative path names nothing
+    served = ipm.open(tmp_path / "home", config=tiny_config_for(tiny_model), cache=tmp_path / "cache")
+    assert served.ask("What is my dog called?", k=1).candidates[0].id in MEMORIES  # served on the manifest's model
+    served.store.close()

@@ -356,7 +356,8 @@ def test_keys_file_and_env(tmp_path, monkeypatch):
         load_keys(None)
     p = tmp_path / "keys.json"
     for bad, msg in [("{}", "no API keys"), ("[]", "expected a JSON object"), ("{", "not valid JSON"),
-                     ('{"k": "bad namespace!"}', "namespace"), ('{"": "alice"}', "non-empty"), ('{"k": 1}', "string")]:
+                     ('{"k": "bad namespace!"}', "namespace"), ('{"": "alice"}', "non-empty"), ('{"k": 1}', "string"),
+                     ('{"k": "alice", "k": "bob"}', "given twice")]:
         p.write_text(bad)
         with pytest.raises(InvalidInput, match=msg):
             load_keys(p)

@@ -19,7 +19,7 @@ from rich.text import Text
 
 from . import engine
 from .config import Config, Paths
-from .errors import IPMError, IPMWarning, NotFound
+from .errors import IndexDamaged, IPMError, IPMWarning, NotFound
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="IPM: Indexed Parametric Memory. Store memories verbatim, train a LoRA index, recall exactly.")
@@ -87,7 +87,7 @@ def _creating(home: Optional[Path]):
 
 
 def _print_json(data) -> None:
-    sys.stdout.write(json.dumps(data, ensure_ascii=False, indent=2) + "\n")
+    sys.stdout.write(json.dumps(engine.json_safe(data), ensure_ascii=False, indent=2) + "\n")
 
 
 def _progress() -> Progress:
@@ -242,11 +242,15 @@ def list_(user: str = User, home: Optional[Path] = Home, json_out: bool = Json,
     if json_out:
         _print_json([m.to_dict() for m in memories])
         return
-    status = mem.status(user)
     table = Table("id", "text", "updated")
     for m in memories:
         table.add_row(m.id, Text(m.text if len(m.text) < 80 else m.text[:77] + "..."), m.updated_at[:19])
     out.print(table)
+    try:
+        status = mem.status(user)
+    except IndexDamaged as e:  # the memories are in the store, whatever the state of the index
+        err.print(f"[yellow]warning:[/yellow] {escape(str(e))}", highlight=False)
+        return
     out.print(f"{status['memories']} memories, {status['indexed']} indexed, {status['pending']} pending, "
               f"{status['changed']} changed (index {status['index_version'] or 'none'})")
 
@@ -356,6 +360,10 @@ def run(typer_app: typer.Typer) -> None:
         sys.exit(1)
     except KeyboardInterrupt:
         code = 130
+    except OSError as e:  # the file system's answer (permission denied, disk full): the user's to act on
+        where = f": {e.filename}" if e.filename else ""
+        err.print(f"[red]error:[/red] {escape(e.strerror or str(e))}{escape(str(where))}", highlight=False)
+        sys.exit(1)
     except Exception as e:
         # Usage errors, by their interface: typer 0.2x raises its own copy of click's classes
         # (typer._click), older typers click's own.

@@ -168,7 +168,7 @@ def decode_records(raw: bytes | str, source: str) -> tuple[object, str]:
             raise InvalidInput(f"{source} is not UTF-8 text ({e.reason} at byte {e.start})") from None
     raw = raw.removeprefix("\ufeff")
     try:
-        data = json.loads(raw, object_pairs_hook=_unique_keys)
+        data = json.loads(raw, object_pairs_hook=unique_keys)
     except json.JSONDecodeError as document:
         whole = document
     except RecursionError:
@@ -188,7 +188,7 @@ def decode_records(raw: bytes | str, source: str) -> tuple[object, str]:
     records = []
     for n, line in lines:
         try:
-            records.append((n, json.loads(line, object_pairs_hook=_unique_keys)))
+            records.append((n, json.loads(line, object_pairs_hook=unique_keys)))
         except json.JSONDecodeError as e:
             if not records:  # not JSON lines at all: a JSON document, and its own error says where
                 raise InvalidInput(f"{source} is not valid JSON: {whole.msg} at line {whole.lineno}, "
@@ -203,7 +203,7 @@ def decode_records(raw: bytes | str, source: str) -> tuple[object, str]:
     return records, "lines"
 
 
-def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+def unique_keys(pairs: list[tuple[str, object]]) -> dict:
     """A JSON object, refused if it names a key twice (json.loads would keep the last silently:
     in a {"id": "text"} file, one memory lost)."""
     out = {}
@@ -273,6 +273,24 @@ def parse_records(data, source: str, kind: str = "json") -> tuple[list[NewMemory
         except InvalidInput as e:
             raise InvalidInput(f"{source}: {label}: {e}") from None
     return memories, mem_labels, questions, q_labels
+
+
+def json_safe(x):
+    """`x` with NaN and infinities (a diverged loss) as None: they are not JSON. For what the CLI
+    and the server print."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [json_safe(v) for v in x]
+    return x
+
+
+def _model_source(base_model: str | None) -> str | None:
+    """The configured base model as the manifest records it: a local path made absolute, so an
+    index trained with `--base-model ./model` is served from any working directory."""
+    return None if base_model is None else str(Path(base_model).expanduser().absolute())
 
 
 def _check_listed_hash(digest, text) -> None:
@@ -692,7 +710,7 @@ class IPM:
             manifest = {
                 "format": 1, "namespace": user, "version": name,
                 "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "base_model": {"name": base.name, "source": self.config.base_model, "sha256": base.sha256,
+                "base_model": {"name": base.name, "source": _model_source(self.config.base_model), "sha256": base.sha256,
                                "layers": list(base.layers) if base.layers else None},
                 "ids": {m.id: m.sha256 for m in memories},
                 "store_generation": snapshot,  # its memories as the store held them then

@@ -164,6 +164,9 @@ def evaluate(mem, questions: list[Question], user: str = "default", baselines: S
              progress: Callable[[int, int], None] | None = None) -> dict:
     """The `ipm eval` report: {"n", "ipm": {...}, "<baseline>": {...}}."""
     check_baselines(baselines)  # before the evaluation, not after it
+    if mem.config.max_k < max(KS):
+        raise InvalidInput(f"ipm eval scores recall@{max(KS)} and needs max_k of at least {max(KS)} "
+                           f"(it is {mem.config.max_k} in this config: raise it for the evaluation)")
     known = set(mem.store.ids(user))
     unknown = sorted({m for q in questions if q.gold for m in q.gold} - known)
     if unknown:

@@ -33,7 +33,7 @@ from starlette.exceptions import HTTPException
 
 from . import __version__
 from .config import read_user_file
-from .engine import IPM
+from .engine import IPM, json_safe, unique_keys
 from .errors import (DuplicateID, HomeError, IndexDamaged, IndexMissing, InvalidInput, IPMError, ModelError, NotFound,
                      TrainingError)
 from .ids import ID_PATTERN, MAX_ID_LENGTH
@@ -212,9 +212,11 @@ def load_keys(path: str | Path | None = None) -> dict[str, str]:
         raise InvalidInput(f"no API keys: pass --keys FILE (a JSON object {{\"api-key\": \"namespace\"}}) "
                            f"or set {KEYS_ENV} to that JSON; the server refuses to run without keys")
     try:
-        data = json.loads(raw)
+        data = json.loads(raw, object_pairs_hook=unique_keys)  # a key given twice: refused, not the last kept
     except json.JSONDecodeError as e:
         raise InvalidInput(f"{source} is not valid JSON ({e.msg} at line {e.lineno})") from None
+    except InvalidInput as e:
+        raise InvalidInput(f"{source}: {e}") from None
     return parse_keys(data, source)
 
 
@@ -244,21 +246,10 @@ class _Job:
         return d
 
 
-def _json_safe(x):
-    """NaN and infinities (a diverged loss) are not JSON: report them as null."""
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {k: _json_safe(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_json_safe(v) for v in x]
-    return x
-
-
 def _manifest_summary(manifest: dict) -> dict:
     """What a client needs of a new index version (the manifest without its ID list and config)."""
     base = manifest.get("base_model") or {}
-    return _json_safe({"namespace": manifest.get("namespace"), "version": manifest.get("version"),
+    return json_safe({"namespace": manifest.get("namespace"), "version": manifest.get("version"),
                        "created_at": manifest.get("created_at"),
                        "base_model": {"name": base.get("name"), "sha256": base.get("sha256")},
                        "memories": len(manifest.get("ids") or ()), "threshold": manifest.get("threshold"),

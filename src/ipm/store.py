@@ -120,6 +120,18 @@ def check_namespace(namespace: str) -> str:
     return namespace
 
 
+def _looked_up(memory_id, namespace: str) -> str:
+    """An ID to look up: one that could not be stored (not a string, or not valid Unicode, e.g.
+    bytes a shell passed that are not UTF-8) is simply not there, rather than a database error."""
+    if not isinstance(memory_id, str):
+        raise InvalidInput(f"a memory ID must be a string, got {type(memory_id).__name__}")
+    try:
+        memory_id.encode("utf-8")
+    except UnicodeEncodeError:
+        raise NotFound(f"no memory {memory_id!r} in namespace {namespace!r}: it is not valid UTF-8 text") from None
+    return memory_id
+
+
 def check_text(text, max_bytes: int = MAX_TEXT_BYTES, what: str = "memory text") -> str:
     if not isinstance(text, str):
         raise InvalidInput(f"{what} must be a string, got {type(text).__name__}")
@@ -250,6 +262,7 @@ class Store:
 
     def get(self, namespace: str, memory_id: str) -> Memory:
         check_namespace(namespace)
+        _looked_up(memory_id, namespace)
         conn = self._conn()
         row = conn.execute("SELECT * FROM memories WHERE namespace = ? AND id = ?", (namespace, memory_id)).fetchone()
         if row is None:
@@ -400,6 +413,7 @@ class Store:
     def update(self, namespace: str, memory_id: str, text: str) -> Memory:
         """Replace a memory's text; the old version moves to the history."""
         check_namespace(namespace)
+        _looked_up(memory_id, namespace)
         check_text(text, self.max_text_bytes)
         with self._write() as db:
             row = db.execute("SELECT * FROM memories WHERE namespace = ? AND id = ?", (namespace, memory_id)).fetchone()
@@ -416,6 +430,7 @@ class Store:
     def forget(self, namespace: str, memory_id: str) -> None:
         """Delete a memory, its questions and its history. The log keeps the ID, not the text."""
         check_namespace(namespace)
+        _looked_up(memory_id, namespace)
         with self._write() as db:
             cur = db.execute("DELETE FROM memories WHERE namespace = ? AND id = ?", (namespace, memory_id))
             if cur.rowcount == 0:
