@@ -161,10 +161,17 @@ def run_path(path: str, base, examples, ids, questions, cfg, bars, label: str, h
     if cuda:
         out["train_cuda_peak_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
         torch.cuda.reset_peak_memory_stats()
-    if path.startswith("default"):  # asked as the engine would: int8 as Config.quantize resolves here
-        out["int8"] = IPM._int8(base, cfg)
-        decoder = RunnerDecoder(base.runner(result.model), base.tokenizer, base.device, int8=out["int8"],
-                                model=result.model)
+    int8 = IPM._int8(base, cfg)  # asked as the engine would: int8 as Config.quantize resolves here
+
+    def engine_decoder():
+        return RunnerDecoder(base.runner(result.model), base.tokenizer, base.device, int8=int8, model=result.model)
+
+    def recall(ranked, k: int) -> float:
+        return sum(bool(set(r[:k]) & q.gold) for r, q in zip(ranked, questions)) / len(questions)
+
+    if path.startswith("default"):
+        out["int8"] = int8
+        decoder = engine_decoder()
     else:
         decoder = GenerateDecoder(result.model, base.tokenizer, base.device)
     with peak_rss(out, "query_peak_rss_mb"):
@@ -173,7 +180,7 @@ def run_path(path: str, base, examples, ids, questions, cfg, bars, label: str, h
             lat, ranked = timed_queries(
                 lambda q, k=k: [mid for mid, _ in decoder.search(q, trie, k=k, beam_size=max(k, cfg.beam_size))], questions)
             bars.update(f"{label} {path} k={k}", len(questions), len(questions))
-            out[f"recall@{k}"] = sum(bool(set(r[:k]) & q.gold) for r, q in zip(ranked, questions)) / len(questions)
+            out[f"recall@{k}"] = recall(ranked, k)
             out[f"latency_k{k}_p50_ms"] = round(pct(lat, 50), 2)
             out[f"latency_k{k}_p95_ms"] = round(pct(lat, 95), 2)
     if cuda:
@@ -182,11 +189,8 @@ def run_path(path: str, base, examples, ids, questions, cfg, bars, label: str, h
         # What the training shortcut costs the engine's answers: the naive path's adapter asked
         # through hybrid decoding as the default path's is (recall only: asking it costs what
         # asking the default path's adapter costs, bar its float32 embedding and output head).
-        decoder = RunnerDecoder(base.runner(result.model), base.tokenizer, base.device, int8=IPM._int8(base, cfg),
-                                model=result.model)
-        ranked = [[mid for mid, _, _ in r] for r in hybrid(decoder, [q.question for q in questions], trie, 5)]
-        out["hybrid_recall"] = {f"recall@{k}": sum(bool(set(r[:k]) & q.gold) for r, q in zip(ranked, questions))
-                                / len(questions) for k in (1, 5)}
+        ranked = [[mid for mid, _, _ in r] for r in hybrid(engine_decoder(), [q.question for q in questions], trie, 5)]
+        out["hybrid_recall"] = {f"recall@{k}": recall(ranked, k) for k in (1, 5)}
     if (path == "default" or path.endswith("-layers")) and hybrid is not None:
         # The engine's default decoding on the same adapter: BM25 and dense propose, the
         # adapter scores their union in one forward pass (tree attention), the scores are fused.
@@ -195,7 +199,7 @@ def run_path(path: str, base, examples, ids, questions, cfg, bars, label: str, h
             bars.update(f"{label} hybrid k={k}", 0, len(questions))
             lat, ranked = timed_queries(lambda q, k=k: [mid for mid, _, _ in hybrid(decoder, [q], trie, k)[0]], questions)
             bars.update(f"{label} hybrid k={k}", len(questions), len(questions))
-            h[f"recall@{k}"] = sum(bool(set(r[:k]) & q.gold) for r, q in zip(ranked, questions)) / len(questions)
+            h[f"recall@{k}"] = recall(ranked, k)
             h[f"latency_k{k}_p50_ms"] = round(pct(lat, 50), 2)
             h[f"latency_k{k}_p95_ms"] = round(pct(lat, 95), 2)
         # Batched (IPM.ask_many): all questions in one call, scored 16 per forward pass.

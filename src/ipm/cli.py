@@ -362,7 +362,7 @@ def run(typer_app: typer.Typer) -> None:
         code = 130
     except OSError as e:  # the file system's answer (permission denied, disk full): the user's to act on
         where = f": {e.filename}" if e.filename else ""
-        err.print(f"[red]error:[/red] {escape(e.strerror or str(e))}{escape(str(where))}", highlight=False)
+        err.print(f"[red]error:[/red] {escape((e.strerror or str(e)) + where)}", highlight=False)
         sys.exit(1)
     except Exception as e:
         # Usage errors, by their interface: typer 0.2x raises its own copy of click's classes

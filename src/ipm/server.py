@@ -250,10 +250,10 @@ def _manifest_summary(manifest: dict) -> dict:
     """What a client needs of a new index version (the manifest without its ID list and config)."""
     base = manifest.get("base_model") or {}
     return json_safe({"namespace": manifest.get("namespace"), "version": manifest.get("version"),
-                       "created_at": manifest.get("created_at"),
-                       "base_model": {"name": base.get("name"), "sha256": base.get("sha256")},
-                       "memories": len(manifest.get("ids") or ()), "threshold": manifest.get("threshold"),
-                       "up_to_date": bool(manifest.get("up_to_date")), "metrics": manifest.get("metrics")})
+                      "created_at": manifest.get("created_at"),
+                      "base_model": {"name": base.get("name"), "sha256": base.get("sha256")},
+                      "memories": len(manifest.get("ids") or ()), "threshold": manifest.get("threshold"),
+                      "up_to_date": bool(manifest.get("up_to_date")), "metrics": manifest.get("metrics")})
 
 
 class Trainer:
