@@ -280,13 +280,36 @@ def _git_dirty() -> bool | None:
     return bool(st.stdout.strip()) if st.returncode == 0 else None
 
 
+MATMUL_FLAGS = {"avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8"}
+
+
+def _cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo ("" where it cannot be read)."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _cpu_note(machine: dict) -> str:
+    """" (Intel(R) Xeon(R) Processor; amx_bf16 ...)" for a results file's footer; "" for a run
+    recorded before the CPU was."""
+    if not machine.get("cpu") and not machine.get("cpu_flags"):
+        return ""
+    return f" ({'; '.join(x for x in (machine.get('cpu'), ' '.join(machine.get('cpu_flags', []))) if x)})"
+
+
 def run_info(seed: int, argv: list[str] | None = None) -> dict:
     """Everything needed to tell two runs apart: machine, versions, seed, command, time.
     `argv` is the whole command line, script first (default sys.argv)."""
     import torch
 
     from ipm.config import Config
-    from ipm.model import PROMPT, int8_suits_device, pick_device, pick_dtype
+    from ipm.model import PROMPT, _cpu_flags, int8_suits_device, pick_device, pick_dtype
 
     argv = sys.argv if argv is None else argv
     device = pick_device(Config())  # where the defaults run here
@@ -299,6 +322,10 @@ def run_info(seed: int, argv: list[str] | None = None) -> dict:
             "auto_dtype": str(pick_dtype(Config(), device)).removeprefix("torch."),
             # whether quantize = "auto" asks in int8 here, for a Llama-family model on the default device
             "auto_int8": int8_suits_device(device),
+            # hosts of one kind differ in what their matmuls run on (AMX or not), which moves the
+            # timings and, through the kernels' rounding, a question or two of recall
+            "cpu": _cpu_model(),
+            "cpu_flags": sorted(_cpu_flags() & MATMUL_FLAGS),
         },
         "versions": {p: _version(p) for p in PACKAGES},
         "git_commit": _git_commit(),
@@ -377,7 +404,8 @@ def write_results(name: str, data: dict, table_rows: list[dict], out_dir: str | 
         md += ["", f"## {heading}", "", markdown_table(rows)]
     dirty = " with uncommitted changes" if run.get("git_dirty") else ""
     md += ["", f"Run {run['utc']}, seed {run['seed']}, commit {run['git_commit']}{dirty}, "
-               f"{run['machine']['platform']}, {run['machine']['cpu_count']} CPUs, GPU {run['machine']['cuda']}.",
+               f"{run['machine']['platform']}, {run['machine']['cpu_count']} CPUs{_cpu_note(run['machine'])}, "
+               f"GPU {run['machine']['cuda']}.",
            f"Command: `{run['command']}`", ""]
     paths[1].write_text("\n".join(md), encoding="utf-8")
     chart(table_rows, title, paths[2])

@@ -42,6 +42,12 @@ def check_files(out: Path, name: str) -> dict:
     assert "recall@1" in (out / f"{name}.md").read_text()
     data = json.loads((out / f"{name}.json").read_text())
     assert {"machine", "versions", "seed", "command", "utc"} <= set(data["run"])
+    import common  # the benchmarks' sibling module, on the path once a script is loaded
+
+    machine = data["run"]["machine"]  # which CPU ran it: hosts of one kind differ (AMX or not)
+    assert isinstance(machine["cpu"], str) and set(machine["cpu_flags"]) <= common.MATMUL_FLAGS
+    if machine["cpu"]:
+        assert machine["cpu"] in (out / f"{name}.md").read_text()
     return data
 
 
