@@ -283,18 +283,6 @@ def _git_dirty() -> bool | None:
 MATMUL_FLAGS = {"avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8"}
 
 
-def _cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo ("" where it cannot be read)."""
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
-
-
 def _cpu_note(machine: dict) -> str:
     """" (Intel(R) Xeon(R) Processor; amx_bf16 ...)" for a results file's footer; "" for a run
     recorded before the CPU was."""
@@ -309,7 +297,7 @@ def run_info(seed: int, argv: list[str] | None = None) -> dict:
     import torch
 
     from ipm.config import Config
-    from ipm.model import PROMPT, _cpu_flags, int8_suits_device, pick_device, pick_dtype
+    from ipm.model import PROMPT, _cpu_flags, _cpuinfo, int8_suits_device, pick_device, pick_dtype
 
     argv = sys.argv if argv is None else argv
     device = pick_device(Config())  # where the defaults run here
@@ -324,7 +312,7 @@ def run_info(seed: int, argv: list[str] | None = None) -> dict:
             "auto_int8": int8_suits_device(device),
             # hosts of one kind differ in what their matmuls run on (AMX or not), which moves the
             # timings and, through the kernels' rounding, a question or two of recall
-            "cpu": _cpu_model(),
+            "cpu": _cpuinfo("model name") or platform.processor(),
             "cpu_flags": sorted(_cpu_flags() & MATMUL_FLAGS),
         },
         "versions": {p: _version(p) for p in PACKAGES},
