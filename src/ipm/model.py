@@ -650,8 +650,9 @@ def int8_available() -> bool:
 def int8_suits_device(device: str) -> bool:
     """Whether quantize = "auto" asks in int8 on `device` (for a model the Runner runs): an x86
     CPU whose PyTorch has oneDNN's int8 matmul and which multiplies int8 pairs itself (VNNI or
-    AMX). Without VNNI the weights are rounded to 7 bits (see _Int8Weight) and recall there is
-    unmeasured; on a GPU the model's own dtype is the fast path."""
+    AMX). Without VNNI the weights are rounded to 7 bits (see _Int8Weight), and on an AVX2-only
+    CPU int8 asks measured no faster than float32 and ranked 3 demo questions of 300 fewer first
+    (docs/results.md, "int8 asks"); on a GPU the model's own dtype is the fast path."""
     return device == "cpu" and int8_available() and _cpu_has_vnni()
 
 
