@@ -252,6 +252,42 @@ def test_validation_errors_are_4xx_with_a_message(live, alice):
     assert r.status_code == 422
     assert alice.get("/nowhere").status_code == 404
     assert alice.patch("/memories").status_code == 405
+    # A key given twice is refused, as /import refuses it, not the last one kept.
+    for path, raw, key in (
+            ("/memories", b'{"text": "I own a kayak.", "id": "hobby_boat_kayak", "id": "hobby_boat_canoe"}', "id"),
+            ("/ask", b'{"question": "my boat?", "k": 1, "k": 3}', "k")):
+        r = alice.post(path, content=raw, headers={"Content-Type": "application/json"})
+        assert r.status_code == 422, r.text
+        assert r.json()["detail"] == f"request body: key {key!r} is given twice in one object"
+    r = alice.put("/memories/personal_pet_rex", content=b'{"text": "a", "text": "b"}',
+                  headers={"Content-Type": "application/json"})
+    assert r.status_code == 422 and "given twice" in r.json()["detail"]
+    assert alice.get("/memories").json() == before
+    r = alice.post("/ask/batch", json={"questions": ["fine", "fine too", " "]})
+    assert r.status_code == 422 and r.json()["detail"] == "index 2: question is empty"
+    # POST /train takes its one option in the query: a body (a client's {"full": true}) is refused, not ignored.
+    r = alice.post("/train", json={"full": True})
+    assert r.status_code == 422 and "?full=true" in r.json()["detail"]
+    assert alice.get("/status").json()["training_job"] is None
+    with client(live) as stranger:
+        assert stranger.post("/train", json={"full": True}).status_code == 401  # the key is checked first
+
+
+def test_openapi_describes_every_422_as_the_server_sends_it(live, alice):
+    """Every 422 is `{"detail": message}`, and a GET /memories listing fits the /import schema."""
+    import json
+
+    spec = alice.get("/openapi.json").json()
+    assert "HTTPValidationError" not in json.dumps(spec)
+    for path, operations in spec["paths"].items():
+        for method, op in operations.items():
+            if "422" in op["responses"]:
+                assert op["responses"]["422"]["content"]["application/json"]["schema"] == {
+                    "$ref": "#/components/schemas/ErrorOut"}, (method, path)
+    memories = spec["paths"]["/import"]["post"]["requestBody"]["content"]["application/json"]["schema"]["oneOf"][0]
+    alice.post("/memories", json={"id": "test_schema_listed", "text": "A memory listed for the import schema."})
+    listed = alice.get("/memories").json()
+    assert listed and all(set(m) <= set(memories["items"]["properties"]) for m in listed)
 
 
 def test_request_bodies_are_limited(live, alice):
@@ -348,6 +384,80 @@ def test_sigterm_stops_the_server_with_exit_code_0(tmp_path):
     err = _stop_server(proc)
     assert proc.returncode == 0, err
     assert "Finished server process" in err and "Traceback" not in err
+
+
+def test_a_port_in_use_is_one_line_and_exit_code_1(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    (tmp_path / "keys.json").write_text(json.dumps({"key-alice": "alice"}))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run([sys.executable, "-m", "ipm.server", "--keys", str(tmp_path / "keys.json"),
+                               "--home", str(tmp_path / "home"), "--port", str(port)],
+                              capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    assert done.stderr.strip() == f"error: cannot listen on 127.0.0.1:{port}: Address already in use"
+
+
+def test_a_request_under_way_at_shutdown_gets_503_and_the_server_does_not_wait_for_it(tmp_path):
+    """Stopped while a request runs past the 5 s grace period: the client gets a JSON 503, and
+    the process exits then, not once the request's worker thread is done."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "slow_server.py"
+    script.write_text(
+        "import sys, time\n"
+        "import ipm\n"
+        "from ipm import server\n"
+        "plain = server.create_app\n"
+        "def create_app(mem, keys):\n"
+        "    app = plain(mem, keys)\n"
+        "    @app.get('/slow')\n"
+        "    def slow():\n"
+        "        time.sleep(60)\n"
+        "    return app\n"
+        "server.create_app = create_app\n"
+        "server.serve(ipm.open(sys.argv[2]), {'key-alice': 'alice'}, port=int(sys.argv[1]))\n")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, str(script), str(port), str(tmp_path / "home")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, "server did not start"
+            time.sleep(0.2)
+        answer = {}
+
+        def call():
+            answer["r"] = httpx.get(f"{url}/slow", headers={"X-API-Key": "key-alice"}, timeout=60)
+
+        caller = threading.Thread(target=call)
+        caller.start()
+        time.sleep(1)
+        stopped = time.monotonic()
+        err = _stop_server(proc)
+        took = time.monotonic() - stopped
+        caller.join(30)
+    finally:
+        proc.kill()
+    r = answer["r"]
+    assert r.status_code == 503 and r.headers["content-type"] == "application/json", r.text
+    assert "stopping" in r.json()["detail"]
+    assert proc.returncode == 0 and took < 20, (took, err)
+    assert "still under way" in err
 
 
 def test_keys_file_and_env(tmp_path, monkeypatch):

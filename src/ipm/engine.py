@@ -1088,8 +1088,11 @@ class IPM:
         wall time of the whole call."""
         if not isinstance(questions, (list, tuple)):
             raise InvalidInput("ask_many takes a list of questions")
-        for question in questions:
-            check_question(question)
+        for i, question in enumerate(questions):
+            try:
+                check_question(question)
+            except InvalidInput as e:  # which one, where there are several (as an import names its record)
+                raise InvalidInput(str(e) if len(questions) == 1 else f"index {i}: {e}") from None
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= self.config.max_k:
             raise InvalidInput(f"k must be a whole number between 1 and {self.config.max_k} (max_k)")
         check_namespace(user)

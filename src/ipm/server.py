@@ -11,6 +11,7 @@ server (one per namespace at most), while recall keeps answering from the previo
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
@@ -27,13 +28,14 @@ from typing import Any, Literal, Optional
 from fastapi import Depends, FastAPI, Query, Request, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
 from . import __version__
 from .config import read_user_file
-from .engine import IPM, json_safe, unique_keys
+from .engine import IPM, STORED_FIELDS, json_safe, unique_keys
 from .errors import (DuplicateID, HomeError, IndexDamaged, IndexMissing, InvalidInput, IPMError, ModelError, NotFound,
                      TrainingError)
 from .ids import ID_PATTERN, MAX_ID_LENGTH
@@ -161,6 +163,14 @@ def _err(*codes: int) -> dict:
     return {c: {"model": ErrorOut} for c in codes}
 
 
+# A GET /memories listing imports as it is: the fields it adds are taken and ignored, but for
+# sha256, which must be the text's (engine.parse_records).
+_LISTED_FIELDS = {
+    **{name: {"description": "Ignored (a field of a listing)."} for name in sorted(STORED_FIELDS - {"sha256"})},
+    "sha256": {"type": "string", "description": "If given, the SHA-256 of the text's UTF-8: a text edited since "
+                                                "it was listed is refused."},
+}
+
 _IMPORT_BODY = {
     "description": "Memories `[{text, id?, questions?}]` (or `{id: text}`), or training questions for existing "
                    "memories `[{question, memory_id}]`, as in a file for `ipm import` (which may also be JSON lines, one "
@@ -171,7 +181,8 @@ _IMPORT_BODY = {
             "type": "object", "additionalProperties": False, "required": ["text"],
             "properties": {"text": {"type": "string", **_TEXT_SCHEMA},
                            "id": {"type": "string", **_ID_SCHEMA},
-                           "questions": {"type": "array", "items": {"type": "string", **_QUESTION_SCHEMA}}}}},
+                           "questions": {"type": "array", "items": {"type": "string", **_QUESTION_SCHEMA}},
+                           **_LISTED_FIELDS}}},
         {"type": "array", "minItems": 1, "title": "Questions", "items": {
             "type": "object", "additionalProperties": False, "required": ["question", "memory_id"],
             "properties": {"question": {"type": "string", **_QUESTION_SCHEMA},
@@ -418,6 +429,75 @@ class BodyLimit:
         await send({"type": "http.response.body", "body": payload})
 
 
+# -- requests under way when the server stops ---------------------------------------------------
+
+class StopGuard:
+    """ASGI middleware: a request still under way when the server stops past its grace period is
+    answered 503 `{"detail": ...}` (uvicorn cancels it and would send a bare text 500)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def tracked(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked)
+        except asyncio.CancelledError:
+            if started:
+                raise
+            # Its worker thread may still be inside the model: serve() ends the process once the
+            # server is down, instead of waiting for it.
+            payload = json.dumps({"detail": "the server is stopping: send the request again once it is back"}).encode()
+            await send({"type": "http.response.start", "status": 503,
+                        "headers": [(b"content-type", b"application/json"),
+                                    (b"content-length", str(len(payload)).encode()), (b"connection", b"close")]})
+            await send({"type": "http.response.body", "body": payload})
+
+
+# -- JSON bodies ----------------------------------------------------------------------------------
+
+class _StrictJSONRequest(Request):
+    """A request whose JSON body may not give a key twice (json.loads keeps the last silently:
+    `{"id": "a", "id": "b"}` would add the memory under "b"), as /import and the keys file refuse."""
+
+    async def json(self):
+        if not hasattr(self, "_json"):
+            self._json = json.loads(await self.body(), object_pairs_hook=unique_keys)
+        return self._json
+
+
+class _StrictJSONRoute(APIRoute):
+    def get_route_handler(self):
+        handler = super().get_route_handler()
+
+        async def strict(request: Request):
+            return await handler(_StrictJSONRequest(request.scope, request.receive))
+
+        return strict
+
+
+def _errors_as_detail(schema: dict) -> dict:
+    """The OpenAPI document with every 422 response described as the server sends it,
+    `{"detail": message}`, instead of FastAPI's default list of validation errors."""
+    for path in schema.get("paths", {}).values():
+        for operation in path.values():
+            response = operation.get("responses", {}).get("422")
+            if response is not None:
+                response["content"] = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorOut"}}}
+    components = schema.get("components", {}).get("schemas", {})
+    for name in ("HTTPValidationError", "ValidationError"):
+        components.pop(name, None)
+    return schema
+
+
 # -- the app -------------------------------------------------------------------------------------
 
 def _status_of(e: IPMError) -> int:
@@ -481,8 +561,19 @@ def create_app(mem: IPM, api_keys: dict[str, str]) -> FastAPI:
                   description="Indexed Parametric Memory: memories stored verbatim under semantic IDs, recalled "
                               "through a trained LoRA index. Every route but /health needs an API key; the key "
                               "decides the namespace.")
+    app.router.route_class = _StrictJSONRoute  # before any route is added
     app.state.mem, app.state.trainer = mem, trainer
     app.add_middleware(BodyLimit, limit=MAX_BODY_BYTES, limits={"/import": MAX_IMPORT_BYTES}, authorized=authorized)
+    app.add_middleware(StopGuard)  # outermost: it sees a cancelled request whatever was under way
+
+    openapi = app.openapi
+
+    def described_openapi() -> dict:
+        if app.openapi_schema is None:
+            app.openapi_schema = _errors_as_detail(openapi())
+        return app.openapi_schema
+
+    app.openapi = described_openapi
 
     bearer = HTTPBearer(auto_error=False, description="`Authorization: Bearer <API key>`")
     header_key = APIKeyHeader(name="X-API-Key", auto_error=False, description="`X-API-Key: <API key>`")
@@ -509,6 +600,8 @@ def create_app(mem: IPM, api_keys: dict[str, str]) -> FastAPI:
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException):
+        if exc.status_code == 400 and isinstance(exc.__cause__, InvalidInput):  # a key twice (_StrictJSONRequest)
+            return JSONResponse({"detail": f"request body: {exc.__cause__}"}, status_code=422)
         if exc.status_code == 400 and exc.__cause__ is not None:  # FastAPI could not decode the body
             return JSONResponse({"detail": f"request body is not valid JSON ({type(exc.__cause__).__name__})"},
                                 status_code=422)
@@ -585,8 +678,12 @@ def create_app(mem: IPM, api_keys: dict[str, str]) -> FastAPI:
         """`/ask` for up to 256 questions at once, scored in batches: one answer per question, in order."""
         return [a.to_dict() for a in mem.ask_many(body.questions, k=body.k, user=user)]
 
+    async def no_body(request: Request, user: str = User) -> None:  # (the key first: a stranger gets 401)
+        if (await request.body()).strip():
+            raise InvalidInput("POST /train takes no request body: to retrain from scratch, use POST /train?full=true")
+
     @app.post("/train", status_code=202, response_model=TrainJobOut, response_model_exclude_unset=True,
-              responses=_err(401, 409, 422), tags=["training"])
+              responses=_err(401, 409, 422), tags=["training"], dependencies=[Depends(no_body)])
     def train(request: Request, user: str = User,
               full: bool = Query(False, description="Retrain from scratch instead of folding new or changed "
                                                     "memories into the current adapter.")):
@@ -629,6 +726,7 @@ def serve(mem: IPM, api_keys: dict[str, str], host: str = "127.0.0.1", port: int
 
     import uvicorn
 
+    check_can_listen(host, port)  # a port in use is one clear error, not uvicorn's exit code 3
     app = create_app(mem, api_keys)
     trainer: Trainer = app.state.trainer
     auto = None
@@ -649,12 +747,40 @@ def serve(mem: IPM, api_keys: dict[str, str], host: str = "127.0.0.1", port: int
         if auto is not None:
             auto.stop()
         running = trainer.close()
-        if running:
-            # The job's thread is inside the model; ending the interpreter under it can abort
-            # the process. Nothing is lost: a version becomes current only once complete.
-            log.warning("stopped while training %s; the previous index version stays current", ", ".join(running))
+        # A request cut off at the end of the grace period (StopGuard) leaves its worker thread
+        # running, and the interpreter would wait for it at exit: not counting idle workers, which
+        # stop as the event loop closes.
+        busy = [t for t in threading.enumerate() if t is not threading.current_thread() and not t.daemon
+                and not _joined(t, 1.0)]
+        if running or busy:
+            # A thread inside the model; ending the interpreter under it can abort the process.
+            # Nothing is lost: a version becomes current only once complete, and store writes are
+            # transactions.
+            if running:
+                log.warning("stopped while training %s; the previous index version stays current", ", ".join(running))
+            if busy:
+                log.warning("stopped with %d request(s) still under way (answered 503); not waiting for them", len(busy))
             logging.shutdown()
             os._exit(0)
+
+
+def check_can_listen(host: str, port: int) -> None:
+    """InvalidInput where uvicorn could not listen on host:port (the port is in use, the address
+    is not this machine's): bound as uvicorn binds it, then let go."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
+        except OSError as e:
+            raise InvalidInput(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+
+
+def _joined(thread: threading.Thread, timeout: float) -> bool:
+    thread.join(timeout)
+    return not thread.is_alive()
 
 
 class _Terminated(Exception):
