@@ -101,8 +101,10 @@ def test_ask_many_answers_like_ask_one_by_one(mem, memories_file, tiny_config, d
     with pytest.raises(InvalidInput, match="query-time"):
         trained.reconfigure(dtype="float32")
     logged = len(trained.log())
-    with pytest.raises(InvalidInput):
+    with pytest.raises(InvalidInput, match="^index 1: question is empty"):  # which one of the batch
         trained.ask_many(["fine", "   "], k=3)
+    with pytest.raises(InvalidInput, match="^question is empty"):  # one question: no index to name
+        trained.ask("   ")
     assert len(trained.log()) == logged  # a bad question in the batch: nothing asked, nothing logged
 
 
