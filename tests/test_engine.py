@@ -664,6 +664,36 @@ def test_memory_added_after_training_is_pending_until_retrained(trained):
     assert trained.untrained() == ["personal_pet_max", "transport_car_mazda"]
 
 
+def test_a_pending_memory_comes_first_only_where_it_is_closer_to_the_question():
+    """A memory added since training shares every word of "what's my dog's name?" but is about
+    the neighbour's dog: the index's confident answer stays first. One on a new subject comes
+    first. Under hybrid decoding both are judged by MiniLM's cosine to the question."""
+    from types import SimpleNamespace
+
+    from ipm.engine import IPM, Hit, _Serving
+    from ipm.retrieve import load_dense_encoder
+
+    s = _Serving(candidates=SimpleNamespace(dense=SimpleNamespace(encoder=load_dense_encoder())))
+    questions = ["what's my dog's name?", "what's my wifi password?", "where does Anna live?"]
+    ranked = [[Hit("personal_pet_max", "My dog's name is Max and he is a beagle.", 0.99)],
+              [Hit("personal_car_mazda", "My car is a blue Mazda 3.", 0.7)],
+              [Hit("family_sister_anna", "My sister Anna lives in Berlin.", 0.9)]]
+    pending = [[Hit("home_neighbor_rex", "My neighbour's dog's name is Rex.", 1.0, pending=True)],
+               [Hit("home_wifi_password", "My wifi password is hunter2-blue.", 1.0, pending=True)], []]
+    closer = IPM._pending_closer(questions, ranked, pending, s)
+    assert closer == [False, True, None]
+    answers = [IPM._answer(q, h, p, 0.1, 2, c) for q, h, p, c in zip(questions, ranked, pending, closer)]
+    assert [[h.id for h in a.hits] for a in answers] == [["personal_pet_max", "home_neighbor_rex"],
+                                                         ["home_wifi_password", "personal_car_mazda"],
+                                                         ["family_sister_anna"]]
+    # Where the index abstains, the pending memory answers; pure decoding (nothing measured)
+    # weighs its word share against the index's probability.
+    assert [h.id for h in IPM._answer(questions[0], ranked[0], pending[0], 0.995, 2, False).hits] == [
+        "home_neighbor_rex"]
+    assert IPM._pending_closer(questions, ranked, pending, _Serving()) == [None, None, None]
+    assert [h.id for h in IPM._answer(questions[0], ranked[0], pending[0], 0.1, 2).hits][0] == "home_neighbor_rex"
+
+
 def test_untrained_memories_are_read_once_a_change_not_on_every_ask(trained, monkeypatch):
     for i in range(20):
         trained.add(f"Receipt number {i} from the hardware store.", id=f"note_receipt_n{i}")

@@ -1115,8 +1115,10 @@ class IPM:
                 ranked = [[Hit(mid, texts[mid].text, p, signals=sig) for mid, p, sig in f if mid in texts]
                           for f in found]
                 pending = [self._pending_hits(q, user, s, k) for q in chunk]
+                closer = self._pending_closer(chunk, ranked, pending, s)
                 threshold = s.threshold
-            answers += [self._answer(q, hits, pend, threshold, k) for q, hits, pend in zip(chunk, ranked, pending)]
+            answers += [self._answer(q, hits, pend, threshold, k, c)
+                        for q, hits, pend, c in zip(chunk, ranked, pending, closer)]
         seconds = time.perf_counter() - t0
         for answer in answers:
             answer.seconds = seconds
@@ -1125,16 +1127,43 @@ class IPM:
         return answers
 
     @staticmethod
-    def _answer(question: str, hits: list[Hit], pending: list[Hit], threshold: float, k: int) -> Answer:
-        """Abstain below the threshold; memories not indexed yet compete by lexical match."""
+    def _answer(question: str, hits: list[Hit], pending: list[Hit], threshold: float, k: int,
+                pending_closer: bool | None = None) -> Answer:
+        """Abstain below the threshold. A memory not indexed yet (pending, matched by its words)
+        comes first where the index abstains, or where it is closer to the question than the
+        index's answer: by MiniLM's cosine where `pending_closer` says (_pending_closer), else by
+        its share of the question's words against the answer's probability."""
         abstained = not hits or hits[0].score < threshold
         answer_hits = [] if abstained else hits
-        if pending and (abstained or pending[0].score > answer_hits[0].score):
+        if pending_closer is None and pending and answer_hits:
+            pending_closer = pending[0].score > answer_hits[0].score
+        if pending and (abstained or pending_closer):
             answer_hits = (pending + answer_hits)[:k]
             abstained = False
         elif pending:  # pending hits take the last places, after at least the top indexed hit
             answer_hits = (answer_hits[:max(1, k - len(pending))] + pending)[:k]
         return Answer(question, abstained, answer_hits, hits if abstained else answer_hits)
+
+    @staticmethod
+    def _pending_closer(questions: list[str], ranked: list[list[Hit]], pending: list[list[Hit]],
+                        s: _Serving) -> list[bool | None]:
+        """For each question with both an indexed and a pending hit, under hybrid decoding: is the
+        best pending memory's text closer to the question than the best indexed one's (MiniLM
+        cosines of the texts alone)? A word share and a probability are not on one scale: "My
+        neighbour's dog's name is Rex." holds every content word of "what's my dog's name?", and
+        would push out "My dog's name is Max..." answered at 0.99. None where not measured."""
+        out: list[bool | None] = [None] * len(questions)
+        if s.candidates is None:  # pure decoding: the dense model may not even be installed
+            return out
+        asked = [i for i, (hits, pend) in enumerate(zip(ranked, pending)) if hits and pend]
+        if not asked:
+            return out
+        texts = [t for i in asked for t in (questions[i], ranked[i][0].text, pending[i][0].text)]
+        v = s.candidates.dense.encoder.encode(texts).view(len(asked), 3, -1)
+        cosines = (v[:, 1:] * v[:, :1]).sum(-1).tolist()
+        for i, (indexed, new) in zip(asked, cosines):
+            out[i] = new > indexed
+        return out
 
     def _pending_hits(self, question: str, user: str, s: _Serving, k: int) -> list[Hit]:
         """Memories added (or changed) since the last training are not in the adapter yet:
