@@ -9,6 +9,7 @@ import pytest
 import ipm
 from ipm import index as index_dir
 from ipm.errors import IndexDamaged, IndexMissing, InvalidInput, ModelError, NotFound, TrainingError
+from ipm.store import questions_digest
 from ipm.train import Example
 from tests.conftest import MEMORIES, tiny_config_for
 
@@ -1127,6 +1128,37 @@ def test_incremental_training_folds_in_new_memories(trained, home):
         a = trained.ask(text, k=1)
         assert a.candidates[0].id == mid and not a.hits[0].pending if a.hits else True
         assert a.candidates[0].id == mid
+
+
+def test_questions_imported_for_indexed_memories_are_learned_by_the_next_train(trained, home):
+    from ipm.engine import read_questions
+
+    assert trained.train()["up_to_date"]
+    asked = "What is the name of my four-legged buddy?"
+    trained.import_records([{"question": asked, "memory_id": "personal_pet_max"}])
+    assert trained.untrained() == ["personal_pet_max"]
+    assert (trained.status()["pending"], trained.status()["changed"]) == (0, 1)
+    manifest = trained.train()
+    assert not manifest.get("up_to_date") and manifest["metrics"]["incremental"]["new_memories"] == 1
+    assert manifest["questions"] == {"personal_pet_max": questions_digest([asked])}
+    cur = index_dir.current_dir(home / "indexes" / "default")
+    assert (asked, "personal_pet_max") in read_questions(cur)
+    assert trained.untrained() == [] and trained.status()["changed"] == 0
+    assert trained.train()["up_to_date"]
+    trained.forget("personal_pet_max")  # a forgotten memory leaves the record of its questions too
+    assert "personal_pet_max" not in index_dir.load_manifest(cur)["questions"]
+
+
+def test_an_index_that_did_not_record_its_questions_is_not_retrained_for_them(trained, home):
+    """Indexes trained before the manifest recorded user-given questions say nothing of them:
+    nothing is taken as changed (a retrain of every memory with questions would be a guess)."""
+    root = home / "indexes" / "default"
+    cur = index_dir.current_dir(root)
+    manifest = index_dir.load_manifest(cur)
+    del manifest["questions"]
+    index_dir.write_manifest(cur / index_dir.MANIFEST, manifest)
+    trained.import_records([{"question": "Who is my beagle?", "memory_id": "personal_pet_max"}])
+    assert trained.untrained() == [] and trained.status()["changed"] == 0
 
 
 def test_the_retrievers_match_the_training_questions_kept_with_the_index(mem, home, memories_file, tiny_config,

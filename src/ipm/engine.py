@@ -29,7 +29,7 @@ from .questions import (OFF_TOPIC, Aliases, alias_questions, builtin_questions, 
                         related_words)
 from .retrieve import Candidates, load_dense_encoder
 from .search import GenerateDecoder, RunnerDecoder, Signals, fuse, rerank
-from .store import Memory, NewMemory, Store, check_namespace, check_question, sha256
+from .store import Memory, NewMemory, Store, check_namespace, check_question, questions_digest, sha256
 from .train import Example, calibrate, train_adapter
 from .trie import Trie
 
@@ -134,6 +134,24 @@ def _calibrations(manifest: dict) -> dict:
     """An index's abstention calibration per decoding ({decoding: {"threshold", ...}})."""
     calibration = manifest["metrics"]["calibration"]
     return {"pure": calibration} if "threshold" in calibration else calibration  # before hybrid decoding
+
+
+def untrained_ids(manifest: dict | None, hashes: dict[str, str], asked: dict[str, str]) -> set[str]:
+    """The IDs (of `hashes`: id -> text sha256) an index's `manifest` was not trained on as they
+    are now: added since, text changed since, or, where the manifest records them, user-given
+    questions changed since (`asked`: id -> questions_digest, for memories that have any)."""
+    if not manifest:
+        return set(hashes)
+    ids, learned = manifest["ids"], manifest.get("questions")
+    out = {mid for mid, digest in hashes.items() if ids.get(mid) != digest}
+    if learned is not None:  # an index from before ipm recorded them says nothing of them
+        out |= {mid for mid in hashes if mid in ids and asked.get(mid) != learned.get(mid)}
+    return out
+
+
+def _asked(memories: list[Memory]) -> dict[str, str]:
+    """questions_digest of each memory that has user-given questions, by ID."""
+    return {m.id: questions_digest(m.questions) for m in memories if m.questions}
 
 
 def read_questions(version_dir: Path) -> list[tuple[str, str]]:
@@ -406,13 +424,13 @@ class IPM:
         return self.store.events(user, limit)
 
     def untrained(self, user: str = DEFAULT_USER) -> list[str]:
-        """The memories whose current text the namespace's index was not trained on (added or
-        changed since), sorted: what an incremental `train` learns."""
+        """The memories the namespace's index was not trained on as they are now (added, or their
+        text or user-given questions changed since), sorted: what an incremental `train` learns."""
         try:
-            indexed = index_dir.read_manifest(self.paths.index_root(check_namespace(user)))["ids"]
+            manifest = index_dir.read_manifest(self.paths.index_root(check_namespace(user)))
         except IndexMissing:
-            indexed = {}
-        return sorted(mid for mid, digest in self.store.hashes(user).items() if indexed.get(mid) != digest)
+            manifest = None
+        return sorted(untrained_ids(manifest, self.store.hashes(user), self.store.question_digests(user)))
 
     def namespaces(self) -> list[str]:
         """The namespaces that hold memories, sorted."""
@@ -421,7 +439,8 @@ class IPM:
     def status(self, user: str = DEFAULT_USER) -> dict:
         """Counts of the namespace's memories: in its index, `pending` (added since it was
         trained: found by their words until the next training) and `changed` (in the index, but
-        updated since: recalled with their new text, under questions learned from the old)."""
+        updated since: recalled with their new text, under questions learned from the old; or
+        given new training questions since)."""
         hashes = self.store.hashes(user)
         root = self.paths.index_root(check_namespace(user))
         try:
@@ -431,7 +450,8 @@ class IPM:
         indexed = manifest["ids"] if manifest else {}
         inside = [mid for mid in hashes if mid in indexed]
         return {"user": user, "memories": len(hashes), "indexed": len(inside), "pending": len(hashes) - len(inside),
-                "changed": sum(hashes[mid] != indexed[mid] for mid in inside),
+                "changed": len(untrained_ids(manifest, {mid: hashes[mid] for mid in inside},
+                                             self.store.question_digests(user))),
                 "index_version": manifest["version"] if manifest else None,
                 "base_model": manifest["base_model"]["name"] if manifest else None}
 
@@ -600,7 +620,7 @@ class IPM:
             current_manifest = index_dir.load_manifest(current) if current else None
         had = set(_calibrations(current_manifest)) if current_manifest else set()
         wanted = self._decodings_to_calibrate() | had
-        new_ids = {m.id for m in memories if prev[1]["ids"].get(m.id) != m.sha256} if prev else None
+        new_ids = untrained_ids(prev[1], {m.id: m.sha256 for m in memories}, _asked(memories)) if prev else None
         if prev is not None and wanted - had and not new_ids:
             # Nothing new to train on, but a calibration is missing: the adapter is trained again
             # in full (the calibration questions are drawn anew with the training split).
@@ -713,6 +733,7 @@ class IPM:
                 "base_model": {"name": base.name, "source": _model_source(self.config.base_model), "sha256": base.sha256,
                                "layers": list(base.layers) if base.layers else None},
                 "ids": {m.id: m.sha256 for m in memories},
+                "questions": _asked(memories),  # the user-given questions learned (untrained_ids)
                 "store_generation": snapshot,  # its memories as the store held them then
                 "prompt": PROMPT,
                 "threshold": calibration[self.config.decoding]["threshold"],
@@ -731,6 +752,7 @@ class IPM:
                 live = set(self.store.ids(user)) - self.store.forgotten_since(user, snapshot)
                 index_dir.purge_version(tmp, live)
                 manifest["ids"] = {k: v for k, v in manifest["ids"].items() if k in live}
+                manifest["questions"] = {k: v for k, v in manifest["questions"].items() if k in live}
                 replaced = index_dir.current_dir(root)  # kept, whatever its age: others may be reading it
                 final = index_dir.commit_version(root, name, tmp, manifest)
                 retired = index_dir.retire(root, self.config.keep_versions, also_keep=replaced)

@@ -324,6 +324,8 @@ def _purge_version(version: Path, live: set[str]) -> bool:
             tmp.write_text("".join(rows[i] + "\n" for i in keep), encoding="utf-8")
     if listed:
         meta["ids"] = {k: v for k, v in meta["ids"].items() if k in live}
+        if "questions" in meta:
+            meta["questions"] = {k: v for k, v in meta["questions"].items() if k in live}
         with _replacing(manifest) as tmp:
             write_manifest(tmp, meta)
     return True

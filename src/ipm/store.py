@@ -75,6 +75,12 @@ def sha256(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+def questions_digest(questions: list[str]) -> str:
+    """One hash of a memory's user-given questions, in any order: an index records it to know
+    which questions it learned (questions imported later make the memory untrained)."""
+    return sha256(json.dumps(sorted(questions), ensure_ascii=False))
+
+
 @dataclass
 class Memory:
     id: str
@@ -312,6 +318,14 @@ class Store:
         """Each memory's ID and its text's sha256: what an index is checked against."""
         return dict(self._conn().execute("SELECT id, sha256 FROM memories WHERE namespace = ?",
                                          (check_namespace(namespace),)).fetchall())
+
+    def question_digests(self, namespace: str) -> dict[str, str]:
+        """questions_digest of each memory that has user-given questions, by ID."""
+        asked: dict[str, list[str]] = {}
+        for mid, question in self._conn().execute("SELECT memory_id, question FROM questions WHERE namespace = ?",
+                                                  (check_namespace(namespace),)):
+            asked.setdefault(mid, []).append(question)
+        return {mid: questions_digest(qs) for mid, qs in asked.items()}
 
     def count(self, namespace: str) -> int:
         return self._conn().execute("SELECT COUNT(*) FROM memories WHERE namespace = ?",
