@@ -263,6 +263,31 @@ def test_ask_without_an_index_says_so_and_still_finds_untrained_memories(capsys,
     assert [h["id"] for h in json.loads(out)["hits"]] == ["personal_pet_max"]
 
 
+RAW = "Tabs\there and there\t, a bell \x07, a lone \r return, and a line longer than any terminal is wide " * 3
+
+
+def test_ask_and_history_print_the_text_byte_for_byte_whatever_the_terminal(capsys, monkeypatch, tmp_path):
+    home = tmp_path / "h"
+    run(capsys, monkeypatch, "add", RAW, "--id", "note_raw_text", "--home", home)
+    run(capsys, monkeypatch, "update", "note_raw_text", RAW + "!", "--home", home)
+    monkeypatch.setattr("ipm.cli.out.width", 40)  # rich wraps at this, and drops \r and \x07, and expands tabs
+    code, out, err = run(capsys, monkeypatch, "ask", "tabs bell return terminal", "--home", home)
+    assert code == 0, err
+    assert out.endswith("\n  " + RAW + "!\n")
+    code, out, err = run(capsys, monkeypatch, "show", "note_raw_text", "--history", "--home", home)
+    assert code == 0 and "\n  " + RAW + "\n" in out and out.endswith("\n  " + RAW + "!\n"), out
+
+
+def test_an_error_before_any_work_is_one_line_with_nothing_above_it(capsys, monkeypatch, tmp_path):
+    home = tmp_path / "h"
+    run(capsys, monkeypatch, "add", "My dog's name is Max.", "--id", "personal_pet_max", "--home", home)
+    for args in (["train", "--base-model", tmp_path / "nowhere"], ["train", "-u", "nobody"],
+                 ["ask", "   "], ["ask", "my dog?", "-k", "0"], ["eval", tmp_path / "q.json", "--baselines", "bm42"]):
+        (tmp_path / "q.json").write_text('[{"question": "my dog?", "memory_id": "personal_pet_max"}]')
+        code, out, err = run(capsys, monkeypatch, *args, "--home", home)
+        assert code == 1 and out == "" and err.count("\n") == 1 and err.startswith("error: "), (args, err)
+
+
 @pytest.mark.parametrize("raised,code,says", [(KeyboardInterrupt, 130, "interrupted"), ("exit", 3, ""),
                                               ("usage", 2, "No such option")])
 def test_the_runner_turns_interrupts_exits_and_usage_errors_into_exit_codes(capsys, monkeypatch, raised, code, says):

@@ -711,6 +711,27 @@ def test_untrained_memories_are_read_once_a_change_not_on_every_ask(trained, mon
     assert [(h.id, h.text) for h in a.hits if h.pending] == [("transport_car_mazda", "My car is a red Honda Civic.")]
 
 
+def test_training_says_so_where_abstention_will_refuse_nothing(mem, memories_file, tiny_config):
+    """Calibration falls back to a threshold of 0 where nothing was held back to calibrate on
+    (8 questions a memory, a tenth held back: none) or where one memory gets every question:
+    a warning says so, and how to set one; a threshold set by hand is not warned about."""
+    from ipm.errors import IPMWarning
+
+    mem.config = tiny_config.updated(also_calibrate=[])
+    mem.add(MEMORIES["personal_pet_max"], id="personal_pet_max")
+    with pytest.warns(IPMWarning, match="will refuse no question: no generated question was held back .* "
+                                        "questions_per_memory, 8 here"):
+        manifest = mem.train()
+    assert manifest["threshold"] == 0.0 and manifest["metrics"]["calibration"]["hybrid"]["n_in_scope"] == 0
+    mem.config = tiny_config.updated(also_calibrate=[], questions_per_memory=30)
+    with pytest.warns(IPMWarning, match="will refuse no question: with one memory, every question goes to it"):
+        mem.train(full=True)
+    mem.config = tiny_config.updated(also_calibrate=[], abstain_threshold=0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", IPMWarning)
+        mem.train(full=True)
+
+
 def test_abstains_below_threshold(mem, memories_file, tiny_config):
     mem.config = tiny_config.updated(abstain_threshold=1.01)
     mem.import_(memories_file)

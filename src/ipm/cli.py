@@ -90,10 +90,33 @@ def _print_json(data) -> None:
     sys.stdout.write(json.dumps(engine.json_safe(data), ensure_ascii=False, indent=2) + "\n")
 
 
+class _Bars(Progress):
+    """Progress bars on stderr that appear with the first bar: an error raised before any work
+    starts (a bad option, a missing model) stays one line, with no empty display above it."""
+
+    def __enter__(self):
+        return self
+
+    def stop(self) -> None:
+        if self.live.is_started:  # (rich ends even a display never shown with a blank line)
+            super().stop()
+
+    def add_task(self, *args, **kwargs):
+        if not self.live.is_started:
+            self.start()
+        return super().add_task(*args, **kwargs)
+
+
 def _progress() -> Progress:
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
-                    console=err, transient=False)
+    return _Bars(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                 TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+                 console=err, transient=False)
+
+
+def _print_text(text: str, indent: str = "") -> None:
+    """A memory's text as it is stored: past rich, which would wrap it to the terminal's width,
+    turn tabs into spaces and drop control characters."""
+    sys.stdout.write(indent + text + "\n")
 
 
 @app.command()
@@ -195,10 +218,10 @@ def ask(questions: List[str] = typer.Argument(..., metavar="QUESTION...", help="
     """Recall the memory that answers a question (or say there is none). Several questions are
     answered in one batch; --json then prints a list."""
     mem = _open(home, decoding=decoding, quantize=quantize, rerank_likelihood=rerank)
+    answers = mem.ask_many(questions, k=k, user=user)  # a bad question or -k: the error alone
     if mem.status(user)["index_version"] is None:
         err.print(f"warning: namespace {user!r} has no trained index yet: only memories sharing the question's words "
                   "can be found (`ipm train` builds the index)", markup=False, highlight=False)
-    answers = mem.ask_many(questions, k=k, user=user)
     if json_out:
         _print_json(answers[0].to_dict() if len(answers) == 1 else [a.to_dict() for a in answers])
         return
@@ -211,7 +234,7 @@ def ask(questions: List[str] = typer.Argument(..., metavar="QUESTION...", help="
         for h in a.hits:
             tag = " [dim](pending: not trained yet)[/dim]" if h.pending else ""
             out.print(f"[bold]{h.id}[/bold] [dim]{h.score:.3f}[/dim]{tag}")
-            out.print(f"  {h.text}", markup=False, highlight=False)
+            _print_text(h.text, "  ")
 
 
 @app.command()
@@ -227,9 +250,9 @@ def show(id: str, history: bool = typer.Option(False, "--history", help="Show ea
     if versions:
         for v in versions:
             out.print(f"[dim]v{v['version']} {v['created_at']}[/dim]")
-            out.print(f"  {v['text']}", markup=False, highlight=False)
+            _print_text(v["text"], "  ")
         return
-    sys.stdout.write(m.text + "\n")
+    _print_text(m.text)
 
 
 @app.command("list")
@@ -292,8 +315,14 @@ def eval_(questions_file: Path = typer.Argument(..., help="[{question, memory_id
     qs = load_questions(questions_file)
     names = [b.strip() for b in baselines.split(",") if b.strip()]
     with _progress() as bar:
-        task = bar.add_task("evaluating", total=len(qs), info="")
-        report = evaluate(mem, qs, user=user, baselines=names, progress=lambda d, t: bar.update(task, completed=d))
+        tasks = []
+
+        def progress(done, total):  # the bar appears once the questions are checked and asking starts
+            if not tasks:
+                tasks.append(bar.add_task("evaluating", total=total, info=""))
+            bar.update(tasks[0], completed=done)
+
+        report = evaluate(mem, qs, user=user, baselines=names, progress=progress)
     if json_out:
         _print_json(report)
         return

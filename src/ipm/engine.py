@@ -710,6 +710,8 @@ class IPM:
                 calibration[mode]["fusion"] = self._calibrated_settings(base)
                 calibration[mode]["expansion_folds"] = folds
         lap("calibrate")
+        if self.config.decoding in calibration:
+            self._warn_if_abstention_is_off(user, self.config.decoding, calibration[self.config.decoding], len(memories))
         root = self.paths.index_root(user)
         name, tmp = index_dir.new_version(root)
         try:
@@ -954,6 +956,23 @@ class IPM:
             signals = {mid: replace(s, likelihood=likelihood.get(mid)) for mid, s in signals.items()}
             out.append((signals, rerank(fused, likelihood, cfg.rerank_likelihood)))
         return out
+
+    def _warn_if_abstention_is_off(self, user: str, decoding: str, calibration: dict, n_memories: int) -> None:
+        """Say so where the calibrated threshold refuses nothing: every question is answered."""
+        if self.config.abstain_threshold is not None or calibration["threshold"] > 0 or calibration.get("off_topic_refused"):
+            return  # (a threshold set by hand is not the calibrated one)
+        if not calibration.get("n_in_scope"):
+            why = ("no generated question was held back to calibrate it on (too few a memory: raise "
+                   f"questions_per_memory, {self.config.questions_per_memory} here, 24 by default, or name question kinds)")
+        elif calibration.get("reason") == "no correct calibration answers":
+            why = "the index answered none of its calibration questions right (train longer, or on more questions)"
+        elif n_memories == 1:
+            why = "with one memory, every question goes to it with probability 1"
+        else:
+            why = ("no threshold refused an off-topic question without refusing over 5% of the right answers "
+                   "(its calibration questions)")
+        warnings.warn(f"namespace {user!r}: abstention ({decoding} decoding) will refuse no question: {why}; set "
+                      "abstain_threshold to choose a threshold", IPMWarning, stacklevel=3)
 
     def _decodings_to_calibrate(self) -> set[str]:
         return {self.config.decoding, *self.config.also_calibrate}

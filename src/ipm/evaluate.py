@@ -52,7 +52,8 @@ def load_questions(path: str | Path) -> list[Question]:
         if gold is not None and not (isinstance(gold, list) and gold and all(isinstance(g, str) for g in gold)):
             raise InvalidInput(expected)
         gold = None if gold is None else frozenset(gold)
-        out.append(Question(rec["question"], gold, str(rec["category"]) if "category" in rec else None))
+        category = rec.get("category")  # null: no category, as if left out
+        out.append(Question(rec["question"], gold, None if category is None else str(category)))
     return out
 
 
@@ -83,11 +84,14 @@ def evaluate_ipm(mem, questions: list[Question], user: str, progress: Callable[[
     """Ask every question. recall@k and MRR count an abstention as a miss at every k (the
     answer was "no memory"); `ranking` holds the same metrics of IPM's best guesses also
     when it abstains, which compare like for like with the baselines' rankings. Also:
-    abstentions, wrong answers, refusals of out-of-scope questions, invalid IDs and latency.
-    If `answers` is a list, each (question, Answer) is appended to it."""
+    abstentions, wrong answers, refusals of out-of-scope questions, invalid IDs and latency
+    (of asks to a loaded engine: a first ask, not timed, loads the models). If `answers` is a
+    list, each (question, Answer) is appended to it."""
     live = set(mem.store.ids(user))
     in_scope = [q for q in questions if q.gold is not None]
     oos = [q for q in questions if q.gold is None]
+    if questions:
+        mem.ask(questions[0].question, k=k, user=user, log=False)  # warm-up: loading is not a query's latency
     rankings, abstained, latencies, returned, invalid, wrong = [], [], [], 0, 0, 0
     oos_refused = 0
     for i, q in enumerate(in_scope + oos):

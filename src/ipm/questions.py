@@ -18,7 +18,7 @@ import re
 from typing import Callable, Iterable
 
 from .errors import InvalidInput
-from .ids import STOPWORDS, slug
+from .ids import STOPWORDS
 
 # Everyday synonyms: a question rarely uses the memory's own word.
 SYNONYMS: dict[str, list[str]] = {}
@@ -71,10 +71,12 @@ WORD = re.compile(r"[\w'’-]+", re.UNICODE)
 
 
 def content_words(text: str) -> list[str]:
+    """The text's words that say something (lowercased; stop words, one-letter words and
+    possessives' endings dropped), in any script: "собака" is a content word too."""
     out = []
     for raw in WORD.findall(text):
         w = raw.lower().split("'")[0].split("’")[0].strip("-")
-        if w and slug(w) and w not in STOPWORDS and len(w) > 1:
+        if any(ch.isalnum() for ch in w) and w not in STOPWORDS and len(w) > 1:
             out.append(w)
     return out
 

@@ -285,7 +285,8 @@ def calibrate(top1: list[tuple[float, bool]], off_topic: list[float], max_refusa
     """
     correct = sorted(p for p, ok in top1 if ok)
     if not correct:
-        return {"threshold": 0.0, "reason": "no correct calibration answers"}
+        return {"threshold": 0.0, "reason": "no correct calibration answers", "n_in_scope": len(top1),
+                "n_off_topic": len(off_topic)}
     cap = correct[int(max_refusal * len(correct))] if len(correct) > 1 else correct[0]
     best, best_t = -1.0, 0.0
     for t in sorted(set([0.0] + correct + off_topic)):
