@@ -243,3 +243,23 @@ def test_alias_questions_are_added_only_to_memories_that_name_an_alias():
         assert builtin_questions(mid, text, 24, kinds=kinds, aliases=a) == builtin_questions(mid, text, 24)
     with pytest.raises(InvalidInput, match="Aliases"):
         builtin_questions("personal_car_prius", FAMILY[1], 24, kinds=["aliases"])
+
+
+def test_content_words_are_kept_in_any_script():
+    """A memory written in Cyrillic or Greek has content words too: they match a question before
+    training (pending) and make its keyword questions."""
+    from ipm.questions import content_words
+
+    assert content_words("Моя собака Макс — бигль.") == ["моя", "собака", "макс", "бигль"]
+    assert content_words("Ο σκύλος μου λέγεται Μαξ") == ["σκύλος", "μου", "λέγεται", "μαξ"]
+    assert content_words("My dog's name is Max — born 2019!") == ["dog", "max", "born", "2019"]  # as before
+
+
+def test_a_memory_in_another_script_is_found_by_its_words_before_training(tmp_path):
+    import ipm
+
+    mem = ipm.open(tmp_path / "home", cache=tmp_path / "cache")
+    mem.add("Моя собака Макс — бигль.")
+    hits = mem.ask("собака Макс?", k=1).hits
+    assert [h.text for h in hits] == ["Моя собака Макс — бигль."] and hits[0].pending
+    mem.store.close()
