@@ -330,6 +330,40 @@ def test_the_runner_turns_a_file_system_error_into_one_line_and_exit_1(capsys, m
     assert err.strip() == "error: No such file or directory: /nonexistent-dir-for-ipm-test/ipm.db"
 
 
+def test_a_full_disk_is_said_to_be_one_not_a_damaged_store(capsys, monkeypatch, tmp_path):
+    """SQLite's "database or disk is full" when the store opens, or on a write after: one line
+    that points at the disk (not "move the store away"), exit 1."""
+    import sqlite3
+
+    import typer
+
+    from ipm.cli import run
+    from ipm.errors import HomeError
+    from ipm.store import Store
+
+    def full(*args, **kwargs):
+        e = sqlite3.OperationalError("database or disk is full")
+        e.sqlite_errorname = "SQLITE_FULL"
+        raise e
+
+    with monkeypatch.context() as m:
+        m.setattr(Store, "_conn", lambda self: type("Conn", (), {"executescript": full, "close": lambda _: None})())
+        with pytest.raises(HomeError, match="cannot be read or written .*is it full.*likely intact"):
+            Store(tmp_path / "ipm.db")
+    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+
+    @app.command()
+    def command(flag: bool = False):
+        full()
+
+    monkeypatch.setattr(sys, "argv", ["prog"])
+    with pytest.raises(SystemExit) as e:
+        run(app)
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and err.count("\n") == 1
+    assert err.startswith("error: the store could not be written (database or disk is full)")
+
+
 def test_json_output_prints_a_diverged_loss_as_null(capsys):
     from ipm.cli import _print_json
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import sys
 import warnings
 from contextlib import contextmanager
@@ -392,6 +393,10 @@ def run(typer_app: typer.Typer) -> None:
     except OSError as e:  # the file system's answer (permission denied, disk full): the user's to act on
         where = f": {e.filename}" if e.filename else ""
         err.print(f"[red]error:[/red] {escape((e.strerror or str(e)) + where)}", highlight=False)
+        sys.exit(1)
+    except sqlite3.OperationalError as e:  # the store's file, as SQLite found it (a disk filled since it opened)
+        err.print(f"[red]error:[/red] the store could not be written ({escape(str(e))}); the write that failed was "
+                  "rolled back: check the disk that holds the home (is it full?)", highlight=False)
         sys.exit(1)
     except Exception as e:
         # Usage errors, by their interface: typer 0.2x raises its own copy of click's classes

@@ -168,6 +168,12 @@ class NewMemory:
     questions: list[str] = field(default_factory=list)
 
 
+# SQLite's result codes that say the file could not be read or written (a full or failing disk,
+# permissions, a lock), not that it is damaged or not a database.
+DISK_ERRORS = ("SQLITE_IOERR", "SQLITE_FULL", "SQLITE_CANTOPEN", "SQLITE_READONLY", "SQLITE_PERM", "SQLITE_BUSY",
+               "SQLITE_LOCKED")
+
+
 class Store:
     """All memories of all namespaces, in one SQLite database."""
 
@@ -186,6 +192,9 @@ class Store:
             self._conn().executescript(SCHEMA)  # idempotent; executescript manages its own transaction
         except sqlite3.DatabaseError as e:
             self.close()
+            if getattr(e, "sqlite_errorname", "").startswith(DISK_ERRORS):  # the disk's fault, not the file's
+                raise HomeError(f"{self.path} cannot be read or written ({e}): check the disk that holds it (is it "
+                                "full?) and its permissions; the store itself is likely intact") from None
             raise HomeError(f"{self.path} cannot be opened as an IPM store ({e}); move it away or use another home") from None
 
     # -- connection handling --------------------------------------------------------------
