@@ -53,3 +53,16 @@ def test_salient_ids_name_the_person_then_the_rarest_words():
 def test_unknown_scheme_is_refused():
     with pytest.raises(InvalidID, match="scheme"):
         mint_id("My dog's name is Max.", scheme="random")
+
+
+def test_a_memory_in_another_script_gets_a_readable_id_and_latin_words_keep_their_fold():
+    from ipm.ids import slug
+
+    assert slug("собака") == "sobaka" and slug("Μαξ") == "max" and slug("東京") == "dongjing"
+    assert slug("Tromsø") == "troms" and slug("Zoë") == "zoe" and slug("Café") == "cafe"  # as minted so far
+    assert slug("—") == "" and slug("...") == ""
+    for scheme in ("salient", "lexicon"):
+        minted = mint_id("Моя собака Макс — бигль.", set(), scheme)
+        assert ID_PATTERN.match(minted) and "misc" not in minted, minted
+        assert minted == mint_id("Моя собака Макс — бигль.", set(), scheme)
+    assert mint_id("Ο σκύλος μου λέγεται Μαξ.", set(), "salient").startswith("max_")

@@ -98,9 +98,16 @@ def validate_id(memory_id: str) -> str:
 
 
 def slug(text: str) -> str:
-    """ASCII-fold and lowercase a word; keep [a-z0-9] only."""
-    folded = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode()
-    return re.sub(r"[^a-z0-9]+", "", folded.lower())
+    """ASCII-fold and lowercase a word; keep [a-z0-9] only. A word with no Latin letter or digit
+    ("собака", "東京") is transliterated instead (anyascii: "sobaka", "dongjing"), so a memory in
+    another script gets a readable ID too. (Only then: a Latin word keeps its fold, "Tromsø" ->
+    "troms", as the IDs minted so far have it.)"""
+    folded = re.sub(r"[^a-z0-9]+", "", unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode().lower())
+    if not folded and any(ch.isalnum() for ch in text):
+        from anyascii import anyascii
+
+        folded = re.sub(r"[^a-z0-9]+", "", anyascii(text).lower())
+    return folded
 
 
 def words_of(text: str) -> list[str]:
