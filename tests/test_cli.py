@@ -276,6 +276,12 @@ def test_ask_and_history_print_the_text_byte_for_byte_whatever_the_terminal(caps
     assert out.endswith("\n  " + RAW + "!\n")
     code, out, err = run(capsys, monkeypatch, "show", "note_raw_text", "--history", "--home", home)
     assert code == 0 and "\n  " + RAW + "\n" in out and out.endswith("\n  " + RAW + "!\n"), out
+    # On a terminal a stored escape sequence is shown, not obeyed; tabs and newlines stay.
+    run(capsys, monkeypatch, "add", "Red \x1b[31malert\x1b[0m\tand\na bell \x07", "--id", "note_escape_text",
+        "--home", home)
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    code, out, _ = run(capsys, monkeypatch, "show", "note_escape_text", "--home", home)
+    assert out == "Red \\x1b[31malert\\x1b[0m\tand\na bell \\x07\n"
 
 
 def test_an_error_before_any_work_is_one_line_with_nothing_above_it(capsys, monkeypatch, tmp_path):
@@ -346,10 +352,17 @@ def test_a_full_disk_is_said_to_be_one_not_a_damaged_store(capsys, monkeypatch, 
         e.sqlite_errorname = "SQLITE_FULL"
         raise e
 
-    with monkeypatch.context() as m:
-        m.setattr(Store, "_conn", lambda self: type("Conn", (), {"executescript": full, "close": lambda _: None})())
-        with pytest.raises(HomeError, match="cannot be read or written .*is it full.*likely intact"):
-            Store(tmp_path / "ipm.db")
+    def locked(*args, **kwargs):
+        e = sqlite3.OperationalError("database is locked")
+        e.sqlite_errorname = "SQLITE_BUSY"
+        raise e
+
+    for fails, says in ((full, "cannot be read or written .*is it full.*likely intact"),
+                        (locked, "is locked by another process writing to it .*try again")):
+        with monkeypatch.context() as m:
+            m.setattr(Store, "_conn", lambda self: type("Conn", (), {"executescript": fails, "close": lambda _: None})())
+            with pytest.raises(HomeError, match=says):
+                Store(tmp_path / "ipm.db")
     app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
     @app.command()
@@ -361,7 +374,7 @@ def test_a_full_disk_is_said_to_be_one_not_a_damaged_store(capsys, monkeypatch, 
         run(app)
     err = capsys.readouterr().err
     assert e.value.code == 1 and err.count("\n") == 1
-    assert err.startswith("error: the store could not be written (database or disk is full)")
+    assert err.startswith("error: the store cannot be read or written (database or disk is full): check the disk")
 
 
 def test_json_output_prints_a_diverged_loss_as_null(capsys):

@@ -668,7 +668,7 @@ def test_memory_added_after_training_is_pending_until_retrained(trained):
 def test_a_pending_memory_comes_first_only_where_it_is_closer_to_the_question():
     """A memory added since training shares every word of "what's my dog's name?" but is about
     the neighbour's dog: the index's confident answer stays first. One on a new subject comes
-    first. Under hybrid decoding both are judged by MiniLM's cosine to the question."""
+    first. Under hybrid decoding MiniLM's cosines can veto what the word share says."""
     from types import SimpleNamespace
 
     from ipm.engine import IPM, Hit, _Serving
@@ -687,6 +687,14 @@ def test_a_pending_memory_comes_first_only_where_it_is_closer_to_the_question():
     assert [[h.id for h in a.hits] for a in answers] == [["personal_pet_max", "home_neighbor_rex"],
                                                          ["home_wifi_password", "personal_car_mazda"],
                                                          ["family_sister_anna"]]
+    # The cosine only vetoes: a pending memory closer to a paraphrased question than the right
+    # answer's text, but sharing less of its words than the answer's probability, stays after it.
+    paraphrased = ["What's my furry friend called?"]
+    furry = [[Hit("personal_pet_max", "My dog's name is Max and he is a beagle.", 0.99)]]
+    coat = [[Hit("family_friend_coat", "My friend Anna bought a furry coat.", 0.67, pending=True)]]
+    assert IPM._pending_closer(paraphrased, furry, coat, s) == [None]  # not measured: it cannot come first
+    assert [h.id for h in IPM._answer(paraphrased[0], furry[0], coat[0], 0.1, 2).hits] == [
+        "personal_pet_max", "family_friend_coat"]
     # Where the index abstains, the pending memory answers; pure decoding (nothing measured)
     # weighs its word share against the index's probability.
     assert [h.id for h in IPM._answer(questions[0], ranked[0], pending[0], 0.995, 2, False).hits] == [
@@ -1180,6 +1188,13 @@ def test_an_index_that_did_not_record_its_questions_is_not_retrained_for_them(tr
     index_dir.write_manifest(cur / index_dir.MANIFEST, manifest)
     trained.import_records([{"question": "Who is my beagle?", "memory_id": "personal_pet_max"}])
     assert trained.untrained() == [] and trained.status()["changed"] == 0
+    # A train that continues from it records as learned only the questions it can see were: the
+    # imported one is not in that version's training questions, so the next train learns it.
+    trained.add("I drive a blue Mazda 3.", id="personal_car_mazda")
+    manifest = trained.train()
+    assert manifest["metrics"]["incremental"]["new_memories"] == 1 and "personal_pet_max" not in manifest["questions"]
+    assert trained.untrained() == ["personal_pet_max"]
+    assert trained.train()["questions"] == {"personal_pet_max": questions_digest(["Who is my beagle?"])}
 
 
 def test_the_retrievers_match_the_training_questions_kept_with_the_index(mem, home, memories_file, tiny_config,

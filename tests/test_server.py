@@ -225,6 +225,8 @@ def test_import_is_all_or_nothing(live):
 
 
 def test_validation_errors_are_4xx_with_a_message(live, alice):
+    import json
+
     cases = [
         ("POST", "/memories", {}), ("POST", "/memories", {"text": 5}), ("POST", "/memories", {"text": ""}),
         ("POST", "/memories", {"text": " \n "}), ("POST", "/memories", {"text": "x", "id": "Bad ID"}),
@@ -271,6 +273,10 @@ def test_validation_errors_are_4xx_with_a_message(live, alice):
     assert alice.get("/status").json()["training_job"] is None
     with client(live) as stranger:
         assert stranger.post("/train", json={"full": True}).status_code == 401  # the key is checked first
+    with client(live, "key-empty") as c:  # an empty body, as many clients send one, is no body: on to the 409
+        for empty in ({}, None):
+            r = c.post("/train", content=json.dumps(empty), headers={"Content-Type": "application/json"})
+            assert r.status_code == 409 and "no memories" in r.json()["detail"], r.text
 
 
 def test_openapi_describes_every_422_as_the_server_sends_it(live, alice):

@@ -21,6 +21,7 @@ from rich.text import Text
 from . import engine
 from .config import Config, Paths
 from .errors import IndexDamaged, IPMError, IPMWarning, NotFound
+from .store import store_error_message
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="IPM: Indexed Parametric Memory. Store memories verbatim, train a LoRA index, recall exactly.")
@@ -116,7 +117,12 @@ def _progress() -> Progress:
 
 def _print_text(text: str, indent: str = "") -> None:
     """A memory's text as it is stored: past rich, which would wrap it to the terminal's width,
-    turn tabs into spaces and drop control characters."""
+    turn tabs into spaces and drop control characters. On a terminal, control characters but tab
+    and newline are shown escaped ("\\x1b"): a stored escape sequence cannot act on the terminal."""
+    if sys.stdout.isatty():
+        import unicodedata
+
+        text = "".join(repr(ch)[1:-1] if ch not in "\t\n" and unicodedata.category(ch) == "Cc" else ch for ch in text)
     sys.stdout.write(indent + text + "\n")
 
 
@@ -395,8 +401,10 @@ def run(typer_app: typer.Typer) -> None:
         err.print(f"[red]error:[/red] {escape((e.strerror or str(e)) + where)}", highlight=False)
         sys.exit(1)
     except sqlite3.OperationalError as e:  # the store's file, as SQLite found it (a disk filled since it opened)
-        err.print(f"[red]error:[/red] the store could not be written ({escape(str(e))}); the write that failed was "
-                  "rolled back: check the disk that holds the home (is it full?)", highlight=False)
+        said = store_error_message(e, "the store")
+        if said is None:
+            raise
+        err.print(f"[red]error:[/red] {escape(said)}", highlight=False)
         sys.exit(1)
     except Exception as e:
         # Usage errors, by their interface: typer 0.2x raises its own copy of click's classes

@@ -154,6 +154,21 @@ def _asked(memories: list[Memory]) -> dict[str, str]:
     return {m.id: questions_digest(m.questions) for m in memories if m.questions}
 
 
+def _learned(memories: list[Memory], prev: tuple[Path, dict] | None, new_ids: set[str] | None,
+             trained_on: list[tuple[str, str]] | None) -> dict[str, str]:
+    """The record of user-given questions a new version learned (questions_digest by ID): every
+    memory's, unless it continued from a version that kept no record; then a memory it did not
+    train again counts only if that version's training questions hold all of its questions (some
+    may have been imported after it: the next train learns them)."""
+    asked = _asked(memories)
+    if prev is None or "questions" in prev[1]:
+        return asked
+    seen = set(trained_on or ())
+    questions = {m.id: m.questions for m in memories}
+    return {mid: digest for mid, digest in asked.items()
+            if mid in (new_ids or ()) or all((q, mid) in seen for q in questions[mid])}
+
+
 def read_questions(version_dir: Path) -> list[tuple[str, str]]:
     """An index version's training questions as (question, memory ID) rows, in file order."""
     with (version_dir / QUESTIONS_FILE).open(encoding="utf-8") as f:
@@ -735,7 +750,7 @@ class IPM:
                 "base_model": {"name": base.name, "source": _model_source(self.config.base_model), "sha256": base.sha256,
                                "layers": list(base.layers) if base.layers else None},
                 "ids": {m.id: m.sha256 for m in memories},
-                "questions": _asked(memories),  # the user-given questions learned (untrained_ids)
+                "questions": _learned(memories, prev, new_ids, trained_on),  # (untrained_ids)
                 "store_generation": snapshot,  # its memories as the store held them then
                 "prompt": PROMPT,
                 "threshold": calibration[self.config.decoding]["threshold"],
@@ -962,8 +977,12 @@ class IPM:
         if self.config.abstain_threshold is not None or calibration["threshold"] > 0 or calibration.get("off_topic_refused"):
             return  # (a threshold set by hand is not the calibrated one)
         if not calibration.get("n_in_scope"):
-            why = ("no generated question was held back to calibrate it on (too few a memory: raise "
-                   f"questions_per_memory, {self.config.questions_per_memory} here, 24 by default, or name question kinds)")
+            cfg = self.config
+            setting = "llm_questions_per_memory" if cfg.question_source == "llm" else "questions_per_memory"
+            why = "no generated question was held back to calibrate it on " + (
+                "(calibration_fraction is 0)" if cfg.calibration_fraction == 0 else
+                f"(under {math.ceil(1 / cfg.calibration_fraction)} generated a memory, none is: raise {setting}, "
+                f"{getattr(cfg, setting)} here" + (", or name question kinds)" if setting == "questions_per_memory" else ")"))
         elif calibration.get("reason") == "no correct calibration answers":
             why = "the index answered none of its calibration questions right (train longer, or on more questions)"
         elif n_memories == 1:
@@ -1171,14 +1190,12 @@ class IPM:
     def _answer(question: str, hits: list[Hit], pending: list[Hit], threshold: float, k: int,
                 pending_closer: bool | None = None) -> Answer:
         """Abstain below the threshold. A memory not indexed yet (pending, matched by its words)
-        comes first where the index abstains, or where it is closer to the question than the
-        index's answer: by MiniLM's cosine where `pending_closer` says (_pending_closer), else by
-        its share of the question's words against the answer's probability."""
+        comes first where the index abstains, or where its share of the question's words is
+        above the index's answer's probability, unless `pending_closer` (_pending_closer) says
+        that its text is further from the question than the answer's."""
         abstained = not hits or hits[0].score < threshold
         answer_hits = [] if abstained else hits
-        if pending_closer is None and pending and answer_hits:
-            pending_closer = pending[0].score > answer_hits[0].score
-        if pending and (abstained or pending_closer):
+        if pending and (abstained or (pending[0].score > answer_hits[0].score and pending_closer is not False)):
             answer_hits = (pending + answer_hits)[:k]
             abstained = False
         elif pending:  # pending hits take the last places, after at least the top indexed hit
@@ -1188,22 +1205,31 @@ class IPM:
     @staticmethod
     def _pending_closer(questions: list[str], ranked: list[list[Hit]], pending: list[list[Hit]],
                         s: _Serving) -> list[bool | None]:
-        """For each question with both an indexed and a pending hit, under hybrid decoding: is the
-        best pending memory's text closer to the question than the best indexed one's (MiniLM
-        cosines of the texts alone)? A word share and a probability are not on one scale: "My
-        neighbour's dog's name is Rex." holds every content word of "what's my dog's name?", and
-        would push out "My dog's name is Max..." answered at 0.99. None where not measured."""
+        """Under hybrid decoding, for each question whose best pending memory shares more of its
+        words than the index's answer's probability: is that memory's text closer to the question
+        than the answer's (MiniLM cosines of the texts alone)? A word share is a weak judge:
+        "My neighbour's dog's name is Rex." holds every content word of "what's my dog's name?",
+        and would push out "My dog's name is Max..." answered at 0.99. None where not measured."""
         out: list[bool | None] = [None] * len(questions)
         if s.candidates is None:  # pure decoding: the dense model may not even be installed
             return out
-        asked = [i for i, (hits, pend) in enumerate(zip(ranked, pending)) if hits and pend]
+        asked = [i for i, (hits, pend) in enumerate(zip(ranked, pending)) if hits and pend
+                 and pend[0].score > hits[0].score]
         if not asked:
             return out
-        texts = [t for i in asked for t in (questions[i], ranked[i][0].text, pending[i][0].text)]
-        v = s.candidates.dense.encoder.encode(texts).view(len(asked), 3, -1)
-        cosines = (v[:, 1:] * v[:, :1]).sum(-1).tolist()
-        for i, (indexed, new) in zip(asked, cosines):
-            out[i] = new > indexed
+        import torch
+
+        kept = {ranked[i][0].text: s.embeddings.get(sha256(ranked[i][0].text)) for i in asked}  # indexed: encoded
+        texts = list(dict.fromkeys(t for i in asked for t in (questions[i], ranked[i][0].text, pending[i][0].text)
+                                   if kept.get(t) is None))
+        vectors = dict(zip(texts, s.candidates.dense.encoder.encode(texts).float())) if texts else {}
+        vectors.update({t: v.float() for t, v in kept.items() if v is not None})
+
+        def cosine(a: str, b: str) -> float:
+            return float(torch.dot(vectors[a], vectors[b]))
+
+        for i in asked:
+            out[i] = cosine(questions[i], pending[i][0].text) > cosine(questions[i], ranked[i][0].text)
         return out
 
     def _pending_hits(self, question: str, user: str, s: _Serving, k: int) -> list[Hit]:

@@ -435,8 +435,9 @@ class StopGuard:
     """ASGI middleware: a request still under way when the server stops past its grace period is
     answered 503 `{"detail": ...}` (uvicorn cancels it and would send a bare text 500)."""
 
-    def __init__(self, app):
+    def __init__(self, app, cut_off: list):
         self.app = app
+        self.cut_off = cut_off  # the paths of the requests it answered so (see serve)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -455,6 +456,7 @@ class StopGuard:
                 raise
             # Its worker thread may still be inside the model: serve() ends the process once the
             # server is down, instead of waiting for it.
+            self.cut_off.append(scope["path"])
             payload = json.dumps({"detail": "the server is stopping: send the request again once it is back"}).encode()
             await send({"type": "http.response.start", "status": 503,
                         "headers": [(b"content-type", b"application/json"),
@@ -564,7 +566,8 @@ def create_app(mem: IPM, api_keys: dict[str, str]) -> FastAPI:
     app.router.route_class = _StrictJSONRoute  # before any route is added
     app.state.mem, app.state.trainer = mem, trainer
     app.add_middleware(BodyLimit, limit=MAX_BODY_BYTES, limits={"/import": MAX_IMPORT_BYTES}, authorized=authorized)
-    app.add_middleware(StopGuard)  # outermost: it sees a cancelled request whatever was under way
+    app.state.cut_off = []
+    app.add_middleware(StopGuard, cut_off=app.state.cut_off)  # outermost: it sees any cancelled request
 
     openapi = app.openapi
 
@@ -679,7 +682,14 @@ def create_app(mem: IPM, api_keys: dict[str, str]) -> FastAPI:
         return [a.to_dict() for a in mem.ask_many(body.questions, k=body.k, user=user)]
 
     async def no_body(request: Request, user: str = User) -> None:  # (the key first: a stranger gets 401)
-        if (await request.body()).strip():
+        """POST /train's option is in its query: a body that says something ({"full": true}) is
+        refused, not ignored; an empty one ({} or null, as many clients send) is none."""
+        raw = (await request.body()).strip()
+        try:
+            empty = not raw or json.loads(raw) in ({}, None)
+        except ValueError:
+            empty = False
+        if not empty:
             raise InvalidInput("POST /train takes no request body: to retrain from scratch, use POST /train?full=true")
 
     @app.post("/train", status_code=202, response_model=TrainJobOut, response_model_exclude_unset=True,
@@ -748,18 +758,17 @@ def serve(mem: IPM, api_keys: dict[str, str], host: str = "127.0.0.1", port: int
             auto.stop()
         running = trainer.close()
         # A request cut off at the end of the grace period (StopGuard) leaves its worker thread
-        # running, and the interpreter would wait for it at exit: not counting idle workers, which
-        # stop as the event loop closes.
-        busy = [t for t in threading.enumerate() if t is not threading.current_thread() and not t.daemon
-                and not _joined(t, 1.0)]
-        if running or busy:
+        # running, and the interpreter would wait for it at exit.
+        cut_off = app.state.cut_off
+        if running or cut_off:
             # A thread inside the model; ending the interpreter under it can abort the process.
             # Nothing is lost: a version becomes current only once complete, and store writes are
             # transactions.
             if running:
                 log.warning("stopped while training %s; the previous index version stays current", ", ".join(running))
-            if busy:
-                log.warning("stopped with %d request(s) still under way (answered 503); not waiting for them", len(busy))
+            if cut_off:
+                log.warning("stopped with %d request(s) still under way (%s), answered 503; not waiting for them",
+                            len(cut_off), ", ".join(sorted(set(cut_off))))
             logging.shutdown()
             os._exit(0)
 
@@ -777,10 +786,6 @@ def check_can_listen(host: str, port: int) -> None:
         except OSError as e:
             raise InvalidInput(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
 
-
-def _joined(thread: threading.Thread, timeout: float) -> bool:
-    thread.join(timeout)
-    return not thread.is_alive()
 
 
 class _Terminated(Exception):

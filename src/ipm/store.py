@@ -169,9 +169,22 @@ class NewMemory:
 
 
 # SQLite's result codes that say the file could not be read or written (a full or failing disk,
-# permissions, a lock), not that it is damaged or not a database.
-DISK_ERRORS = ("SQLITE_IOERR", "SQLITE_FULL", "SQLITE_CANTOPEN", "SQLITE_READONLY", "SQLITE_PERM", "SQLITE_BUSY",
-               "SQLITE_LOCKED")
+# permissions), not that it is damaged or not a database; and those that say another process
+# holds it.
+DISK_ERRORS = ("SQLITE_IOERR", "SQLITE_FULL", "SQLITE_CANTOPEN", "SQLITE_READONLY", "SQLITE_PERM")
+LOCK_ERRORS = ("SQLITE_BUSY", "SQLITE_LOCKED")
+
+
+def store_error_message(e: sqlite3.Error, path: Path) -> str | None:
+    """What to tell a user of an SQLite error on the store at `path` that is not the store's
+    fault (the disk's, or another process's lock); None for any other."""
+    name = getattr(e, "sqlite_errorname", "")
+    if name.startswith(DISK_ERRORS):
+        return (f"{path} cannot be read or written ({e}): check the disk that holds it (is it full?) and its "
+                "permissions; the store itself is likely intact, and a write that failed was rolled back")
+    if name.startswith(LOCK_ERRORS):
+        return f"{path} is locked by another process writing to it ({e}); try again once it is done"
+    return None
 
 
 class Store:
@@ -192,9 +205,9 @@ class Store:
             self._conn().executescript(SCHEMA)  # idempotent; executescript manages its own transaction
         except sqlite3.DatabaseError as e:
             self.close()
-            if getattr(e, "sqlite_errorname", "").startswith(DISK_ERRORS):  # the disk's fault, not the file's
-                raise HomeError(f"{self.path} cannot be read or written ({e}): check the disk that holds it (is it "
-                                "full?) and its permissions; the store itself is likely intact") from None
+            said = store_error_message(e, self.path)  # the disk's fault or a lock, not the file's
+            if said:
+                raise HomeError(said) from None
             raise HomeError(f"{self.path} cannot be opened as an IPM store ({e}); move it away or use another home") from None
 
     # -- connection handling --------------------------------------------------------------
