@@ -1675,3 +1675,65 @@ def test_an_index_trained_on_a_relative_base_model_path_is_served_from_any_direc
     served = ipm.open(tmp_path / "home", config=tiny_config_for(tiny_model), cache=tmp_path / "cache")
     assert served.ask("What is my dog called?", k=1).candidates[0].id in MEMORIES  # served on the manifest's model
     served.store.close()
+
+
+def test_a_base_model_that_names_its_layers_otherwise_gets_all_linear_layers(tiny_model, tmp_path):
+    """The default target_modules are Llama's names; GPT-2 calls its linear maps c_attn, c_fc,
+    c_proj: it is adapted in all of them, and target_modules set by hand that name none of a
+    model's layers are one clear error listing the ones it has."""
+    import shutil
+
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from ipm.train import train_adapter
+
+    path = tmp_path / "tiny-gpt2"
+    shutil.copytree(tiny_model, path)
+    for f in path.glob("*.safetensors"):
+        f.unlink()
+    (path / "config.json").unlink()
+    GPT2LMHeadModel(GPT2Config(vocab_size=700, n_positions=128, n_embd=32, n_layer=2, n_head=2,
+                               bos_token_id=1, eos_token_id=2)).save_pretrained(path)
+    m = ipm.open(tmp_path / "home", config=tiny_config_for(path).updated(epochs=1), cache=tmp_path / "cache")
+    base = m.base()
+    examples = [Example(t, mid) for mid, t in MEMORIES.items()]
+    trained = train_adapter(base, examples, m.config)
+    assert trained.metrics["path"] == "naive"
+    adapted = {name.rsplit(".", 1)[-1] for name in trained.model.peft_config["default"].target_modules}
+    assert adapted >= {"c_attn", "c_fc"}
+    with pytest.raises(TrainingError, match=r"target_modules \['q_proj'\] name no linear layer .*gpt2.*c_attn"):
+        train_adapter(base, examples, m.config.updated(target_modules=["q_proj"]))
+    m.store.close()
+
+
+def test_a_long_memory_is_cut_to_a_bounded_prompt_and_long_batches_are_split(tiny_model):
+    import random
+
+    from transformers import AutoTokenizer
+
+    from ipm.model import MAX_QUESTION_TOKENS, prompt_ids
+    from ipm.train import BATCH_TOKENS_PER_EXAMPLE, _length_bucketed_batches
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    short = "My dog's name is Max and he is a beagle."
+    assert prompt_ids(tok, short) == tok(short + "\nMemory:").input_ids  # as before
+    long = " ".join(["My sister Anna lives in Berlin."] * 400)
+    assert MAX_QUESTION_TOKENS < len(tok(long).input_ids) and len(prompt_ids(tok, long)) <= MAX_QUESTION_TOKENS + 8
+    seqs = [([1] * 20, 10)] * 40 + [([1] * 600, 500)] * 40
+    batches = _length_bucketed_batches(seqs, 32, random.Random(0))
+    assert sorted(i for b in batches for i in b) == list(range(80))
+    assert all(len(b) * max(len(seqs[i][0]) for i in b) <= max(32 * BATCH_TOKENS_PER_EXAMPLE, 600) for b in batches)
+    assert max(len(b) for b in batches if len(seqs[b[0]][0]) == 20) > 16  # short ones batched as before
+
+
+def test_a_device_this_machine_lacks_and_absurd_thread_counts_are_one_clear_error():
+    import torch
+
+    from ipm import Config
+    from ipm.model import pick_device
+
+    if not torch.cuda.is_available():
+        with pytest.raises(ModelError, match="device 'cuda' is not available on this machine"):
+            pick_device(Config(device="cuda"))
+    with pytest.raises(InvalidInput, match="threads must be at most 1024"):
+        Config(threads=100000).check()

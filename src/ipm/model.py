@@ -191,6 +191,10 @@ def pick_device(config: Config) -> str:
     import torch
 
     if config.device != "auto":
+        kind = config.device.split(":")[0]
+        if kind == "cuda" and not torch.cuda.is_available() or kind == "mps" and not torch.backends.mps.is_available():
+            raise ModelError(f"device {config.device!r} is not available on this machine (this PyTorch sees no "
+                             f"{kind.upper()} device): set device = \"auto\" or \"cpu\"")
         return config.device
     return "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -279,6 +283,11 @@ def _load_base(config: Config, paths: Paths, layers) -> BaseModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
+    except Exception as e:
+        raise ModelError(f"could not load the tokenizer of base model {path} (a Hugging Face model directory needs "
+                         f"its tokenizer files beside the weights, e.g. tokenizer.json): {type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''}") from None
+    try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     except Exception as e:
         raise ModelError(f"could not load base model {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
@@ -351,8 +360,18 @@ PROMPT = "{question}\nMemory:"
 LEGACY_PROMPT = "Question: {question}\nMemory:"
 
 
+MAX_QUESTION_TOKENS = 512  # a longer input (a long memory's text, trained on as a question) is cut here
+
+
 def prompt_ids(tokenizer, question: str, template: str = PROMPT) -> list[int]:
+    """The prompt's tokens for a question (or a memory's text used as one), the question cut to
+    its first MAX_QUESTION_TOKENS tokens: a memory of thousands of tokens would otherwise make a
+    training batch's attention take gigabytes, and overrun a model's context (the longest input
+    of the demo and LoCoMo sets is 276 tokens: none is cut)."""
     question = " ".join(question.split())
+    head = tokenizer(question, add_special_tokens=False).input_ids
+    if len(head) > MAX_QUESTION_TOKENS:
+        question = tokenizer.decode(head[:MAX_QUESTION_TOKENS]).strip()
     return tokenizer(template.replace("{question}", question), add_special_tokens=True).input_ids
 
 

@@ -31,7 +31,12 @@ def import_bm25s():
     then allocates as it goes. Ranking itself uses bm25s's numpy backend (see `BM25`)."""
     if "jax" not in sys.modules:
         os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    import logging
+
     import bm25s
+
+    if logging.getLogger("bm25s").level == logging.NOTSET:  # its debug lines, under a host that logs DEBUG (MCP)
+        logging.getLogger("bm25s").setLevel(logging.WARNING)
 
     return bm25s
 

@@ -52,15 +52,37 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def lora_config(config: Config, n_layers: int, fast: bool):
+def lora_config(config: Config, n_layers: int, fast: bool, model=None):
+    """PEFT's LoraConfig for `config`, and the index of the first layer it adapts. With `model`,
+    target_modules are checked against its linear layers (see target_modules)."""
     from peft import LoraConfig
 
     top = config.lora_layers if fast and 0 < config.lora_layers < n_layers else n_layers
+    targets = list(config.target_modules) if model is None else target_modules(model, config)
     return LoraConfig(
-        r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-        target_modules=list(config.target_modules), layers_to_transform=list(range(n_layers - top, n_layers)),
+        r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout, target_modules=targets,
+        layers_to_transform=list(range(n_layers - top, n_layers)) if targets != "all-linear" or top < n_layers else None,
         bias="none", task_type="CAUSAL_LM",
     ), n_layers - top
+
+
+def target_modules(model, config: Config) -> list[str] | str:
+    """The configured target_modules where the model has such linear layers. The default names
+    Llama's (q_proj ... down_proj); a model that names its layers otherwise (GPT-2's c_attn,
+    c_fc, ...) gets PEFT's "all-linear" instead; target_modules set by hand that name none of
+    its layers are an error that lists the names it has."""
+    import torch
+
+    linear = {name.rsplit(".", 1)[-1] for name, m in model.named_modules()
+              if isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D"}  # (GPT-2's linear maps)
+    wanted = list(config.target_modules)
+    if set(wanted) & linear:
+        return wanted
+    if wanted == Config().target_modules:
+        return "all-linear"
+    kind = getattr(getattr(model, "config", None), "model_type", "this model")
+    raise TrainingError(f"target_modules {wanted} name no linear layer of the base model ({kind}), whose linear layers "
+                        f"are {', '.join(sorted(linear - {'lm_head'}))}: set target_modules to some of them")
 
 
 def _schedule(step: int, total: int, warmup: int) -> float:
@@ -93,7 +115,7 @@ def train_adapter(base: BaseModel, examples: list[Example], config: Config,
     if config.hard_negatives and not fast:
         raise TrainingError("hard negatives need the fast training path (Llama, Mistral or Qwen2 models): "
                             "set hard_negatives = 0 for this base model")
-    lcfg, split = lora_config(config, n_layers, fast)
+    lcfg, split = lora_config(config, n_layers, fast, model)
     peft_model = get_peft_model(model, lcfg)
     if init_from is not None:
         from peft import set_peft_model_state_dict
@@ -171,6 +193,9 @@ def train_adapter(base: BaseModel, examples: list[Example], config: Config,
     return TrainResult(peft_model, metrics)
 
 
+BATCH_TOKENS_PER_EXAMPLE = 320
+
+
 def _length_bucketed_batches(seqs, batch_size: int, rng: random.Random) -> list[list[int]]:
     """Shuffled batches of similar length: padding a batch of short questions to the length
     of one long memory text would multiply the cost of the step."""
@@ -181,8 +206,17 @@ def _length_bucketed_batches(seqs, batch_size: int, rng: random.Random) -> list[
     for w in range(0, len(order), window):
         chunk = sorted(order[w:w + window], key=lambda i: len(seqs[i][0]))
         batches += [chunk[b:b + batch_size] for b in range(0, len(chunk), batch_size)]
-    rng.shuffle(batches)
-    return batches
+    # A batch of long inputs (memory texts of hundreds of tokens) is split to a token budget:
+    # attention's memory grows with the square of the length. The demo's and LoCoMo's batches
+    # are all under it (at most 32 x 286 tokens), and stay as they were.
+    budget = batch_size * BATCH_TOKENS_PER_EXAMPLE
+    split = []
+    for batch in batches:
+        longest = max(len(seqs[i][0]) for i in batch)
+        size = max(1, min(len(batch), budget // longest))
+        split += [batch[b:b + size] for b in range(0, len(batch), size)]
+    rng.shuffle(split)
+    return split
 
 
 class _null:
