@@ -22,9 +22,8 @@ MAX_TEXT_BYTES = 65536  # a memory's raw text, UTF-8 encoded
 # the embedded default base model.
 NULLABLE = {"abstain_threshold": 0.0, "base_model": ""}
 
-
-
 MAX_THREADS = 1024  # Config.threads
+
 
 @dataclass
 class Config:

@@ -369,9 +369,13 @@ def prompt_ids(tokenizer, question: str, template: str = PROMPT) -> list[int]:
     training batch's attention take gigabytes, and overrun a model's context (the longest input
     of the demo and LoCoMo sets is 276 tokens: none is cut)."""
     question = " ".join(question.split())
+    ids = tokenizer(template.replace("{question}", question), add_special_tokens=True).input_ids
+    if len(ids) <= MAX_QUESTION_TOKENS:  # (the question in it is shorter still: no second tokenizing)
+        return ids
     head = tokenizer(question, add_special_tokens=False).input_ids
-    if len(head) > MAX_QUESTION_TOKENS:
-        question = tokenizer.decode(head[:MAX_QUESTION_TOKENS]).strip()
+    if len(head) <= MAX_QUESTION_TOKENS:
+        return ids
+    question = tokenizer.decode(head[:MAX_QUESTION_TOKENS]).strip()
     return tokenizer(template.replace("{question}", question), add_special_tokens=True).input_ids
 
 

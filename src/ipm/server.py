@@ -395,9 +395,9 @@ class BodyLimit:
             try:
                 too_big = int(length) > limit
             except ValueError:
-                return await self._reject(send, 400, "invalid Content-Length header")
+                return await _send_error(send, 400, "invalid Content-Length header")
             if too_big:
-                return await self._reject(send, 413, f"request body is larger than {limit} bytes")
+                return await _send_error(send, 413, f"request body is larger than {limit} bytes")
         chunks, size = [], 0
         while True:
             message = await receive()
@@ -406,7 +406,7 @@ class BodyLimit:
             chunks.append(message.get("body", b""))
             size += len(chunks[-1])
             if size > limit:
-                return await self._reject(send, 413, f"request body is larger than {limit} bytes")
+                return await _send_error(send, 413, f"request body is larger than {limit} bytes")
             if not message.get("more_body", False):
                 break
         body, sent = b"".join(chunks), False
@@ -420,13 +420,14 @@ class BodyLimit:
 
         return await self.app(scope, replay, send)
 
-    @staticmethod
-    async def _reject(send, status: int, detail: str):
-        payload = json.dumps({"detail": detail}).encode()
-        await send({"type": "http.response.start", "status": status,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()),
-                                (b"connection", b"close")]})
-        await send({"type": "http.response.body", "body": payload})
+
+async def _send_error(send, status: int, detail: str) -> None:
+    """An error response `{"detail": ...}` sent from ASGI middleware, closing the connection."""
+    payload = json.dumps({"detail": detail}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()),
+                            (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": payload})
 
 
 # -- requests under way when the server stops ---------------------------------------------------
@@ -457,11 +458,7 @@ class StopGuard:
             # Its worker thread may still be inside the model: serve() ends the process once the
             # server is down, instead of waiting for it.
             self.cut_off.append(scope["path"])
-            payload = json.dumps({"detail": "the server is stopping: send the request again once it is back"}).encode()
-            await send({"type": "http.response.start", "status": 503,
-                        "headers": [(b"content-type", b"application/json"),
-                                    (b"content-length", str(len(payload)).encode()), (b"connection", b"close")]})
-            await send({"type": "http.response.body", "body": payload})
+            await _send_error(send, 503, "the server is stopping: send the request again once it is back")
 
 
 # -- JSON bodies ----------------------------------------------------------------------------------

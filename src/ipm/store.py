@@ -175,7 +175,7 @@ DISK_ERRORS = ("SQLITE_IOERR", "SQLITE_FULL", "SQLITE_CANTOPEN", "SQLITE_READONL
 LOCK_ERRORS = ("SQLITE_BUSY", "SQLITE_LOCKED")
 
 
-def store_error_message(e: sqlite3.Error, path: Path) -> str | None:
+def store_error_message(e: sqlite3.Error, path: str | Path) -> str | None:
     """What to tell a user of an SQLite error on the store at `path` that is not the store's
     fault (the disk's, or another process's lock); None for any other."""
     name = getattr(e, "sqlite_errorname", "")
