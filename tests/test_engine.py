@@ -1510,9 +1510,13 @@ def test_an_index_on_some_layers_of_the_base_is_served_on_those_layers(home, mem
         fewer.store.close()
     other = tmp_path / "gpt2ish"
     other.mkdir()
-    (other / "config.json").write_text(json.dumps({"model_type": "gpt2", "num_hidden_layers": 4}))
     from ipm.model import kept_layers
-    with pytest.raises(ModelError, match="Llama-family"):
+    for cfg in ({"model_type": "gpt2", "num_hidden_layers": 4}, {"model_type": "gpt2", "n_layer": 4}):  # as GPT-2 has it
+        (other / "config.json").write_text(json.dumps(cfg))
+        with pytest.raises(ModelError, match="Llama-family.*'gpt2'"):
+            kept_layers(tiny_config.updated(base_layers=3), other)
+    (other / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(ModelError, match="layer count"):
         kept_layers(tiny_config.updated(base_layers=3), other)
     for bad in ({"base_layers": -1}, {"base_layers": 2}, {"base_layers": 3, "lora_layers": 0}):
         with pytest.raises(InvalidInput, match="base_layers"):

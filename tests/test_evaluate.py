@@ -172,3 +172,15 @@ def test_config_and_keys_files_that_cannot_be_read_are_one_clear_error(tmp_path)
         Config.from_file(f)
     f.write_bytes(b"\xef\xbb\xbfepochs = 2\n")  # saved by an editor that writes a byte-order mark
     assert Config.from_file(f).epochs == 2
+
+
+def test_a_bad_option_in_a_config_file_names_the_file(tmp_path):
+    from ipm.config import Config
+    from ipm.errors import InvalidInput
+
+    f = tmp_path / "ipm.toml"
+    for text, said in (("epochs = 0\n", "epochs must be at least 1"), ("epoch = 2\n", "unknown config option 'epoch'"),
+                       ('epochs = "2"\n', "epochs must be a whole number")):
+        f.write_text(text)
+        with pytest.raises(InvalidInput, match=f"^config file {f}: .*{said}"):
+            Config.from_file(f)

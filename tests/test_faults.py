@@ -100,3 +100,19 @@ def test_model_hash_works_when_the_cache_cannot_be_written(tmp_path):
     a = tmp_path / "a.gguf"
     a.write_bytes(b"model a")
     assert model_sha256(a, paths) == file_sha256(a)
+
+
+def test_a_model_cache_that_cannot_be_written_is_said_before_converting(tmp_path):
+    import pytest
+
+    from ipm.config import Paths
+    from ipm.errors import ModelError
+    from ipm.model import convert_gguf
+
+    paths = Paths.at(tmp_path / "home", tmp_path / "cache")
+    paths.cache.mkdir()
+    paths.models.write_text("not a directory")
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"not a model either")  # converting it would fail with another error
+    with pytest.raises(ModelError, match=f"cannot write the model cache {paths.cache}: .*set IPM_CACHE"):
+        convert_gguf(gguf, paths)

@@ -155,7 +155,10 @@ class Config:
             data = tomllib.loads(read_user_file(path, "config file"))
         except tomllib.TOMLDecodeError as e:
             raise InvalidInput(f"config file {path} is not valid TOML: {e}") from None
-        return cls().updated(**data)
+        try:
+            return cls().updated(**data)
+        except InvalidInput as e:  # which option is wrong, and in which file
+            raise InvalidInput(f"config file {path}: {e}") from None
 
     def __post_init__(self) -> None:
         # Every Config is checked, however made (Config(...), a file, CLI flags, reconfigure):

@@ -129,6 +129,11 @@ def convert_gguf(gguf: Path, paths: Paths) -> Path:
 
     tmp = target.with_name(target.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
+    try:  # before the conversion's 5-20 s: a cache that cannot be written fails it anyway
+        tmp.mkdir(parents=True)
+    except OSError as e:
+        raise ModelError(f"cannot write the model cache {paths.cache}: {e.strerror or e}; set IPM_CACHE to a "
+                         "writable directory") from None
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -140,10 +145,15 @@ def convert_gguf(gguf: Path, paths: Paths) -> Path:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.config.name_or_path = gguf.stem
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    (tmp / "ipm_source.json").write_text(json.dumps({"gguf": str(gguf), "sha256": digest}))
-    os.replace(tmp, target)
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "ipm_source.json").write_text(json.dumps({"gguf": str(gguf), "sha256": digest}))
+        os.replace(tmp, target)
+    except OSError as e:  # a full disk, most likely: leave no half-written model behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ModelError(f"cannot write the converted model to the model cache {paths.cache}: {e.strerror or e}; "
+                         "free some space there or set IPM_CACHE to another directory") from None
     return target
 
 
@@ -312,13 +322,16 @@ def kept_layers(config: Config, path: Path) -> tuple[int, ...] | None:
         return None
     try:
         cfg = json.loads((path / "config.json").read_text())
-        total = cfg["num_hidden_layers"]
-    except (OSError, ValueError, KeyError):
-        raise ModelError(f"base_layers needs the layer count of base model {path}, which its config.json "
-                         "does not give") from None
-    if cfg.get("model_type") not in RUNNER_MODEL_TYPES:
+    except (OSError, ValueError):
+        cfg = None
+    if not isinstance(cfg, dict):
+        raise ModelError(f"base_layers needs the layer count of base model {path}, but its config.json cannot be read")
+    if cfg.get("model_type") not in RUNNER_MODEL_TYPES:  # checked first: GPT-2 names its layer count n_layer
         raise ModelError(f"base_layers works with Llama-family models ({', '.join(RUNNER_MODEL_TYPES)}); base model "
                          f"{path} is {cfg.get('model_type')!r}: set base_layers to 0")
+    total = cfg.get("num_hidden_layers")
+    if not isinstance(total, int):
+        raise ModelError(f"base_layers needs the layer count of base model {path}, which its config.json does not give")
     if config.base_layers > total:
         raise ModelError(f"base_layers is {config.base_layers} but base model {path} has only {total} decoder layers")
     if config.base_layers == total:
