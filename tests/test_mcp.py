@@ -161,3 +161,64 @@ def test_mcp_with_train_after_indexes_what_it_remembers_by_itself(mcp_home, tmp_
     finally:
         errlog.close()
     assert "Traceback" not in (tmp_path / "mcp-stderr.log").read_text()
+
+
+def test_mcp_runs_tool_calls_one_at_a_time_in_order_and_says_why_one_failed():
+    """A client may send `remember` then `forget` without waiting for the first reply: the SDK
+    runs each request as its own task, and the forget must not overtake the add. An error
+    that is not ipm's own still comes back with its reason."""
+    import threading
+    import time
+
+    from ipm.mcp_server import create_mcp
+    from ipm.store import Memory
+
+    class SlowMemory:  # the IPM methods the tools call, with an add that takes its time
+        def __init__(self):
+            self.calls, self.running, self.overlapped = [], 0, False
+            self.lock = threading.Lock()
+
+        def _run(self, name, seconds):
+            with self.lock:
+                self.running += 1
+                self.overlapped |= self.running > 1
+            time.sleep(seconds)
+            with self.lock:
+                self.running -= 1
+                self.calls.append(name)
+
+        def add(self, text, id=None, user=None):
+            self._run("add", 0.3)
+            return Memory(id=id, text=text, namespace=user, sha256="", version=1, created_at="", updated_at="")
+
+        def forget(self, id, user=None):
+            self._run("forget", 0)
+
+        def ask(self, question, k=3, user=None):
+            raise RuntimeError("the model fell over")
+
+    mem = SlowMemory()
+    server = create_mcp(mem, "alice")
+
+    async def main():
+        outcomes = {}
+
+        async def tool(name, args):
+            try:
+                outcomes[name] = await server.call_tool(name, args)
+            except Exception as e:  # mcp 1.x raises a tool's error, 2.x returns it as a result
+                outcomes[name] = e
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(tool, "remember", {"text": "My dog's name is Max.", "id": "personal_pet_max"})
+            await anyio.sleep(0.01)
+            tg.start_soon(tool, "forget", {"id": "personal_pet_max"})
+            await anyio.sleep(0.01)
+            tg.start_soon(tool, "recall", {"question": "dog?"})
+        return outcomes
+
+    outcomes = anyio.run(main)
+    assert mem.calls == ["add", "forget"] and not mem.overlapped
+    failed = outcomes["recall"]
+    said = str(failed) if isinstance(failed, Exception) else "".join(getattr(c, "text", "") for c in failed.content)
+    assert "RuntimeError: the model fell over" in said, failed

@@ -709,3 +709,22 @@ def test_train_after_leaves_a_namespace_to_its_post_train_job_and_trains_it_if_t
     assert auto.check(now=6) == ["alice"]  # no new change needed
     assert finished(trainer.active("alice"))["status"] == "done" and calls == ["alice", "alice"]
     assert mem.untrained("alice") == [] and auto.check(now=100) == []
+
+
+def test_an_unexpected_error_is_500_with_what_a_user_can_act_on(live, monkeypatch):
+    """The machine's errors (a full disk) say what they are; a defect says only its type."""
+    import errno
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", "/somewhere/ipm.db")
+
+    def defect(*args, **kwargs):
+        raise RuntimeError("secret internals")
+
+    with client(live, "key-carol") as c:
+        monkeypatch.setattr(live.mem, "ask", full_disk)
+        r = c.post("/ask", json={"question": "anything?"})
+        assert r.status_code == 500 and r.json() == {"detail": "No space left on device: /somewhere/ipm.db"}
+        monkeypatch.setattr(live.mem, "ask", defect)
+        r = c.post("/ask", json={"question": "anything?"})
+        assert r.status_code == 500 and r.json() == {"detail": "internal error: RuntimeError"}

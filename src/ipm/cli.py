@@ -20,8 +20,7 @@ from rich.text import Text
 
 from . import engine
 from .config import Config, Paths
-from .errors import IndexDamaged, IPMError, IPMWarning, NotFound
-from .store import store_error_message
+from .errors import IndexDamaged, IPMError, IPMWarning, NotFound, environment_error_message
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="IPM: Indexed Parametric Memory. Store memories verbatim, train a LoRA index, recall exactly.")
@@ -396,12 +395,8 @@ def run(typer_app: typer.Typer) -> None:
         sys.exit(1)
     except KeyboardInterrupt:
         code = 130
-    except OSError as e:  # the file system's answer (permission denied, disk full): the user's to act on
-        where = f": {e.filename}" if e.filename else ""
-        err.print(f"[red]error:[/red] {escape((e.strerror or str(e)) + where)}", highlight=False)
-        sys.exit(1)
-    except sqlite3.OperationalError as e:  # the store's file, as SQLite found it (a disk filled since it opened)
-        said = store_error_message(e, "the store")
+    except (OSError, sqlite3.OperationalError) as e:  # the disk's or another process's doing: the user's to act on
+        said = environment_error_message(e)
         if said is None:
             raise
         err.print(f"[red]error:[/red] {escape(said)}", highlight=False)

@@ -17,7 +17,7 @@ import anyio.to_thread
 
 from .autotrain import AutoTrain
 from .engine import DEFAULT_USER, IPM
-from .errors import IPMError
+from .errors import IPMError, environment_error_message
 from .store import check_namespace
 
 try:  # mcp >= 2
@@ -41,11 +41,22 @@ def create_mcp(mem: IPM, user: str = DEFAULT_USER):
     check_namespace(user)
     server = _Server("ipm", instructions=INSTRUCTIONS, log_level="WARNING")
 
+    # One tool call at a time, in the order they came: a client that sends `remember` then
+    # `forget` without waiting for the first reply must not have them race (the SDK runs each
+    # request as its own task). anyio's lock lets its waiters in first come, first served.
+    one_at_a_time = anyio.Lock()
+
     async def call(fn, *args, **kwargs):
-        try:
-            return await anyio.to_thread.run_sync(lambda: fn(*args, **kwargs))
-        except IPMError as e:
-            raise ToolError(str(e)) from None
+        async with one_at_a_time:
+            try:
+                return await anyio.to_thread.run_sync(lambda: fn(*args, **kwargs))
+            except IPMError as e:
+                raise ToolError(str(e)) from None
+            except Exception as e:  # the client gets a reason; the traceback goes to stderr
+                said = environment_error_message(e)
+                if said is None:
+                    log.exception("tool call failed")
+                raise ToolError(said or f"internal error: {type(e).__name__}: {e}") from None
 
     @server.tool()
     async def remember(text: str, id: Optional[str] = None) -> dict[str, Any]:

@@ -37,7 +37,7 @@ from . import __version__
 from .config import read_user_file
 from .engine import IPM, STORED_FIELDS, json_safe, unique_keys
 from .errors import (DuplicateID, HomeError, IndexDamaged, IndexMissing, InvalidInput, IPMError, ModelError, NotFound,
-                     TrainingError)
+                     TrainingError, environment_error_message)
 from .ids import ID_PATTERN, MAX_ID_LENGTH
 from .store import MAX_QUESTION_CHARS, Memory, check_namespace  # Memory: the response schema of /memories
 
@@ -609,7 +609,11 @@ def create_app(mem: IPM, api_keys: dict[str, str]) -> FastAPI:
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception):  # the traceback is logged by the ASGI server
-        return JSONResponse({"detail": f"internal error: {type(exc).__name__}"}, status_code=500)
+        said = environment_error_message(exc)  # a full disk, another process's lock: says which
+        # uvicorn closes the connection after an error that reached it: say so, or a keep-alive
+        # client sends its next request down a closed connection and gets a reset
+        return JSONResponse({"detail": said or f"internal error: {type(exc).__name__}"}, status_code=500,
+                            headers={"Connection": "close"})
 
     auth_errors = _err(401)
     body_errors = _err(401, 409, 413, 422)
