@@ -1723,6 +1723,8 @@ def test_a_long_memory_is_cut_to_a_bounded_prompt_and_long_batches_are_split(tin
     assert prompt_ids(tok, short) == tok(short + "\nMemory:").input_ids  # as before
     long = " ".join(["My sister Anna lives in Berlin."] * 400)
     assert MAX_QUESTION_TOKENS < len(tok(long).input_ids) and len(prompt_ids(tok, long)) <= MAX_QUESTION_TOKENS + 8
+    tok.model_max_length = 256  # a model with a shorter context than that: half of it
+    assert 100 < len(prompt_ids(tok, long)) <= 128 + 8
     seqs = [([1] * 20, 10)] * 40 + [([1] * 600, 500)] * 40
     batches = _length_bucketed_batches(seqs, 32, random.Random(0))
     assert sorted(i for b in batches for i in b) == list(range(80))

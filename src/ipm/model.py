@@ -376,19 +376,29 @@ LEGACY_PROMPT = "Question: {question}\nMemory:"
 MAX_QUESTION_TOKENS = 512  # a longer input (a long memory's text, trained on as a question) is cut here
 
 
+def max_question_tokens(tokenizer) -> int:
+    """MAX_QUESTION_TOKENS, or half the model's context where that is shorter (a model of 512
+    positions): the rest is for the prompt's cue, an ID and hybrid decoding's candidate IDs."""
+    context = getattr(tokenizer, "model_max_length", None)
+    if isinstance(context, int) and 32 <= context < 2 * MAX_QUESTION_TOKENS:  # unset is a huge sentinel
+        return context // 2
+    return MAX_QUESTION_TOKENS
+
+
 def prompt_ids(tokenizer, question: str, template: str = PROMPT) -> list[int]:
     """The prompt's tokens for a question (or a memory's text used as one), the question cut to
-    its first MAX_QUESTION_TOKENS tokens: a memory of thousands of tokens would otherwise make a
+    its first max_question_tokens tokens: a memory of thousands of tokens would otherwise make a
     training batch's attention take gigabytes, and overrun a model's context (the longest input
     of the demo and LoCoMo sets is 276 tokens: none is cut)."""
     question = " ".join(question.split())
     ids = tokenizer(template.replace("{question}", question), add_special_tokens=True).input_ids
-    if len(ids) <= MAX_QUESTION_TOKENS:  # (the question in it is shorter still: no second tokenizing)
+    limit = max_question_tokens(tokenizer)
+    if len(ids) <= limit:  # (the question in it is shorter still: no second tokenizing)
         return ids
     head = tokenizer(question, add_special_tokens=False).input_ids
-    if len(head) <= MAX_QUESTION_TOKENS:
+    if len(head) <= limit:
         return ids
-    question = tokenizer.decode(head[:MAX_QUESTION_TOKENS]).strip()
+    question = tokenizer.decode(head[:limit]).strip()
     return tokenizer(template.replace("{question}", question), add_special_tokens=True).input_ids
 
 
