@@ -59,8 +59,11 @@ def lora_config(config: Config, n_layers: int, fast: bool, model=None):
 
     top = config.lora_layers if fast and 0 < config.lora_layers < n_layers else n_layers
     targets = list(config.target_modules) if model is None else target_modules(model, config)
+    # GPT-2's Conv1D stores its weight transposed: PEFT sets this itself, with a warning, if not told
+    conv1d = model is not None and any(type(m).__name__ == "Conv1D" for m in model.modules())
     return LoraConfig(
         r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout, target_modules=targets,
+        fan_in_fan_out=conv1d,
         layers_to_transform=list(range(n_layers - top, n_layers)) if targets != "all-linear" or top < n_layers else None,
         bias="none", task_type="CAUSAL_LM",
     ), n_layers - top
