@@ -261,6 +261,9 @@ def test_ask_without_an_index_says_so_and_still_finds_untrained_memories(capsys,
     assert code == 0
     assert "has no trained index yet" in err
     assert [h["id"] for h in json.loads(out)["hits"]] == ["personal_pet_max"]
+    (tmp_path / "q.json").write_text('[{"question": "my dog?", "memory_id": "personal_pet_max"}]')
+    code, out, err = run(capsys, monkeypatch, "eval", tmp_path / "q.json", "--json", "--home", home)
+    assert code == 0 and "has no trained index yet" in err and json.loads(out)["n"] == 1  # its figures are word matches
 
 
 RAW = "Tabs\there and there\t, a bell \x07, a lone \r return, and a line longer than any terminal is wide " * 3
@@ -282,6 +285,19 @@ def test_ask_and_history_print_the_text_byte_for_byte_whatever_the_terminal(caps
     monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
     code, out, _ = run(capsys, monkeypatch, "show", "note_escape_text", "--home", home)
     assert out == "Red \\x1b[31malert\\x1b[0m\tand\na bell \\x07\n"
+    monkeypatch.setattr("ipm.cli.out.width", 400)
+    code, out, _ = run(capsys, monkeypatch, "list", "--home", home)  # and in the table, terminal or not
+    assert code == 0 and "Red \\x1b[31malert" in out and "\x1b[31malert" not in out and "\x07" not in out
+
+
+def test_lines_are_not_broken_at_the_console_width(capsys, monkeypatch, tmp_path):
+    """A script reading `ipm add` or `ipm train` through a pipe gets each line whole (rich
+    breaks lines at 80 columns when stdout is not a terminal)."""
+    home = tmp_path / "h"
+    long_id = "note_" + "g" * 60 + "_long"
+    monkeypatch.setattr("ipm.cli.out.width", 40)
+    code, out, err = run(capsys, monkeypatch, "add", "A memory with a long ID.", "--id", long_id, "--home", home)
+    assert code == 0 and out == f"added {long_id}\n", out
 
 
 def test_an_error_before_any_work_is_one_line_with_nothing_above_it(capsys, monkeypatch, tmp_path):

@@ -971,7 +971,8 @@ def test_a_threshold_calibrated_under_other_fusion_settings_is_flagged(trained):
     configured = trained.config.fusion_dense
     try:
         trained.reconfigure(fusion_dense=configured + 1)
-        with pytest.warns(UserWarning, match="calibrated under fusion .*fusion_dense"):
+        said = f"calibrated with fusion_dense {configured}, but asked with fusion_dense {configured + 1}; .*ipm.toml"
+        with pytest.warns(UserWarning, match=said):
             trained.ask("what is my dog called?")
     finally:
         trained.reconfigure(fusion_dense=configured)

@@ -56,7 +56,7 @@ def test_mcp_tools_over_stdio(mcp_home, tmp_path):
                 assert set(tools) == {"remember", "recall", "forget"}
                 schema = lambda t: getattr(t, "input_schema", None) or t.inputSchema  # noqa: E731
                 assert schema(tools["remember"])["required"] == ["text"]
-                assert schema(tools["recall"])["properties"]["k"]["default"] == 3
+                assert schema(tools["recall"])["properties"]["k"]["default"] is None  # 3, or max_k if lower
                 assert schema(tools["forget"])["required"] == ["id"]
 
                 async def call(name, **args):
@@ -194,14 +194,17 @@ def test_mcp_runs_tool_calls_one_at_a_time_in_order_and_says_why_one_failed():
         def forget(self, id, user=None):
             self._run("forget", 0)
 
+        config = ipm.Config(max_k=2)
+
         def ask(self, question, k=3, user=None):
+            self.asked_k = k
             raise RuntimeError("the model fell over")
 
     mem = SlowMemory()
     server = create_mcp(mem, "alice")
 
     async def main():
-        outcomes = {}
+        outcomes: dict = {}
 
         async def tool(name, args):
             try:
@@ -222,3 +225,4 @@ def test_mcp_runs_tool_calls_one_at_a_time_in_order_and_says_why_one_failed():
     failed = outcomes["recall"]
     said = str(failed) if isinstance(failed, Exception) else "".join(getattr(c, "text", "") for c in failed.content)
     assert "RuntimeError: the model fell over" in said, failed
+    assert mem.asked_k == 2  # recall's default k (3) within the server's max_k

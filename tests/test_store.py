@@ -127,6 +127,13 @@ def test_list_pages_through_the_memories_oldest_first_with_their_own_questions(s
     for bad in ({"limit": 0}, {"offset": -1}):
         with pytest.raises(InvalidInput, match="limit must be at least 1"):
             store.list("u", **bad)
+    # Those added at once (one import, one timestamp) come back in the order given, so that a
+    # listing imported again as a backup is the same listing
+    from ipm.store import NewMemory
+
+    given = ["zoo_last_one", "abc_first_one", "mmm_mid_one"]
+    store.add_many("w", [NewMemory(f"text of {mid}", mid) for mid in given])
+    assert [m.id for m in store.list("w")] == given
 
 
 def test_get_many_is_not_bound_by_sqlites_parameter_limit(store):

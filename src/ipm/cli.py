@@ -25,7 +25,9 @@ from .errors import IndexDamaged, IPMError, IPMWarning, NotFound, environment_er
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="IPM: Indexed Parametric Memory. Store memories verbatim, train a LoRA index, recall exactly.")
 # A memory's text is printed as it is stored: no rich markup ("[b]") and no emoji codes (":dog:")
-out = Console(emoji=False)
+# soft_wrap: a line longer than the terminal (an ID, a path) is not broken in two, nor cut at 80
+# columns when stdout is a pipe that a script reads
+out = Console(emoji=False, soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True, emoji=False)
 
 Home = typer.Option(None, "--home", help="Home directory (default: $IPM_HOME or ./.ipm).", show_default=False)
@@ -114,15 +116,24 @@ def _progress() -> Progress:
                  console=err, transient=False)
 
 
+def _escaped(text: str) -> str:
+    """`text` with its control characters but tab and newline written out ("\\x1b"): shown on a
+    terminal, a stored escape sequence cannot act on it."""
+    import unicodedata
+
+    return "".join(repr(ch)[1:-1] if ch not in "\t\n" and unicodedata.category(ch) == "Cc" else ch for ch in text)
+
+
 def _print_text(text: str, indent: str = "") -> None:
     """A memory's text as it is stored: past rich, which would wrap it to the terminal's width,
-    turn tabs into spaces and drop control characters. On a terminal, control characters but tab
-    and newline are shown escaped ("\\x1b"): a stored escape sequence cannot act on the terminal."""
-    if sys.stdout.isatty():
-        import unicodedata
+    turn tabs into spaces and drop control characters; escaped on a terminal (_escaped)."""
+    sys.stdout.write(indent + (_escaped(text) if sys.stdout.isatty() else text) + "\n")
 
-        text = "".join(repr(ch)[1:-1] if ch not in "\t\n" and unicodedata.category(ch) == "Cc" else ch for ch in text)
-    sys.stdout.write(indent + text + "\n")
+
+def _warn_if_untrained(mem: engine.IPM, user: str) -> None:
+    if mem.status(user)["index_version"] is None:
+        err.print(f"warning: namespace {user!r} has no trained index yet: only memories sharing the question's words "
+                  "can be found (`ipm train` builds the index)", markup=False, highlight=False)
 
 
 @app.command()
@@ -225,15 +236,13 @@ def ask(questions: List[str] = typer.Argument(..., metavar="QUESTION...", help="
     answered in one batch; --json then prints a list."""
     mem = _open(home, decoding=decoding, quantize=quantize, rerank_likelihood=rerank)
     answers = mem.ask_many(questions, k=k, user=user)  # a bad question or -k: the error alone
-    if mem.status(user)["index_version"] is None:
-        err.print(f"warning: namespace {user!r} has no trained index yet: only memories sharing the question's words "
-                  "can be found (`ipm train` builds the index)", markup=False, highlight=False)
+    _warn_if_untrained(mem, user)
     if json_out:
         _print_json(answers[0].to_dict() if len(answers) == 1 else [a.to_dict() for a in answers])
         return
     for a in answers:
         if len(answers) > 1:
-            out.print(f"[cyan]{escape(a.question)}[/cyan]", highlight=False)
+            out.print(f"[cyan]{escape(_escaped(a.question))}[/cyan]", highlight=False)
         if a.abstained and not a.hits:
             out.print("[yellow]no memory[/yellow] answers that")
             continue
@@ -273,7 +282,8 @@ def list_(user: str = User, home: Optional[Path] = Home, json_out: bool = Json,
         return
     table = Table("id", "text", "updated")
     for m in memories:
-        table.add_row(m.id, Text(m.text if len(m.text) < 80 else m.text[:77] + "..."), m.updated_at[:19])
+        text = _escaped(m.text)  # a table is for reading: `show` or --json give the text as stored
+        table.add_row(m.id, Text(text if len(text) < 80 else text[:77] + "..."), m.updated_at[:19])
     out.print(table)
     try:
         status = mem.status(user)
@@ -298,7 +308,7 @@ def forget(id: str, user: str = User, home: Optional[Path] = Home, json_out: boo
 def log(user: str = User, limit: int = typer.Option(50, "--limit", "-n", min=1, help="The last N events."),
         home: Optional[Path] = Home,
         json_out: bool = Json):
-    """Show the event log (add, update, forget, train, ask)."""
+    """Show the event log (add, update, import, forget, train, ask)."""
     events = _open(home).log(user=user, limit=limit)
     if json_out:
         _print_json([e.to_dict() for e in events])
@@ -329,6 +339,7 @@ def eval_(questions_file: Path = typer.Argument(..., help="[{question, memory_id
             bar.update(tasks[0], completed=done)
 
         report = evaluate(mem, qs, user=user, baselines=names, progress=progress)
+    _warn_if_untrained(mem, user)  # its figures are of word matches, not of an index
     if json_out:
         _print_json(report)
         return

@@ -1016,11 +1016,16 @@ class IPM:
         now = self._calibrated_settings(self._base)
         if had is not None and _bearing(had) == _bearing(now):
             return
-        then = ("settings it did not record (an index trained before ipm recorded them)" if had is None else
-                ", ".join(f"{k} {had.get(k)}" for k in CALIBRATED_OPTIONS))
-        warnings.warn(f"namespace {user!r}: the abstention threshold of its index was calibrated under fusion "
-                      f"{then}, not under the configured ones; abstention may refuse more or fewer questions "
-                      "than calibrated. Run `ipm train --full` to recalibrate, or set abstain_threshold"
+        if had is None:
+            then = ("calibrated under fusion settings it did not record (an index trained before ipm recorded "
+                    "them), not under the configured ones")
+        else:  # only what differs, or the user has to compare a dozen settings by eye
+            differ = [k for k in CALIBRATED_OPTIONS if _bearing(had).get(k) != _bearing(now).get(k)]
+            then = (f"calibrated with {', '.join(f'{k} {had.get(k)}' for k in differ)}, but asked with "
+                    f"{', '.join(f'{k} {now[k]}' for k in differ)}")
+        warnings.warn(f"namespace {user!r}: the abstention threshold of its index was {then}; abstention may refuse "
+                      "more or fewer questions than calibrated. To recalibrate under these settings, put them in "
+                      "the home's ipm.toml and run `ipm train --full`; or set abstain_threshold"
                       + _quantize_hint(had, now) + ".", IPMWarning, stacklevel=2)
 
     def _warn_if_pure_calibrated_elsewise(self, user: str, calibration: dict) -> None:

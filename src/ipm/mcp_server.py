@@ -36,6 +36,9 @@ INSTRUCTIONS = (
 )
 
 
+RECALL_K = 3  # hits a recall returns when the assistant does not say: a few, for it to choose from
+
+
 def create_mcp(mem: IPM, user: str = DEFAULT_USER):
     """An MCP server whose tools act on namespace `user` of `mem`."""
     check_namespace(user)
@@ -66,9 +69,12 @@ def create_mcp(mem: IPM, user: str = DEFAULT_USER):
         return m.to_dict()
 
     @server.tool()
-    async def recall(question: str, k: int = 3) -> dict[str, Any]:
-        """Recall up to `k` stored memories that answer `question`. Returns
-        `{question, abstained, hits: [{id, text, score, pending?}]}`; the texts are exactly as stored."""
+    async def recall(question: str, k: Optional[int] = None) -> dict[str, Any]:
+        """Recall up to `k` stored memories that answer `question` (default 3, or the server's
+        max_k if lower). Returns `{question, abstained, hits: [{id, text, score, pending?}]}`;
+        the texts are exactly as stored."""
+        if k is None:
+            k = min(RECALL_K, mem.config.max_k)
         a = await call(mem.ask, question, k=k, user=user)
         return a.to_dict()
 

@@ -722,7 +722,7 @@ def create_app(mem: IPM, api_keys: dict[str, str]) -> FastAPI:
 
     @app.get("/log", response_model=list[EventOut], responses=_err(401, 422), tags=["server"])
     def events(limit: int = Query(50, ge=1, le=10000, description="The last N events."), user: str = User):
-        """The namespace's event log (add, update, forget, train, ask), oldest first."""
+        """The namespace's event log (add, update, import, forget, train, ask), oldest first."""
         return [e.to_dict() for e in mem.log(user=user, limit=limit)]
 
     return app

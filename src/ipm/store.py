@@ -312,13 +312,13 @@ class Store:
         return {r["id"]: self._memory(r) for r in rows}
 
     def list(self, namespace: str, limit: int | None = None, offset: int = 0) -> list[Memory]:
-        """The namespace's memories, oldest first (those added at once by ID); `limit` and
+        """The namespace's memories, oldest first (those added at once in the order given); `limit` and
         `offset` page through them."""
         check_namespace(namespace)
         if (limit is not None and limit < 1) or offset < 0:
             raise InvalidInput("limit must be at least 1 and offset at least 0")
         conn = self._conn()
-        rows = conn.execute("SELECT * FROM memories WHERE namespace = ? ORDER BY created_at, id LIMIT ? OFFSET ?",
+        rows = conn.execute("SELECT * FROM memories WHERE namespace = ? ORDER BY created_at, rowid LIMIT ? OFFSET ?",
                             (namespace, -1 if limit is None else min(limit, SQL_INT_CAP), min(offset, SQL_INT_CAP))).fetchall()
         qs: dict[str, list[str]] = {}
         if limit is None and not offset:
