@@ -424,6 +424,7 @@ def test_a_new_version_never_takes_the_name_of_the_one_served(tmp_path):
     (root / "CURRENT").write_text("v0003")  # its directory deleted by hand
     name, tmp = index_dir.new_version(root)
     assert name == "v0004" and tmp.name.startswith("v0004.tmp-")
+    index_dir.abandon(tmp)
 
 
 def fake_version(root, name, rows, dim=4):

@@ -116,3 +116,48 @@ def test_a_model_cache_that_cannot_be_written_is_said_before_converting(tmp_path
     gguf.write_bytes(b"not a model either")  # converting it would fail with another error
     with pytest.raises(ModelError, match=f"cannot write the model cache {paths.cache}: .*set IPM_CACHE"):
         convert_gguf(gguf, paths)
+
+
+def test_a_purge_deletes_what_killed_processes_left_and_spares_what_live_ones_write(tmp_path):
+    """A killed training leaves its `v*.tmp-*` directory, and a killed forget the temporary file
+    of a swap, each holding memories' texts: a later forget must not leave a forgotten text in
+    them. A directory still claimed by a live process stays; a dead one's goes, whatever its
+    process ID (a server restarted in a container has the same one)."""
+    from tests.test_engine import fake_version
+
+    root = tmp_path / "indexes" / "u"
+    secret = "my pin is 4812"
+    fake_version(root, "v0001", [(secret, "personal_pin_secret"), ("a note", "note_keep_one")])
+    (root / "CURRENT").write_text("v0001")
+    stray = root / "v0001" / "questions.jsonl.tmp-x1y2"  # a swap cut short
+    stray.write_text(json.dumps({"question": secret, "memory_id": "personal_pin_secret"}) + "\n")
+    (root / ".forgotten-pending.tmp-abc").write_text("[]")
+    for pid in (os.getpid(), 1):  # an ID that is alive, and ours: neither says whether its writer is
+        dead = root / f"v0002.tmp-{pid}"
+        dead.mkdir()
+        (dead / "questions.jsonl").write_text(secret)
+    writer = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; from ipm import index; "
+                               "print(index.new_version(Path(sys.argv[1]))[1], flush=True); time.sleep(600)", str(root)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        writing = Path(writer.stdout.readline().strip())
+        assert writing.name.startswith("v0002.tmp-")
+        index_dir.purge(root, lambda: {"note_keep_one"}, frozenset({"personal_pin_secret"}))
+        assert writing.is_dir()  # claimed by a live process
+        left = [p.relative_to(root).as_posix() for p in root.rglob("*") if secret in _read(p)]
+        assert left == [], left
+        assert not stray.exists() and not (root / ".forgotten-pending.tmp-abc").exists()
+        writer.kill()
+        writer.wait(30)
+        name, tmp = index_dir.new_version(root)  # the dead writer's directory is cleared, ours made
+        assert name == "v0002" and tmp.is_dir() and not writing.exists()
+        assert [p.name for p in root.glob("v*.tmp-*")] == [tmp.name]
+        index_dir.abandon(tmp)
+        assert not tmp.exists()
+    finally:
+        writer.kill()
+
+
+def _read(path: Path) -> str:
+    return path.read_text(errors="replace") if path.is_file() else ""

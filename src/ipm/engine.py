@@ -774,12 +774,10 @@ class IPM:
                 final = index_dir.commit_version(root, name, tmp, manifest)
                 retired = index_dir.retire(root, self.config.keep_versions, also_keep=replaced)
         except BaseException:
-            import shutil
-
-            shutil.rmtree(tmp, ignore_errors=True)
+            index_dir.abandon(tmp)
             raise
         try:
-            self.store.log(user, "train", [m.id for m in memories], version=name, examples=len(train),
+            self.store.log(user, "train", list(manifest["ids"]), version=name,  # less any forgotten meanwhile examples=len(train),
                            seconds=manifest["metrics"]["total_seconds"],
                            path=final.relative_to(self.paths.home).as_posix(),  # holds if the home moves
                            removed_versions=list(retired))

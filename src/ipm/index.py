@@ -10,6 +10,13 @@
 A version is written into `vNNNN.tmp-<pid>` and renamed once its files are on disk; CURRENT is
 then replaced with os.replace. A crash or Ctrl-C at any point leaves the previous CURRENT.
 Versions older than the newest `keep_versions` are then deleted (`retire`, `delete_retired`).
+
+A process writing or deleting a `v*.tmp-*` directory holds a lock on the `.claim` file in it
+for as long as it does; one whose claim nobody holds was left by a process that died, and is
+deleted under the namespace's lock (`_sweep`: before a new version, and by every purge, since
+it may hold a forgotten memory's text), as are the temporary files of a swap (`_replacing`)
+that a crash left beside the file it was to replace. A process's ID would not do: a killed
+server restarted in a container gets the same one.
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ QUESTION_EMBEDDINGS = "question_embeddings.safetensors"  # their MiniLM embeddin
 # process reads them instead of encoding every text again. Derived data: a damaged one is
 # deleted by a purge and ignored by the engine, which encodes the texts again.
 TEXT_EMBEDDINGS = "text_embeddings.safetensors"
+CLAIM = ".claim"  # in a version directory being written or deleted: see _claim
 PENDING_FORGETS = ".forgotten-pending"  # IDs forgotten whose purge has yet to finish (JSON: ID -> generation)
 
 
@@ -76,23 +84,86 @@ def load_manifest(version: Path) -> dict:
 
 
 def new_version(root: Path) -> tuple[str, Path]:
-    """Pick the next version name and return a fresh temporary directory to write it in."""
+    """Pick the next version name and return a fresh temporary directory to write it in,
+    claimed by this process until `commit_version` or `abandon`."""
     root.mkdir(parents=True, exist_ok=True)
-    for stale in root.glob("v*.tmp-*"):  # left by a crash
-        pid = stale.name.rsplit("-", 1)[-1]
-        if not pid.isdigit() or not _alive(int(pid)):
-            shutil.rmtree(stale, ignore_errors=True)
-    # Never a name served before: where the current version's directory was deleted by hand, a
-    # process serving it would take a new version under its name for the one it has loaded.
-    try:
-        served = (root / "CURRENT").read_text(encoding="utf-8").strip()
-    except (OSError, ValueError):
-        served = ""
-    numbers = [int(v.name[1:]) for v in versions(root)] + ([int(served[1:])] if re.fullmatch(r"v\d+", served) else [])
-    name = f"v{max(numbers, default=0) + 1:04d}"
-    tmp = root / f"{name}.tmp-{os.getpid()}"
-    tmp.mkdir()
+    with locked(root):  # a sweep elsewhere must not take the directory between its making and its claim
+        _sweep(root)
+        # Never a name served before: where the current version's directory was deleted by hand, a
+        # process serving it would take a new version under its name for the one it has loaded.
+        try:
+            served = (root / "CURRENT").read_text(encoding="utf-8").strip()
+        except (OSError, ValueError):
+            served = ""
+        numbers = [int(v.name[1:]) for v in versions(root)] + ([int(served[1:])] if re.fullmatch(r"v\d+", served) else [])
+        name = f"v{max(numbers, default=0) + 1:04d}"
+        tmp = root / f"{name}.tmp-{os.getpid()}"
+        tmp.mkdir()
+        _claim(tmp)
     return name, tmp
+
+
+def abandon(tmp: Path) -> None:
+    """Delete a version being written that will not be committed, and let go of its claim."""
+    shutil.rmtree(tmp, ignore_errors=True)
+    _release(tmp)
+
+
+# Open claim files by directory: the lock lasts as long as the file stays open in this process.
+_CLAIMS: dict[Path, object] = {}
+
+
+def _claim(directory: Path) -> None:
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: _sweep goes by process IDs there
+        return
+    f = open(directory / CLAIM, "a")  # noqa: SIM115 (closed by _release)
+    fcntl.flock(f, fcntl.LOCK_EX)
+    _CLAIMS[directory] = f
+
+
+def _release(directory: Path) -> None:
+    f = _CLAIMS.pop(directory, None)
+    if f is not None:
+        f.close()
+
+
+def _abandoned(directory: Path) -> bool:
+    """Whether a `v*.tmp-*` directory was left by a process that died: nobody holds its claim."""
+    try:
+        import fcntl
+    except ImportError:
+        pid = directory.name.rsplit("-", 1)[-1]
+        return not pid.isdigit() or not _alive(int(pid))
+    if directory in _CLAIMS:  # this process's own
+        return False
+    try:
+        f = open(directory / CLAIM, "a")  # noqa: SIM115
+    except OSError:  # half-deleted, or not ours to write: try to delete it all the same
+        return True
+    with f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return False
+        return True
+
+
+def _sweep(root: Path) -> None:
+    """Delete what crashed processes left in a namespace's index directory: version directories
+    being written or deleted, and temporary files of a swap. Under `locked(root)`, which every
+    swap holds. What cannot be deleted (permissions) stays, as before."""
+    for stale in root.glob("v*.tmp-*"):
+        if stale.is_dir() and _abandoned(stale):
+            shutil.rmtree(stale, ignore_errors=True)
+    for leftover in [*root.glob("*.tmp-*"), *root.glob(".*.tmp-*"),
+                     *(f for v in versions(root) for f in v.glob("*.tmp-*"))]:
+        if leftover.is_file():
+            try:
+                leftover.unlink()
+            except OSError:
+                pass
 
 
 def versions(root: Path) -> list[Path]:
@@ -110,8 +181,10 @@ def commit_version(root: Path, name: str, tmp: Path, manifest: dict) -> Path:
     # must leave one complete version to serve).
     for path in [*tmp.iterdir(), tmp]:
         _fsync(path)
+    (tmp / CLAIM).unlink(missing_ok=True)  # (under the namespace's lock: no sweep meanwhile)
     final = root / name
     os.replace(tmp, final)
+    _release(tmp)
     pointer = root / f"CURRENT.tmp-{os.getpid()}"
     pointer.write_text(name)
     _fsync(pointer)
@@ -146,6 +219,7 @@ def retire(root: Path, keep: int, also_keep: Path | None = None) -> dict[str, Pa
         doomed = root / f"{v.name}.tmp-{os.getpid()}"
         try:
             os.replace(v, doomed)
+            _claim(doomed)  # until deleted: a crash meanwhile leaves it to the next sweep
         except OSError:
             continue
         retired[v.name] = doomed
@@ -157,6 +231,7 @@ def delete_retired(retired: dict[str, Path]) -> None:
     the next `new_version`; one that cannot be deleted is named in a warning."""
     for name, path in retired.items():
         shutil.rmtree(path, ignore_errors=True)
+        _release(path)
         if path.exists():
             warnings.warn(f"old index version {name} could not be deleted: delete {path} by hand "
                           "(it may hold training questions of forgotten memories)", IPMWarning, stacklevel=2)
@@ -188,6 +263,7 @@ def purge(root: Path, live: Callable[[], set[str]], forgotten: frozenset[str] = 
     if not root.is_dir():
         return []
     with locked(root):
+        _sweep(root)  # a crashed training's or swap's files may hold what is forgotten
         # IDs whose purge has not finished, remembered on disk (see remember_forgotten): one added
         # again since is live in the store, but what the versions hold of it is the forgotten text's.
         # A note made before a forget reaches the store counts once the store has logged that
