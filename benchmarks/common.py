@@ -144,7 +144,7 @@ def evaluate_systems(mem, questions, user: str, bars, label: str, decodings=DECO
                                                          k=100 if keep is not None else 10, answers=keep))
     finally:
         mem.reconfigure(decoding=default)
-    memories = mem.store.list(user) if memories is None else memories
+    memories = mem.memories_in_order(user) if memories is None else memories
     for name in baselines:
         out[name] = evaluate_baseline(name, [m.id for m in memories], [m.text for m in memories], questions)
     return out

@@ -247,7 +247,7 @@ def model_part(args, cfg, bars) -> dict:
                     rows = list(dict.fromkeys((e.question, e.memory_id) for e in examples))
                     expansion = group_expansion(rows, mem._embed_questions(rows),
                                                 {m.id: m.text for m in mem.store.list(user)})
-                candidates = mem._candidates(mem.store.list(user), expansion=expansion)
+                candidates = mem._candidates(mem.memories_in_order(user), expansion=expansion)
                 hybrid = lambda decoder, qs, trie, k, c=candidates: mem._rank_many(  # noqa: E731
                     decoder, qs, trie, c, k, prompt=PROMPT)  # the adapters here are trained with it
             for path, b in bases.items():

@@ -207,7 +207,11 @@ def test_a_damaged_index_manifest_is_one_error_naming_the_version(capsys, monkey
     (version.parent / "CURRENT").write_bytes(b"\xff")
     code, _, err = run(capsys, monkeypatch, "status", "--home", home)
     assert code == 1 and err.startswith(f"error: {version.parent / 'CURRENT'} cannot be read") and "Traceback" not in err
-    (version.parent / "CURRENT").write_text("v0001")
+    for pointer, said in (("../../x", "names '../../x', which is not an index version"), ("v0001", "has no manifest")):
+        (version.parent / "CURRENT").write_text(pointer)
+        (version / "manifest.json").unlink(missing_ok=True)
+        code, _, err = run(capsys, monkeypatch, "ask", "my dog?", "--home", home)
+        assert code == 1 and said in err and len(err.strip().splitlines()) == 1, err  # not "no index yet"
     shutil.rmtree(version)  # what the message says to do
     code, out, err = run(capsys, monkeypatch, "status", "--home", home)
     assert code == 0 and "no index yet" in out, err
@@ -373,8 +377,14 @@ def test_a_full_disk_is_said_to_be_one_not_a_damaged_store(capsys, monkeypatch, 
         e.sqlite_errorname = "SQLITE_BUSY"
         raise e
 
+    def read_only(*args, **kwargs):
+        e = sqlite3.OperationalError("attempt to write a readonly database")
+        e.sqlite_errorname = "SQLITE_READONLY"
+        raise e
+
     for fails, says in ((full, "cannot be read or written .*is it full.*likely intact"),
-                        (locked, "is locked by another process writing to it .*try again")):
+                        (locked, "is locked by another process writing to it .*try again"),
+                        (read_only, "cannot be written .*give this user write permission on the home")):
         with monkeypatch.context() as m:
             m.setattr(Store, "_conn", lambda self: type("Conn", (), {"executescript": fails, "close": lambda _: None})())
             with pytest.raises(HomeError, match=says):

@@ -1749,3 +1749,49 @@ def test_a_device_this_machine_lacks_and_absurd_thread_counts_are_one_clear_erro
             pick_device(Config(device="cuda"))
     with pytest.raises(InvalidInput, match="threads must be at most 1024"):
         Config(threads=100000).check()
+
+
+def test_a_damaged_adapter_is_an_error_naming_the_version_and_a_train_makes_the_index_again(trained, home,
+                                                                                           tiny_config, tmp_path):
+    """A deleted or truncated adapter file is IndexDamaged naming the version (was PEFT's
+    traceback about a repo id or a safetensors header); `ipm train` retrains it in full."""
+    import os
+    import shutil
+
+    from ipm.errors import IndexDamaged
+
+    version = home / "indexes" / "default" / "v0001"
+    saved = tmp_path / "saved"
+    shutil.copytree(version, saved)
+    weights, config = version / "adapter_model.safetensors", version / "adapter_config.json"
+    for damage in (lambda: weights.unlink(), lambda: os.truncate(weights, 1000), lambda: config.unlink(),
+                   lambda: config.write_text("{")):
+        shutil.rmtree(version)
+        shutil.copytree(saved, version)
+        damage()
+        fresh = ipm.open(home, config=tiny_config, cache=tmp_path / "cache")
+        with pytest.raises(IndexDamaged, match=f"index version {version} cannot be read .*delete that directory"):
+            fresh.ask("what is my dog called?")
+        fresh.store.close()
+    manifest = trained.train()  # continuing from it is impossible: in full
+    assert manifest["version"] == "v0002" and manifest["metrics"]["full_because"].startswith(
+        "the current index cannot be read (index version")
+    assert trained.ask(MEMORIES["personal_pet_max"], k=1).candidates
+
+
+def test_an_index_does_not_hang_on_the_order_of_the_import_file(tiny_config, tmp_path):
+    """`ipm list` gives one import's memories in the file's order; training reads them in a
+    fixed order (by ID), so the same memories in another order train the same index."""
+    import torch
+    from safetensors.torch import load_file
+
+    trained = []
+    for name, order in (("forward", list(MEMORIES.items())), ("backward", list(MEMORIES.items())[::-1])):
+        m = ipm.open(tmp_path / name, config=tiny_config.updated(epochs=2), cache=tmp_path / "cache")
+        m.import_records(dict(order))
+        assert [x.id for x in m.list()] == [mid for mid, _ in order]
+        version = tmp_path / name / "indexes" / "default" / m.train()["version"]
+        trained.append(((version / "questions.jsonl").read_text(), load_file(version / "adapter_model.safetensors")))
+        m.store.close()
+    (q1, w1), (q2, w2) = trained
+    assert q1 == q2 and w1.keys() == w2.keys() and all(torch.equal(w1[k], w2[k]) for k in w1)

@@ -161,3 +161,36 @@ def test_a_purge_deletes_what_killed_processes_left_and_spares_what_live_ones_wr
 
 def _read(path: Path) -> str:
     return path.read_text(errors="replace") if path.is_file() else ""
+
+
+def test_an_index_directory_that_cannot_be_locked_says_how_the_purge_is_finished(tmp_path):
+    import pytest
+
+    from ipm.errors import IndexDamaged
+
+    root = tmp_path / "indexes" / "u"
+    (root / ".lock").mkdir(parents=True)  # cannot be opened for writing, even by root
+    with pytest.raises(IndexDamaged, match="cannot lock the index directory .*write permission.*next forget or `ipm train`"):
+        index_dir.purge(root, lambda: set(), frozenset({"personal_pin_secret"}))
+
+
+def test_a_second_training_of_a_namespace_is_refused_while_one_is_under_way(mem, memories_file, home, tiny_config,
+                                                                           tmp_path):
+    """Two `ipm train` at once did the same minutes of work twice; the second is now refused."""
+    mem.import_(memories_file)
+    proc = _ipm(home, tiny_config.updated(epochs=5000), tmp_path / "cache", "train")
+    try:
+        deadline = time.monotonic() + 120
+        while not (home / "indexes" / "default" / ".training").exists():  # its training lock
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.2)
+        time.sleep(1)  # (made, then locked)
+        import pytest
+
+        from ipm.errors import TrainingError
+        with pytest.raises(TrainingError, match="'default' is being trained already"):
+            mem.train()
+    finally:
+        _kill_after(proc, 0)
+    assert index_dir.current_dir(home / "indexes" / "default") is None
+    assert mem.train()["version"] == "v0001"  # the lock went with the killed process

@@ -393,6 +393,12 @@ class IPM:
         """The namespace's memories, oldest first; `limit` and `offset` page through them."""
         return self.store.list(user, limit=limit, offset=offset)
 
+    def memories_in_order(self, user: str = DEFAULT_USER) -> list[Memory]:
+        """The namespace's memories in the order training, the retrievers and the baselines
+        read them: oldest first, those added at once by ID. Not the listing's order (one import
+        in the file's order): an index must not hang on the order of an import file's lines."""
+        return sorted(self.store.list(user), key=lambda m: (m.created_at, m.id))
+
     def history(self, id: str, user: str = DEFAULT_USER) -> list[dict]:
         return self.store.history(user, id)
 
@@ -521,7 +527,7 @@ class IPM:
         from the memories and user-given questions only; the calibration share is generated
         questions held back."""
         cfg = self.config
-        everything = self.store.list(user)
+        everything = self.memories_in_order(user)
         memories = [m for m in everything if ids is None or m.id in ids]
         # who is who is read from every memory, also when training on some of them only
         builtin = cfg.question_source != "llm"
@@ -576,10 +582,14 @@ class IPM:
         """The current version and its manifest, if a new one can continue from its adapter;
         else None and why not (None where there is no index yet)."""
         root = self.paths.index_root(user)
-        prev = index_dir.current_dir(root)
-        if prev is None:
-            return None, None
-        manifest = index_dir.load_manifest(prev)
+        try:  # a current version that cannot be read is made again in full, not continued
+            prev = index_dir.current_dir(root)
+            if prev is None:
+                return None, None
+            manifest = index_dir.load_manifest(prev)
+            index_dir.check_adapter(prev)
+        except IndexDamaged as e:
+            return None, f"the current index cannot be read ({index_dir.without_advice(e)})"
         had = manifest["base_model"]
         layers = list(base.layers) if base.layers else None
         changed = [k for k in ("lora_r", "lora_alpha", "lora_layers", "target_modules")
@@ -614,13 +624,20 @@ class IPM:
 
         `progress(phase, done, total, loss)` is called with phase "questions", "embed" (the
         retrievers' question embeddings), "train" and "calibrate". The previous version keeps
-        serving until the new one is complete."""
+        serving until the new one is complete. One training of a namespace at a time: another
+        one under way (in any process) is a TrainingError."""
         check_namespace(user)
+        if not self.store.count(user):  # said before the lock makes the namespace's index directory
+            raise TrainingError(f"namespace {user!r} has no memories to train on: add or import some first")
+        with index_dir.training(self.paths.index_root(user), user):
+            return self._train(user, progress, full)
+
+    def _train(self, user: str, progress: Callable[[str, int, int, float | None], None] | None, full: bool) -> dict:
         # Finish any purge a forget could not (index.purge), before anything else.
         index_dir.purge(self.paths.index_root(user), lambda: set(self.store.ids(user)),
                         forgotten_since=self._forgotten_since(user))
         snapshot = self.store.generation(user)  # a memory forgotten after this is purged from the new version
-        memories = self.store.list(user)
+        memories = self.memories_in_order(user)
         if not memories:
             raise TrainingError(f"namespace {user!r} has no memories to train on: add or import some first")
         t0 = time.perf_counter()
@@ -631,8 +648,11 @@ class IPM:
         if prev is not None:
             current_manifest = prev[1]
         else:
-            current = index_dir.current_dir(self.paths.index_root(user))
-            current_manifest = index_dir.load_manifest(current) if current else None
+            try:
+                current = index_dir.current_dir(self.paths.index_root(user))
+                current_manifest = index_dir.load_manifest(current) if current else None
+            except IndexDamaged:  # replaced by this train
+                current_manifest = None
         had = set(_calibrations(current_manifest)) if current_manifest else set()
         wanted = self._decodings_to_calibrate() | had
         new_ids = untrained_ids(prev[1], {m.id: m.sha256 for m in memories}, _asked(memories)) if prev else None
@@ -1059,6 +1079,7 @@ class IPM:
                 # under another base model or base_layers): serve it on that one instead.
                 self._model = self._decoder = None
                 s.adapter, s.trie = None, Trie()
+            index_dir.check_adapter(version_dir)
             if self._model is None:
                 self._int8(base, self.config)  # a clear error before anything is half set up
                 self._base = base
@@ -1120,7 +1141,7 @@ class IPM:
                     s.trie.add(mid, id_token_ids(self._base.tokenizer, mid))
                 s.candidates = None
                 if self.config.decoding == "hybrid" and len(s.trie):
-                    indexed = [m for m in self.store.list(user) if m.id in s.trie]
+                    indexed = [m for m in self.memories_in_order(user) if m.id in s.trie]
                     expansion = None
                     if self.config.expand_retrievers:
                         if s.expansion is None:

@@ -177,7 +177,7 @@ def evaluate(mem, questions: list[Question], user: str = "default", baselines: S
         raise InvalidInput(f"the questions name {len(unknown)} memory ID(s) not in namespace {user!r}, "
                            f"e.g. {unknown[0]!r}: import those memories first")
     report = {"n": sum(q.gold is not None for q in questions), "ipm": evaluate_ipm(mem, questions, user, progress)}
-    memories = mem.store.list(user)
+    memories = mem.memories_in_order(user)
     for name in baselines:
         report[name] = evaluate_baseline(name, [m.id for m in memories], [m.text for m in memories], questions)
     return report

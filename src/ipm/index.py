@@ -32,7 +32,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
-from .errors import IndexDamaged, IndexMissing, IPMWarning
+from .errors import IndexDamaged, IndexMissing, IPMWarning, TrainingError
 
 MANIFEST = "manifest.json"
 QUESTIONS_FILE = "questions.jsonl"  # a version's training questions, one {"question", "memory_id"} a line
@@ -51,15 +51,53 @@ PENDING_FORGETS = ".forgotten-pending"  # IDs forgotten whose purge has yet to f
 _REBUILD = "run `ipm train` to index the namespace again"
 
 
-def current_dir(root: Path) -> Path | None:
+def current_dir(root: Path, strict: bool = True) -> Path | None:
+    """The directory of the version CURRENT names; None where no version was made current yet.
+    Where CURRENT cannot be read or names a version without a manifest, IndexDamaged:
+    answering as if nothing were indexed would hide the damage. A version whose directory was
+    deleted (as IndexDamaged says to do) is no index: None. With strict=False, None for any
+    of these: a train makes a new version anyway."""
     try:
         name = (root / "CURRENT").read_text(encoding="utf-8").strip()
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as e:
+        if not strict:
+            return None
         raise IndexDamaged(f"{root / 'CURRENT'} cannot be read ({e}): delete it and {_REBUILD}") from None
     path = root / name
-    return path if (path / MANIFEST).is_file() else None
+    if re.fullmatch(r"v\d+", name) and (path / MANIFEST).is_file():
+        return path
+    if not strict or (re.fullmatch(r"v\d+", name) and not path.exists()):  # deleted, as IndexDamaged says to
+        return None
+    if not re.fullmatch(r"v\d+", name):
+        raise IndexDamaged(f"{root / 'CURRENT'} names {name[:80]!r}, which is not an index version: delete it and "
+                           f"{_REBUILD}")
+    raise IndexDamaged(f"index version {path} has no {MANIFEST}: delete that directory and {_REBUILD}")
+
+
+def without_advice(e: IndexDamaged) -> str:
+    """What is damaged, without what to do about it: for a train, which is doing it."""
+    said = str(e)
+    for advice in (f": delete that directory and {_REBUILD}", f": delete it and {_REBUILD}", f": {_REBUILD}"):
+        said = said.replace(advice, "")
+    return said
+
+
+def check_adapter(version: Path) -> None:
+    """IndexDamaged, naming the version, where its adapter's files are missing or cannot be
+    read; checked before PEFT loads them, whose errors would not say which files or what to do."""
+    from safetensors import safe_open
+
+    try:
+        config = json.loads((version / "adapter_config.json").read_text(encoding="utf-8"))
+        if not isinstance(config, dict):
+            raise ValueError("adapter_config.json is not a JSON object")
+        with safe_open(str(version / "adapter_model.safetensors"), framework="pt") as f:
+            f.keys()  # the header, checked against the file's length: a truncated file fails here
+    except Exception as e:  # noqa: BLE001  missing, truncated, not JSON, not safetensors
+        raise IndexDamaged(f"index version {version} cannot be read ({type(e).__name__}: {e}): delete that directory "
+                           f"and {_REBUILD}") from None
 
 
 def read_manifest(root: Path) -> dict:
@@ -211,7 +249,7 @@ def retire(root: Path, keep: int, also_keep: Path | None = None) -> dict[str, Pa
     way, each renamed to a temporary name (`vNNNN.tmp-<pid>`, which nothing reads), and return
     them by name, for `delete_retired`. Call it under `locked(root)`: the renames are quick,
     the deleting is not. One that cannot be renamed (permissions) is left for the next train."""
-    spared = {current_dir(root), also_keep}
+    spared = {current_dir(root, strict=False), also_keep}
     retired = {}
     for v in versions(root)[:-keep]:
         if v in spared:
@@ -447,9 +485,38 @@ def locked(root: Path) -> Iterator[None]:
     try:
         f = open(root / ".lock", "a")  # noqa: SIM115 (closed below)
     except OSError as e:
-        raise IndexDamaged(f"cannot lock the index directory {root}: {e.strerror}") from None
+        raise IndexDamaged(f"cannot lock the index directory {root}: {e.strerror}; give this user write permission "
+                           "on it (a forget's purge left unfinished is finished by the next forget or `ipm train`)") from None
     with f:
         fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+@contextmanager
+def training(root: Path, namespace: str) -> Iterator[None]:
+    """Hold the namespace's training lock for a training, or refuse at once: two trainings of
+    one namespace would do the same minutes of work twice, and the second would replace the
+    first's version with its own."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        f = open(root / ".training", "a")  # noqa: SIM115 (closed below)
+    except OSError as e:
+        raise IndexDamaged(f"cannot lock the index directory {root}: {e.strerror}; give this user write permission "
+                           "on it") from None
+    with f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise TrainingError(f"namespace {namespace!r} is being trained already (by another process, or another "
+                                "thread of this one): wait for that training to finish") from None
         try:
             yield
         finally:

@@ -179,6 +179,9 @@ def store_error_message(e: sqlite3.Error, path: str | Path) -> str | None:
     """What to tell a user of an SQLite error on the store at `path` that is not the store's
     fault (the disk's, or another process's lock); None for any other."""
     name = getattr(e, "sqlite_errorname", "")
+    if name.startswith(("SQLITE_READONLY", "SQLITE_PERM")):
+        return (f"{path} cannot be written ({e}): ipm writes to its store to change it and to log every ask, and "
+                "opens it for writing to read it; give this user write permission on the home and the files in it")
     if name.startswith(DISK_ERRORS):
         return (f"{path} cannot be read or written ({e}): check the disk that holds it (is it full?) and its "
                 "permissions; the store itself is likely intact, and a write that failed was rolled back")
