@@ -134,6 +134,15 @@ def test_refused_input_leaves_no_new_home_behind_and_an_existing_one_as_it_was(c
         code, _, err = run(capsys, monkeypatch, *command, "--home", home)
         assert code == 1 and err.startswith("error: ") and "Traceback" not in err, (command, err)
         assert not (tmp_path / "a").exists(), command  # nor the directories made for it
+    from ipm.engine import IPM
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:  # Ctrl-C before anything was stored: the same
+        m.setattr(IPM, "import_records", interrupted)
+        code, _, err = run(capsys, monkeypatch, "import", bad, "--home", home)
+        assert code == 130 and not (tmp_path / "a").exists(), err
     (tmp_path / "kept").mkdir()  # a directory the user made stays, empty as it was
     code, _, _ = run(capsys, monkeypatch, "import", bad, "--home", tmp_path / "kept")
     assert code == 1 and list((tmp_path / "kept").iterdir()) == []

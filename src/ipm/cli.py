@@ -66,8 +66,9 @@ Rerank = typer.Option(None, "--rerank", help="Weight of the base model's likelih
 @contextmanager
 def _creating(home: Optional[Path]):
     """The engine on `home` for a command that adds memories, creating the home if needed. If
-    the command fails (a bad record, a taken ID), a store this command created is removed
-    again, with any directories it made: bad input leaves nothing behind, not an empty home."""
+    the command fails (a bad record, a taken ID) or is interrupted before it stored anything, a
+    store this command created is removed again, with any directories it made: nothing is left
+    behind, not an empty home."""
     paths = Paths.at(home)
     files = [Path(f"{paths.db}{suffix}") for suffix in ("", "-wal", "-shm", "-journal")]
     new = not os.path.lexists(paths.db)  # (a dangling symlink is the user's: kept)
@@ -76,8 +77,8 @@ def _creating(home: Optional[Path]):
     mem = _open(home, create=True)
     try:
         yield mem
-    except IPMError:  # refused input: nothing was stored (an interrupt may come after a commit)
-        if new and not mem.namespaces():  # (another process may have stored memories meanwhile)
+    except (IPMError, KeyboardInterrupt):  # refused or interrupted: nothing stored, unless it came after the commit
+        if new and not mem.namespaces():  # (or another process stored memories meanwhile)
             mem.store.close()
             for f in made:
                 f.unlink(missing_ok=True)
