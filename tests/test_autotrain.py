@@ -55,6 +55,24 @@ def test_a_failed_training_is_tried_again_only_after_the_next_change(mem):
     assert auto.check(now=51) == [] and auto.check(now=56) == [] and calls == ["carol", "carol"]
 
 
+def test_a_namespace_another_process_is_training_is_tried_again_at_the_next_poll(mem):
+    """`ipm train` under way beside the server: its training is refused (TrainingInProgress),
+    and tried again once that one has ended, with no new change needed."""
+    from ipm.errors import TrainingInProgress
+
+    calls = []
+
+    def train(ns):
+        calls.append(ns)
+        if len(calls) == 1:
+            raise TrainingInProgress("namespace 'dave' is being trained already")
+
+    auto = AutoTrain(mem, quiet_s=5, train=train)
+    mem.add(MEMORIES["personal_pet_max"], id="personal_pet_max", user="dave")
+    assert auto.check(now=0) == [] and auto.check(now=5) == [] and calls == ["dave"]
+    assert auto.check(now=6) == ["dave"] and calls == ["dave", "dave"]
+
+
 def test_a_namespace_trained_elsewhere_waits_for_that_training_and_is_tried_if_it_left_memories_out(mem):
     calls, elsewhere, race = [], set(), []
 

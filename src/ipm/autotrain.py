@@ -15,7 +15,7 @@ import time
 from typing import Callable, Iterable
 
 from .engine import IPM
-from .errors import IPMError
+from .errors import IPMError, TrainingInProgress
 
 log = logging.getLogger("ipm.autotrain")
 
@@ -77,6 +77,10 @@ class AutoTrain:
                 self._training = True
             try:
                 self.train(ns)
+            except TrainingInProgress:  # an `ipm train` in another process: see how it ends, next poll
+                log.info("namespace %s is being trained by another process; trying again later", ns)
+                self._tried.pop(ns, None)
+                continue
             except IPMError as e:
                 if self.busy is not None and self.busy(ns):
                     self._tried.pop(ns, None)  # another training began meanwhile: see how it ends

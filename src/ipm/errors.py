@@ -38,6 +38,10 @@ class TrainingError(IPMError):
     """Training could not run (nothing to train on, interrupted, ...)."""
 
 
+class TrainingInProgress(TrainingError):
+    """Another training of the namespace is under way (in this process or another)."""
+
+
 class IPMWarning(UserWarning):
     """Something a user should know that does not stop the work (an index calibrated under
     other settings, a file that could not be deleted); the CLI prints it on one line."""

@@ -32,7 +32,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
-from .errors import IndexDamaged, IndexMissing, IPMWarning, TrainingError
+from .errors import IndexDamaged, IndexMissing, IPMWarning, TrainingInProgress
 
 MANIFEST = "manifest.json"
 QUESTIONS_FILE = "questions.jsonl"  # a version's training questions, one {"question", "memory_id"} a line
@@ -515,7 +515,7 @@ def training(root: Path, namespace: str) -> Iterator[None]:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            raise TrainingError(f"namespace {namespace!r} is being trained already (by another process, or another "
+            raise TrainingInProgress(f"namespace {namespace!r} is being trained already (by another process, or another "
                                 "thread of this one): wait for that training to finish") from None
         try:
             yield
