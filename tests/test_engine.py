@@ -606,7 +606,9 @@ def test_a_train_keeps_the_newest_versions_and_deletes_the_older(home, memories_
     trained.train()
     assert [v.name for v in index_dir.versions(root)] == ["v0002", "v0003"]
     assert not list(root.glob("*.tmp-*"))
-    assert [e for e in trained.log() if e.action == "train"][-1].detail["removed_versions"] == ["v0001"]
+    event = [e for e in trained.log() if e.action == "train"][-1]
+    assert event.detail["removed_versions"] == ["v0001"] and event.detail["version"] == "v0003"
+    assert event.detail["examples"] > 0 and event.detail["path"] == "indexes/default/v0003"
     assert trained.ask(MEMORIES["family_sister_anna"], k=1).candidates  # the new current version serves
     trained.add("My car is a blue Mazda 3.", id="transport_car_mazda")
     trained.train()  # incremental, from v0003
@@ -1777,6 +1779,15 @@ def test_a_damaged_adapter_is_an_error_naming_the_version_and_a_train_makes_the_
     assert manifest["version"] == "v0002" and manifest["metrics"]["full_because"].startswith(
         "the current index cannot be read (index version")
     assert trained.ask(MEMORIES["personal_pet_max"], k=1).candidates
+    # A CURRENT that names no version, or a version without its manifest: the same
+    pointer = home / "indexes" / "default" / "CURRENT"
+    for name, version in (("garbage", "v0003"), ("v0009", "v0010")):
+        (pointer.parent / name).mkdir()  # (garbage: a directory that is not a version)
+        pointer.write_text(name)
+        with pytest.raises(IndexDamaged):
+            trained.ask("what is my dog called?")
+        manifest = trained.train()
+        assert manifest["version"] == version and "cannot be read" in manifest["metrics"]["full_because"]
 
 
 def test_an_index_does_not_hang_on_the_order_of_the_import_file(tiny_config, tmp_path):

@@ -116,6 +116,10 @@ def test_a_model_cache_that_cannot_be_written_is_said_before_converting(tmp_path
     gguf.write_bytes(b"not a model either")  # converting it would fail with another error
     with pytest.raises(ModelError, match=f"cannot write the model cache {paths.cache}: .*set IPM_CACHE"):
         convert_gguf(gguf, paths)
+    paths.models.unlink()  # a cache that works: the conversion's own failure, with nothing left behind
+    with pytest.raises(ModelError, match="could not convert GGUF model"):
+        convert_gguf(gguf, paths)
+    assert not list(paths.models.glob("*.tmp*"))
 
 
 def test_a_purge_deletes_what_killed_processes_left_and_spares_what_live_ones_write(tmp_path):
@@ -129,13 +133,6 @@ def test_a_purge_deletes_what_killed_processes_left_and_spares_what_live_ones_wr
     secret = "my pin is 4812"
     fake_version(root, "v0001", [(secret, "personal_pin_secret"), ("a note", "note_keep_one")])
     (root / "CURRENT").write_text("v0001")
-    stray = root / "v0001" / "questions.jsonl.tmp-x1y2"  # a swap cut short
-    stray.write_text(json.dumps({"question": secret, "memory_id": "personal_pin_secret"}) + "\n")
-    (root / ".forgotten-pending.tmp-abc").write_text("[]")
-    for pid in (os.getpid(), 1):  # an ID that is alive, and ours: neither says whether its writer is
-        dead = root / f"v0002.tmp-{pid}"
-        dead.mkdir()
-        (dead / "questions.jsonl").write_text(secret)
     writer = subprocess.Popen(
         [sys.executable, "-c", "import sys, time; from pathlib import Path; from ipm import index; "
                                "print(index.new_version(Path(sys.argv[1]))[1], flush=True); time.sleep(600)", str(root)],
@@ -143,8 +140,18 @@ def test_a_purge_deletes_what_killed_processes_left_and_spares_what_live_ones_wr
     try:
         writing = Path(writer.stdout.readline().strip())
         assert writing.name.startswith("v0002.tmp-")
+        (writing / "questions.jsonl").write_text("a note")  # what a live training writes
+        # What dead processes left, made after the writer's own sweep: the purge must clear them
+        stray = root / "v0001" / "questions.jsonl.tmp-x1y2"  # a swap cut short
+        stray.write_text(json.dumps({"question": secret, "memory_id": "personal_pin_secret"}) + "\n")
+        (root / ".forgotten-pending.tmp-abc").write_text("[]")
+        for pid in (os.getpid(), 1):  # an ID that is alive, and ours: neither says whether its writer is
+            dead = root / f"v0003.tmp-{pid}"
+            dead.mkdir()
+            (dead / "questions.jsonl").write_text(secret)
+            (dead / ".claim").touch()  # claimed once, by a process now dead
         index_dir.purge(root, lambda: {"note_keep_one"}, frozenset({"personal_pin_secret"}))
-        assert writing.is_dir()  # claimed by a live process
+        assert (writing / "questions.jsonl").read_text() == "a note"  # claimed by a live process
         left = [p.relative_to(root).as_posix() for p in root.rglob("*") if secret in _read(p)]
         assert left == [], left
         assert not stray.exists() and not (root / ".forgotten-pending.tmp-abc").exists()

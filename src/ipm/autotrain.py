@@ -78,8 +78,7 @@ class AutoTrain:
             try:
                 self.train(ns)
             except TrainingInProgress:  # an `ipm train` in another process: see how it ends, next poll
-                log.info("namespace %s is being trained by another process; trying again later", ns)
-                self._tried.pop(ns, None)
+                self.retry_later(ns)
                 continue
             except IPMError as e:
                 if self.busy is not None and self.busy(ns):
@@ -92,6 +91,13 @@ class AutoTrain:
                     self._training = False
             started.append(ns)
         return started
+
+    def retry_later(self, namespace: str) -> None:
+        """Try `namespace` again at a poll to come, with no new change needed: its training was
+        refused because another one was under way (`TrainingInProgress`; in the server, seen by
+        the job that ran it)."""
+        log.info("namespace %s is being trained by another process; trying again later", namespace)
+        self._tried.pop(namespace, None)
 
     def start(self) -> "AutoTrain":
         self._thread = threading.Thread(target=self._run, name="ipm-autotrain", daemon=True)

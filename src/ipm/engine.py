@@ -790,14 +790,16 @@ class IPM:
                 index_dir.purge_version(tmp, live)
                 manifest["ids"] = {k: v for k, v in manifest["ids"].items() if k in live}
                 manifest["questions"] = {k: v for k, v in manifest["questions"].items() if k in live}
-                replaced = index_dir.current_dir(root)  # kept, whatever its age: others may be reading it
+                # kept, whatever its age: others may be reading it (none where it is damaged: replaced now)
+                replaced = index_dir.current_dir(root, strict=False)
                 final = index_dir.commit_version(root, name, tmp, manifest)
                 retired = index_dir.retire(root, self.config.keep_versions, also_keep=replaced)
         except BaseException:
             index_dir.abandon(tmp)
             raise
         try:
-            self.store.log(user, "train", list(manifest["ids"]), version=name,  # less any forgotten meanwhile examples=len(train),
+            self.store.log(user, "train", list(manifest["ids"]),  # (less any forgotten while it trained)
+                           version=name, examples=len(train),
                            seconds=manifest["metrics"]["total_seconds"],
                            path=final.relative_to(self.paths.home).as_posix(),  # holds if the home moves
                            removed_versions=list(retired))
@@ -1067,6 +1069,7 @@ class IPM:
             from peft import PeftModel  # (not imported for a namespace with no index: seconds saved)
 
             manifest = index_dir.load_manifest(version_dir)
+            index_dir.check_adapter(version_dir)  # before anything served now is let go
             base = self._index_base(manifest["base_model"]["source"], manifest["metrics"].get("dtype"),
                                     manifest["base_model"].get("layers"))
             if base.sha256 != manifest["base_model"]["sha256"]:
@@ -1079,7 +1082,6 @@ class IPM:
                 # under another base model or base_layers): serve it on that one instead.
                 self._model = self._decoder = None
                 s.adapter, s.trie = None, Trie()
-            index_dir.check_adapter(version_dir)
             if self._model is None:
                 self._int8(base, self.config)  # a clear error before anything is half set up
                 self._base = base

@@ -51,11 +51,12 @@ class HomeError(IPMError):
     """The home directory or its database cannot be used (not a directory, not an IPM store)."""
 
 
-def environment_error_message(e: BaseException) -> str | None:
+def environment_error_message(e: BaseException, with_path: bool = True) -> str | None:
     """What to tell a user of an error that is the machine's, not ipm's nor the input's: the file
     system's answer (permission denied, disk full) or SQLite's (a disk that fails, another
     process's lock). None for any other error, a defect, whose traceback is for us. The CLI, the
-    HTTP server and the MCP server say these the same way."""
+    HTTP server and the MCP server say these the same way; `with_path=False` leaves out the
+    file's path (the HTTP server's clients need not learn the server's directories)."""
     import sqlite3
 
     if isinstance(e, sqlite3.OperationalError):
@@ -63,5 +64,5 @@ def environment_error_message(e: BaseException) -> str | None:
 
         return store_error_message(e, "the store")
     if isinstance(e, OSError):
-        return (e.strerror or str(e)) + (f": {e.filename}" if e.filename else "")
+        return (e.strerror or str(e)) + (f": {e.filename}" if e.filename and with_path else "")
     return None

@@ -154,7 +154,7 @@ _CLAIMS: dict[Path, object] = {}
 def _claim(directory: Path) -> None:
     try:
         import fcntl
-    except ImportError:  # not POSIX: _sweep goes by process IDs there
+    except ImportError:  # not POSIX: nothing is swept there (_sweep)
         return
     f = open(directory / CLAIM, "a")  # noqa: SIM115 (closed by _release)
     fcntl.flock(f, fcntl.LOCK_EX)
@@ -168,30 +168,37 @@ def _release(directory: Path) -> None:
 
 
 def _abandoned(directory: Path) -> bool:
-    """Whether a `v*.tmp-*` directory was left by a process that died: nobody holds its claim."""
-    try:
-        import fcntl
-    except ImportError:
-        pid = directory.name.rsplit("-", 1)[-1]
-        return not pid.isdigit() or not _alive(int(pid))
+    """Whether a `v*.tmp-*` directory was left by a process that died: nobody holds its claim,
+    or it has none (half-deleted, or written before claims). Opened without creating it: a
+    directory its owner is deleting must not gain a file."""
+    import fcntl
+
     if directory in _CLAIMS:  # this process's own
         return False
     try:
-        f = open(directory / CLAIM, "a")  # noqa: SIM115
-    except OSError:  # half-deleted, or not ours to write: try to delete it all the same
+        fd = os.open(directory / CLAIM, os.O_RDONLY)
+    except FileNotFoundError:
         return True
-    with f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            return False
-        return True
+    except OSError:  # another user's, say: not ours to judge
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+    return True
 
 
 def _sweep(root: Path) -> None:
     """Delete what crashed processes left in a namespace's index directory: version directories
     being written or deleted, and temporary files of a swap. Under `locked(root)`, which every
-    swap holds. What cannot be deleted (permissions) stays, as before."""
+    swap holds. What cannot be deleted (permissions) stays, as before. Not without POSIX locks,
+    where nothing tells a live writer's files from a dead one's."""
+    try:
+        import fcntl  # noqa: F401
+    except ImportError:
+        return
     for stale in root.glob("v*.tmp-*"):
         if stale.is_dir() and _abandoned(stale):
             shutil.rmtree(stale, ignore_errors=True)
@@ -273,14 +280,6 @@ def delete_retired(retired: dict[str, Path]) -> None:
         if path.exists():
             warnings.warn(f"old index version {name} could not be deleted: delete {path} by hand "
                           "(it may hold training questions of forgotten memories)", IPMWarning, stacklevel=2)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except OSError:
-        return False
-    return True
 
 
 def purge(root: Path, live: Callable[[], set[str]], forgotten: frozenset[str] = frozenset(),

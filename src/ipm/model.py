@@ -137,7 +137,10 @@ def convert_gguf(gguf: Path, paths: Paths) -> Path:
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    except Exception as e:
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not isinstance(e, Exception):  # Ctrl-C
+            raise
         raise ModelError(f"could not convert GGUF model {gguf}: {type(e).__name__}: {e}") from None
     # The de-quantized weights are ordinary float tensors; drop the GGUF marker so they save.
     model.hf_quantizer = None
@@ -152,6 +155,8 @@ def convert_gguf(gguf: Path, paths: Paths) -> Path:
         os.replace(tmp, target)
     except OSError as e:  # a full disk, most likely: leave no half-written model behind
         shutil.rmtree(tmp, ignore_errors=True)
+        if (target / "config.json").is_file():  # another process converted it meanwhile
+            return target
         raise ModelError(f"cannot write the converted model to the model cache {paths.cache}: {e.strerror or e}; "
                          "free some space there or set IPM_CACHE to another directory") from None
     return target

@@ -37,7 +37,7 @@ from . import __version__
 from .config import read_user_file
 from .engine import IPM, STORED_FIELDS, json_safe, unique_keys
 from .errors import (DuplicateID, HomeError, IndexDamaged, IndexMissing, InvalidInput, IPMError, ModelError, NotFound,
-                     TrainingError, environment_error_message)
+                     TrainingError, TrainingInProgress, environment_error_message)
 from .ids import ID_PATTERN, MAX_ID_LENGTH
 from .store import MAX_QUESTION_CHARS, Memory, check_namespace  # Memory: the response schema of /memories
 
@@ -278,6 +278,7 @@ class Trainer:
         self._queue: queue.Queue[_Job] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._closing = False
+        self._watchers: list = []  # the AutoTrains of `watch`, told of a job refused for another training
 
     def submit(self, namespace: str, full: bool = False) -> _Job:
         with self._lock:
@@ -302,8 +303,10 @@ class Trainer:
         their memories settle, leaving a namespace to a job already under way for it."""
         from .autotrain import AutoTrain
 
-        return AutoTrain(self.mem, quiet_s, self.submit, namespaces=namespaces, poll_s=poll_s,
+        auto = AutoTrain(self.mem, quiet_s, self.submit, namespaces=namespaces, poll_s=poll_s,
                          busy=lambda ns: self.active(ns) is not None)
+        self._watchers.append(auto)
+        return auto
 
     def get(self, job_id: str, namespace: str) -> dict | None:
         with self._lock:
@@ -359,6 +362,9 @@ class Trainer:
         except IPMError as e:
             log.warning("training job %s (namespace %s) failed: %s", job.id, job.namespace, e)
             result = {"status": "failed", "error": str(e)}
+            if isinstance(e, TrainingInProgress):  # an `ipm train` in another process: tried again later
+                for watcher in self._watchers:
+                    watcher.retry_later(job.namespace)
         except Exception as e:  # a bug: keep the server up and say what happened
             log.exception("training job %s failed", job.id)
             result = {"status": "failed", "error": f"{type(e).__name__}: {e}"}
@@ -609,7 +615,7 @@ def create_app(mem: IPM, api_keys: dict[str, str]) -> FastAPI:
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception):  # the traceback is logged by the ASGI server
-        said = environment_error_message(exc)  # a full disk, another process's lock: says which
+        said = environment_error_message(exc, with_path=False)  # a full disk, another process's lock
         # uvicorn closes the connection after an error that reached it: say so, or a keep-alive
         # client sends its next request down a closed connection and gets a reset
         return JSONResponse({"detail": said or f"internal error: {type(exc).__name__}"}, status_code=500,
