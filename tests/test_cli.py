@@ -301,6 +301,9 @@ def test_ask_and_history_print_the_text_byte_for_byte_whatever_the_terminal(caps
     monkeypatch.setattr("ipm.cli.out.width", 400)
     code, out, _ = run(capsys, monkeypatch, "list", "--home", home)  # and in the table, terminal or not
     assert code == 0 and "Red \\x1b[31malert" in out and "\x1b[31malert" not in out and "\x07" not in out
+    run(capsys, monkeypatch, "add", "Swapped \u202e sdrow", "--id", "note_bidi_text", "--home", home)
+    code, out, _ = run(capsys, monkeypatch, "list", "--home", home)  # a stored override reorders nothing
+    assert code == 0 and "Swapped \\u202e sdrow" in out and "\u202e" not in out
 
 
 def test_lines_are_not_broken_at_the_console_width(capsys, monkeypatch, tmp_path):
@@ -391,6 +394,14 @@ def test_a_full_disk_is_said_to_be_one_not_a_damaged_store(capsys, monkeypatch, 
         e.sqlite_errorname = "SQLITE_READONLY"
         raise e
 
+    from ipm import store as store_module
+    cantopen = sqlite3.OperationalError("unable to open database file")
+    cantopen.sqlite_errorname = "SQLITE_CANTOPEN"
+    with monkeypatch.context() as m:  # a read-only mount (root can write anything else)
+        m.setattr(store_module.os, "statvfs", lambda p: type("S", (), {"f_flag": store_module.os.ST_RDONLY})())
+        assert "is on a read-only file system" in store_module.store_error_message(cantopen, tmp_path / "ipm.db")
+        assert "is it full?" in store_module.store_error_message(cantopen, "the store")  # a label: not told
+    assert "is it full?" in store_module.store_error_message(cantopen, tmp_path / "ipm.db")
     for fails, says in ((full, "cannot be read or written .*is it full.*likely intact"),
                         (locked, "is locked by another process writing to it .*try again"),
                         (read_only, "cannot be written .*give this user write permission on the home")):

@@ -1774,6 +1774,8 @@ def test_a_damaged_adapter_is_an_error_naming_the_version_and_a_train_makes_the_
         fresh = ipm.open(home, config=tiny_config, cache=tmp_path / "cache")
         with pytest.raises(IndexDamaged, match=f"index version {version} cannot be read .*delete that directory"):
             fresh.ask("what is my dog called?")
+        with pytest.raises(IndexDamaged, match=f"index version {version} cannot be read"):
+            fresh.status()  # not "index v0001" as if it were whole
         fresh.store.close()
     manifest = trained.train()  # continuing from it is impossible: in full
     assert manifest["version"] == "v0002" and manifest["metrics"]["full_because"].startswith(
@@ -1806,3 +1808,19 @@ def test_an_index_does_not_hang_on_the_order_of_the_import_file(tiny_config, tmp
         m.store.close()
     (q1, w1), (q2, w2) = trained
     assert q1 == q2 and w1.keys() == w2.keys() and all(torch.equal(w1[k], w2[k]) for k in w1)
+
+
+def test_forgetting_again_finishes_a_forget_killed_after_the_store_let_the_memory_go(trained, home):
+    from ipm.errors import NotFound
+
+    root = home / "indexes" / "default"
+    questions = index_dir.current_dir(root) / "questions.jsonl"
+    # what a forget killed between the store's delete and its purge leaves
+    index_dir.remember_forgotten(root, "personal_pet_max", trained.store.generation("default"))
+    trained.store.forget("default", "personal_pet_max")
+    assert MEMORIES["personal_pet_max"] in questions.read_text()
+    trained.forget("personal_pet_max")  # was: "no memory 'personal_pet_max'", the text left on disk
+    assert MEMORIES["personal_pet_max"] not in questions.read_text()
+    assert index_dir.pending_forgets(root) == set()
+    with pytest.raises(NotFound):  # now there is nothing left to forget
+        trained.forget("personal_pet_max")

@@ -117,12 +117,19 @@ def _progress() -> Progress:
                  console=err, transient=False)
 
 
+# Bidirectional formatting characters: shown raw, they reorder what follows them on the screen
+# (a table's next columns, the rest of a line), as in "Trojan Source".
+BIDI_CONTROLS = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
 def _escaped(text: str) -> str:
-    """`text` with its control characters but tab and newline written out ("\\x1b"): shown on a
-    terminal, a stored escape sequence cannot act on it."""
+    """`text` with its control characters but tab and newline, and its bidirectional controls,
+    written out ("\\x1b", "\\u202e"): shown on a terminal, a stored escape sequence cannot act on
+    it, nor a stored override reorder what is printed after it."""
     import unicodedata
 
-    return "".join(repr(ch)[1:-1] if ch not in "\t\n" and unicodedata.category(ch) == "Cc" else ch for ch in text)
+    return "".join(repr(ch)[1:-1] if ch not in "\t\n" and unicodedata.category(ch) == "Cc"
+                   else f"\\u{ord(ch):04x}" if ch in BIDI_CONTROLS else ch for ch in text)
 
 
 def _print_text(text: str, indent: str = "") -> None:

@@ -21,7 +21,7 @@ from typing import Callable, Iterable
 
 from . import index as index_dir
 from .config import Config, Paths, read_user_file
-from .errors import IndexDamaged, IndexMissing, InvalidInput, IPMWarning, ModelError, TrainingError
+from .errors import IndexDamaged, IndexMissing, InvalidInput, IPMWarning, ModelError, NotFound, TrainingError
 from .index import QUESTION_EMBEDDINGS, QUESTIONS_FILE, TEXT_EMBEDDINGS
 from .model import (LEGACY_PROMPT, PROMPT, RUNNER_MODEL_TYPES, BaseModel, Runner, id_token_ids, int8_available,
                     int8_suits, layer_ranges, load_base, quiet_transformers, resolve_model, wanted_layers)
@@ -406,7 +406,15 @@ class IPM:
         """Erase a memory. Its ID leaves the decoder's trie before this returns, and its text
         and training questions leave the store and every index version on disk (index.purge)."""
         root = self.paths.index_root(check_namespace(user))
-        self.get(id, user=user)  # NotFound before anything is written
+        try:
+            self.get(id, user=user)  # NotFound before anything is written
+        except NotFound:
+            # A forget killed after the store let the memory go, before its purge was done: asked
+            # again, it finishes that purge instead of saying there is nothing to forget.
+            if id not in index_dir.pending_forgets(root):
+                raise
+            index_dir.purge(root, lambda: set(self.store.ids(user)), frozenset({id}), self._forgotten_since(user))
+            return
         # Remembered before the store lets it go: a purge cut short (Ctrl-C, a crash) is finished
         # by the next one, even once the ID is added again; a purge meanwhile leaves the memory be
         # until the store has logged its forget (index.purge). Where that note cannot be written (a
@@ -466,6 +474,7 @@ class IPM:
         root = self.paths.index_root(check_namespace(user))
         try:
             manifest = index_dir.read_manifest(root)
+            index_dir.check_adapter(index_dir.current_dir(root))  # damage an ask would meet, said here too
         except IndexMissing:
             manifest = None
         indexed = manifest["ids"] if manifest else {}

@@ -363,6 +363,15 @@ def take_back_note(root: Path, memory_id: str, since: int, forget_logged: Callab
             _write_pending(root, {k: v for k, v in notes.items() if k != memory_id})
 
 
+def pending_forgets(root: Path) -> set[str]:
+    """The IDs forgotten whose purge from the index files has not finished (PENDING_FORGETS);
+    empty where that list cannot be read (the purge says so)."""
+    try:
+        return set(_read_pending(root))
+    except IndexDamaged:
+        return set()
+
+
 def _read_pending(root: Path) -> dict[str, int | None]:
     """The pending notes: ID -> the store generation before its forget, or None where the forget
     is known to have happened (a failed purge's IDs; a plain JSON list, as written before)."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import sqlite3
 import threading
@@ -179,6 +180,9 @@ def store_error_message(e: sqlite3.Error, path: str | Path) -> str | None:
     """What to tell a user of an SQLite error on the store at `path` that is not the store's
     fault (the disk's, or another process's lock); None for any other."""
     name = getattr(e, "sqlite_errorname", "")
+    if name.startswith("SQLITE_CANTOPEN") and _on_read_only_file_system(path):
+        return (f"{path} is on a read-only file system ({e}): ipm opens its store for writing, also to read it; "
+                "put the home on a writable one")
     if name.startswith(("SQLITE_READONLY", "SQLITE_PERM")):
         return (f"{path} cannot be written ({e}): ipm writes to its store to change it and to log every ask, and "
                 "opens it for writing to read it; give this user write permission on the home and the files in it")
@@ -188,6 +192,20 @@ def store_error_message(e: sqlite3.Error, path: str | Path) -> str | None:
     if name.startswith(LOCK_ERRORS):
         return f"{path} is locked by another process writing to it ({e}); try again once it is done"
     return None
+
+
+def _on_read_only_file_system(path: str | Path) -> bool:
+    """Whether `path` (or the nearest directory above it that exists) is on a file system
+    mounted read-only; False where that cannot be told (a label, not a path; no statvfs)."""
+    p = Path(path)
+    if not p.exists() and len(p.parts) < 2:  # a label ("the store")
+        return False
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    try:
+        return bool(os.statvfs(p).f_flag & os.ST_RDONLY)
+    except (OSError, AttributeError):
+        return False
 
 
 class Store:
