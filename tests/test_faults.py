@@ -201,3 +201,25 @@ def test_a_second_training_of_a_namespace_is_refused_while_one_is_under_way(mem,
         _kill_after(proc, 0)
     assert index_dir.current_dir(home / "indexes" / "default") is None
     assert mem.train()["version"] == "v0001"  # the lock went with the killed process
+
+
+def test_sigterm_during_an_import_into_a_new_home_leaves_no_home_or_all_of_it(home, tiny_config, tmp_path):
+    """`kill` (SIGTERM) is taken as Ctrl-C: the import is rolled back and the home it made is
+    removed, as for a refused import (it left an empty store and a 29 MB WAL)."""
+    big = tmp_path / "big.jsonl"
+    n = 60000
+    big.write_text("".join(json.dumps({"text": f"Fact number {i}: the locker code is {i * 7919 % 100000}."}) + "\n"
+                           for i in range(n)))
+    new = tmp_path / "new-home"
+    env = {**os.environ, "IPM_CACHE": str(tmp_path / "cache")}
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "ipm"), "import", str(big), "--home", str(new)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    time.sleep(2.5)
+    assert proc.poll() is None, proc.communicate()
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    if proc.returncode == 0:  # it had committed: all of it is there
+        assert ipm.open(new).store.count("default") == n
+    else:
+        assert proc.returncode == 130 and b"interrupted" in err, err
+        assert not new.exists()

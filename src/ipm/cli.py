@@ -404,7 +404,19 @@ def _show_warning(message, category, filename, lineno, file=None, line=None, _de
 def run(typer_app: typer.Typer) -> None:
     """Run a typer app the CLI's way: an IPMError is one line on stderr and exit code 1, a usage
     error click's message and exit code 2, Ctrl-C exit code 130; never a traceback for these.
-    An IPMWarning is one line on stderr."""
+    An IPMWarning is one line on stderr. SIGTERM (`kill`, a service stopping) is taken as Ctrl-C,
+    so that what a command was doing is undone as for Ctrl-C (an import into a new home leaves
+    none behind, a training its temporary version), not cut off mid-way; `ipm serve` installs
+    its own handling."""
+    import signal
+
+    def terminated(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, terminated)
+    except ValueError:  # not the main thread: leave the signal alone
+        previous = None
     try:
         with warnings.catch_warnings():
             warnings.showwarning = _show_warning
@@ -432,6 +444,9 @@ def run(typer_app: typer.Typer) -> None:
             code = 1
         else:
             raise
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     # Outside standalone mode, click returns (not raises) the code of an Exit, and typer turns
     # Ctrl-C into Exit(130).
     if isinstance(code, int) and code:
