@@ -493,8 +493,10 @@ def test_purge_keeps_line_separators_finishes_a_failed_purge_and_names_a_damaged
     shutil.rmtree(root / "v0004")
     shutil.rmtree(v5)
     (v3 / "manifest.json").write_text('{"ids": {')  # what to do is said, and is enough
+    (v3 / "questions.jsonl").write_text("".join(json.dumps({"question": q, "memory_id": m}) + "\n" for q, m in rows))
     with pytest.raises(IndexDamaged, match="v0003 cannot be read .*: delete that directory and run `ipm train`"):
         index_dir.purge(root, lambda: {"note_keep_one"})
+    assert "4812" not in (v3 / "questions.jsonl").read_text()  # the texts it can purge, it does
     shutil.rmtree(v3)
     assert index_dir.purge(root, lambda: {"note_keep_one"}) == []
     # A purge that failed is finished by the next one even where the ID was added again meanwhile

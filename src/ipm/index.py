@@ -420,7 +420,11 @@ def _purge_version(version: Path, live: set[str]) -> bool:
     # One JSON object a line; split on newlines only (a text may hold U+2028, written unescaped).
     rows = [line for line in questions.read_text(encoding="utf-8").split("\n") if line] if questions.is_file() else []
     keep = [i for i, line in enumerate(rows) if json.loads(line)["memory_id"] in live]
-    meta = load_manifest(version) if manifest.is_file() else {}
+    try:
+        meta = load_manifest(version) if manifest.is_file() else {}
+        damaged = None
+    except IndexDamaged as e:  # the texts are purged all the same; the manifest holds IDs only
+        meta, damaged = {}, e
     listed = set(meta.get("ids", {})) - live
     texts = version / TEXT_EMBEDDINGS
     text = read_text_embeddings(texts) if texts.is_file() else None
@@ -428,6 +432,8 @@ def _purge_version(version: Path, live: set[str]) -> bool:
         texts.unlink()
     stale = text is not None and not {mid for mid, _, _ in text[1]} <= live
     if len(keep) == len(rows) and not listed and not stale:
+        if damaged is not None:
+            raise damaged
         return False
     if stale:
         with _replacing(texts) as tmp:
@@ -450,6 +456,8 @@ def _purge_version(version: Path, live: set[str]) -> bool:
             meta["questions"] = {k: v for k, v in meta["questions"].items() if k in live}
         with _replacing(manifest) as tmp:
             write_manifest(tmp, meta)
+    if damaged is not None:
+        raise damaged
     return True
 
 
