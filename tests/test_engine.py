@@ -736,6 +736,12 @@ def test_training_says_so_where_abstention_will_refuse_nothing(mem, memories_fil
                                         "questions_per_memory, 8 here"):
         manifest = mem.train()
     assert manifest["threshold"] == 0.0 and manifest["metrics"]["calibration"]["hybrid"]["n_in_scope"] == 0
+    mem.config = tiny_config.updated(also_calibrate=["pure"])  # each decoding calibrated is said
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        mem.train(full=True)
+    assert {m for m in ("hybrid", "pure") for w in said if f"abstention ({m} decoding) will refuse no" in str(w.message)} \
+        == {"hybrid", "pure"}
     mem.config = tiny_config.updated(also_calibrate=[], questions_per_memory=30)
     with pytest.warns(IPMWarning, match="will refuse no question: with one memory, every question goes to it"):
         mem.train(full=True)
@@ -1399,7 +1405,7 @@ def test_only_the_configured_decoding_is_calibrated_unless_asked(home, memories_
     assert set(calibration) == {"hybrid"} and calibration["hybrid"]["seconds"] > 0
     assert mem.ask(MEMORIES["work_job_acme"], k=1).candidates[0].id == "work_job_acme"
     mem.reconfigure(decoding="pure")
-    with pytest.raises(IndexMissing, match=r"calibrated for hybrid decoding, not pure: .*--also-calibrate pure"):
+    with pytest.raises(IndexMissing, match=r"calibrated for hybrid decoding, not pure: ask with that decoding \(`ipm ask --decoding hybrid`\), or .*--also-calibrate pure"):
         mem.ask(MEMORIES["work_job_acme"])
     mem.reconfigure(abstain_threshold=0.5)  # a threshold of one's own serves without calibration
     assert mem.ask(MEMORIES["work_job_acme"], k=1).candidates[0].id == "work_job_acme"
@@ -1826,3 +1832,21 @@ def test_forgetting_again_finishes_a_forget_killed_after_the_store_let_the_memor
     assert index_dir.pending_forgets(root) == set()
     with pytest.raises(NotFound):  # now there is nothing left to forget
         trained.forget("personal_pet_max")
+
+
+def test_settings_a_base_model_cannot_train_under_are_refused_before_any_work(mem, tiny_config, monkeypatch):
+    import ipm.engine
+    from ipm.errors import InvalidInput
+
+    mem.add(MEMORIES["personal_pet_max"], id="personal_pet_max")
+    monkeypatch.setattr(ipm.engine.IPM, "training_examples", lambda *a, **k: pytest.fail("questions were written"))
+    mem.config = tiny_config.updated(lora_layers=5)  # the tiny model has 4
+    with pytest.raises(TrainingError, match="lora_layers is 5 but base model .* has 4 decoder layers"):
+        mem.train()
+    for bad, said in (({"question_kinds": []}, "question_kinds names no kind of question"),
+                      ({"question_kinds": ["aliases"]}, "question_kinds names no kind of question"),
+                      ({"question_source": "both", "base_layers": 15}, "question_source 'both' has the base model write")):
+        with pytest.raises(InvalidInput, match=said):
+            ipm.Config(**bad)
+    assert ipm.Config(question_source="llm", question_kinds=[]).question_kinds == []  # (unused then)
+

@@ -653,6 +653,7 @@ class IPM:
         with self._lock:  # as recall loads it: two threads loading it at once would leave two copies
             base = self._index_base()
         self._int8(base, self.config)  # refused now, not after training, where calibration would use it
+        self._check_trainable(base)  # now, not after minutes of writing questions
         prev, full_because = (None, None) if full else self._incremental_from(user, base)
         if prev is not None:
             current_manifest = prev[1]
@@ -754,8 +755,8 @@ class IPM:
                 calibration[mode]["fusion"] = self._calibrated_settings(base)
                 calibration[mode]["expansion_folds"] = folds
         lap("calibrate")
-        if self.config.decoding in calibration:
-            self._warn_if_abstention_is_off(user, self.config.decoding, calibration[self.config.decoding], len(memories))
+        for mode in sorted(calibration):  # each decoding calibrated, also_calibrate's too
+            self._warn_if_abstention_is_off(user, mode, calibration[mode], len(memories))
         root = self.paths.index_root(user)
         name, tmp = index_dir.new_version(root)
         try:
@@ -1010,8 +1011,9 @@ class IPM:
             setting = "llm_questions_per_memory" if cfg.question_source == "llm" else "questions_per_memory"
             why = "no generated question was held back to calibrate it on " + (
                 "(calibration_fraction is 0)" if cfg.calibration_fraction == 0 else
-                f"(under {math.ceil(1 / cfg.calibration_fraction)} generated a memory, none is: raise {setting}, "
-                f"{getattr(cfg, setting)} here" + (", or name question kinds)" if setting == "questions_per_memory" else ")"))
+                f"(one is held back for each {math.ceil(1 / cfg.calibration_fraction)} generated for a memory, and "
+                f"fewer were: raise {setting}, {getattr(cfg, setting)} here" + (
+                    ", or name more question kinds)" if setting == "questions_per_memory" else ")"))
         elif calibration.get("reason") == "no correct calibration answers":
             why = "the index answered none of its calibration questions right (train longer, or on more questions)"
         elif n_memories == 1:
@@ -1021,6 +1023,16 @@ class IPM:
                    "(its calibration questions)")
         warnings.warn(f"namespace {user!r}: abstention ({decoding} decoding) will refuse no question: {why}; set "
                       "abstain_threshold to choose a threshold", IPMWarning, stacklevel=3)
+
+    def _check_trainable(self, base: BaseModel) -> None:
+        """Settings this base model cannot train under, refused before any work."""
+        if self.config.hard_negatives and not Runner.supports(base.model):
+            raise TrainingError("hard negatives need the fast training path (Llama, Mistral or Qwen2 models): "
+                                "set hard_negatives = 0 for this base model")
+        layers = base.model.config.num_hidden_layers
+        if self.config.lora_layers > layers:
+            raise TrainingError(f"lora_layers is {self.config.lora_layers} but base model {base.label} has "
+                                f"{layers} decoder layers: set lora_layers to at most {layers} (0 = every layer)")
 
     def _decodings_to_calibrate(self) -> set[str]:
         return {self.config.decoding, *self.config.also_calibrate}
@@ -1122,8 +1134,9 @@ class IPM:
                 s.threshold = self.config.abstain_threshold
             elif calibrated is None:
                 had = " and ".join(sorted(s.calibration)) or "no"
+                instead = f"ask with that decoding (`ipm ask --decoding {min(s.calibration)}`), or " if s.calibration else ""
                 raise IndexMissing(f"the index of namespace {user!r} was calibrated for {had} decoding, not "
-                                   f"{self.config.decoding}: train it with `ipm train --also-calibrate "
+                                   f"{self.config.decoding}: {instead}train it with `ipm train --also-calibrate "
                                    f"{self.config.decoding}` (or also_calibrate = [\"{self.config.decoding}\"] in "
                                    "the config; hybrid needs the dense model installed), or set abstain_threshold")
             else:
