@@ -1840,8 +1840,9 @@ def test_settings_a_base_model_cannot_train_under_are_refused_before_any_work(me
 
     mem.add(MEMORIES["personal_pet_max"], id="personal_pet_max")
     monkeypatch.setattr(ipm.engine.IPM, "training_examples", lambda *a, **k: pytest.fail("questions were written"))
-    mem.config = tiny_config.updated(lora_layers=5)  # the tiny model has 4
-    with pytest.raises(TrainingError, match="lora_layers is 5 but base model .* has 4 decoder layers"):
+    mem.config = tiny_config.updated(hard_negatives=2)
+    monkeypatch.setattr(ipm.engine.Runner, "supports", staticmethod(lambda model: False))  # as for GPT-2
+    with pytest.raises(TrainingError, match="hard negatives need the fast training path"):
         mem.train()
     for bad, said in (({"question_kinds": []}, "question_kinds names no kind of question"),
                       ({"question_kinds": ["aliases"]}, "question_kinds names no kind of question"),

@@ -1029,10 +1029,6 @@ class IPM:
         if self.config.hard_negatives and not Runner.supports(base.model):
             raise TrainingError("hard negatives need the fast training path (Llama, Mistral or Qwen2 models): "
                                 "set hard_negatives = 0 for this base model")
-        layers = base.model.config.num_hidden_layers
-        if self.config.lora_layers > layers:
-            raise TrainingError(f"lora_layers is {self.config.lora_layers} but base model {base.label} has "
-                                f"{layers} decoder layers: set lora_layers to at most {layers} (0 = every layer)")
 
     def _decodings_to_calibrate(self) -> set[str]:
         return {self.config.decoding, *self.config.also_calibrate}
