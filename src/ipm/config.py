@@ -223,10 +223,6 @@ class Config:
             raise InvalidInput("target_modules must name at least one module (e.g. q_proj)")
         if self.rerank_candidates < 2:
             raise InvalidInput("rerank_candidates must be at least 2 (the rerank orders them among themselves)")
-        if self.question_source != "llm" and not [k for k in self.question_kinds if k != "aliases"]:
-            raise InvalidInput(f"question_kinds names no kind of question for the built-in generator (question_source "
-                               f"{self.question_source!r}): a memory's own text alone is too little to train and "
-                               f"calibrate on; name some of: {', '.join(k for k in QUESTION_KINDS if k != 'aliases')}")
         if self.question_source != "builtin" and self.base_layers:
             raise InvalidInput(f"question_source {self.question_source!r} has the base model write questions, which "
                                "takes every layer, but base_layers keeps only some of them (it wrote none): set "
