@@ -410,11 +410,20 @@ class IPM:
             self.get(id, user=user)  # NotFound before anything is written
         except NotFound:
             # A forget killed after the store let the memory go, before its purge was done: asked
-            # again, it finishes that purge instead of saying there is nothing to forget.
+            # again, it finishes that purge (below) instead of saying there is nothing to forget.
             if id not in index_dir.pending_forgets(root):
                 raise
+        else:
+            self._forget_in_store(root, id, user)
+        # File I/O over every version: under the index lock only, so asks are not held up by it.
+        try:
             index_dir.purge(root, lambda: set(self.store.ids(user)), frozenset({id}), self._forgotten_since(user))
-            return
+        except IndexDamaged as e:
+            raise IndexDamaged(f"{id!r} is forgotten from the store (it is never answered again), but not yet "
+                               f"from every index file: {e}") from None
+
+    def _forget_in_store(self, root: Path, id: str, user: str) -> None:
+        """The store's part of `forget`, and the served trie's; the index files are purged after it."""
         # Remembered before the store lets it go: a purge cut short (Ctrl-C, a crash) is finished
         # by the next one, even once the ID is added again; a purge meanwhile leaves the memory be
         # until the store has logged its forget (index.purge). Where that note cannot be written (a
@@ -438,12 +447,6 @@ class IPM:
             if noted and id in self.store.ids(user):
                 index_dir.take_back_note(root, id, since, lambda: id in self.store.forgotten_since(user, since))
             raise
-        # File I/O over every version: under the index lock only, so asks are not held up by it.
-        try:
-            index_dir.purge(root, lambda: set(self.store.ids(user)), frozenset({id}), self._forgotten_since(user))
-        except IndexDamaged as e:
-            raise IndexDamaged(f"{id!r} is forgotten from the store (it is never answered again), but not yet "
-                               f"from every index file: {e}") from None
 
     def _forgotten_since(self, user: str):
         """For index.purge: the IDs the store has logged a forget of after a generation."""
@@ -472,11 +475,10 @@ class IPM:
         given new training questions since)."""
         hashes = self.store.hashes(user)
         root = self.paths.index_root(check_namespace(user))
-        try:
-            manifest = index_dir.read_manifest(root)
-            index_dir.check_adapter(index_dir.current_dir(root))  # damage an ask would meet, said here too
-        except IndexMissing:
-            manifest = None
+        current = index_dir.current_dir(root)
+        manifest = None if current is None else index_dir.load_manifest(current)
+        if current is not None:
+            index_dir.check_adapter(current)  # damage an ask would meet, said here too
         indexed = manifest["ids"] if manifest else {}
         inside = [mid for mid in hashes if mid in indexed]
         return {"user": user, "memories": len(hashes), "indexed": len(inside), "pending": len(hashes) - len(inside),

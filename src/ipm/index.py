@@ -65,12 +65,12 @@ def current_dir(root: Path, strict: bool = True) -> Path | None:
         if not strict:
             return None
         raise IndexDamaged(f"{root / 'CURRENT'} cannot be read ({e}): delete it and {_REBUILD}") from None
-    path = root / name
-    if re.fullmatch(r"v\d+", name) and (path / MANIFEST).is_file():
+    path, is_version = root / name, re.fullmatch(r"v\d+", name) is not None
+    if is_version and (path / MANIFEST).is_file():
         return path
-    if not strict or (re.fullmatch(r"v\d+", name) and not path.exists()):  # deleted, as IndexDamaged says to
+    if not strict or (is_version and not path.exists()):  # deleted, as IndexDamaged says to
         return None
-    if not re.fullmatch(r"v\d+", name):
+    if not is_version:
         raise IndexDamaged(f"{root / 'CURRENT'} names {name[:80]!r}, which is not an index version: delete it and "
                            f"{_REBUILD}")
     raise IndexDamaged(f"index version {path} has no {MANIFEST}: delete that directory and {_REBUILD}")
@@ -493,22 +493,9 @@ def read_text_embeddings(path: Path) -> tuple[str, list[tuple[str, str, object]]
 def locked(root: Path) -> Iterator[None]:
     """An exclusive lock on a namespace's index directory, across processes (POSIX). Not
     re-entrant: a process that holds it and asks again waits for ever."""
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: one process at a time is the caller's business
+    with _lock_file(root, ".lock", wait=True,
+                    why=" (a forget's purge left unfinished is finished by the next forget or `ipm train`)"):
         yield
-        return
-    try:
-        f = open(root / ".lock", "a")  # noqa: SIM115 (closed below)
-    except OSError as e:
-        raise IndexDamaged(f"cannot lock the index directory {root}: {e.strerror}; give this user write permission "
-                           "on it (a forget's purge left unfinished is finished by the next forget or `ipm train`)") from None
-    with f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 @contextmanager
@@ -516,25 +503,37 @@ def training(root: Path, namespace: str) -> Iterator[None]:
     """Hold the namespace's training lock for a training, or refuse at once: two trainings of
     one namespace would do the same minutes of work twice, and the second would replace the
     first's version with its own."""
+    with _lock_file(root, ".training", wait=False) as held:
+        if not held:
+            raise TrainingInProgress(f"namespace {namespace!r} is being trained already (by another process, or "
+                                     "another thread of this one): wait for that training to finish")
+        yield
+
+
+@contextmanager
+def _lock_file(root: Path, name: str, wait: bool, why: str = "") -> Iterator[bool]:
+    """An exclusive lock on the file `name` in `root`, across processes (POSIX), for the block:
+    yields whether it is held (False where `wait` is False and another holds it). Without
+    POSIX locks, True: one process at a time is the caller's business there."""
     try:
         import fcntl
     except ImportError:
-        yield
+        yield True
         return
     try:
         root.mkdir(parents=True, exist_ok=True)
-        f = open(root / ".training", "a")  # noqa: SIM115 (closed below)
+        f = open(root / name, "a")  # noqa: SIM115 (closed below)
     except OSError as e:
         raise IndexDamaged(f"cannot lock the index directory {root}: {e.strerror}; give this user write permission "
-                           "on it") from None
+                           f"on it{why}") from None
     with f:
         try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            raise TrainingInProgress(f"namespace {namespace!r} is being trained already (by another process, or another "
-                                "thread of this one): wait for that training to finish") from None
+            fcntl.flock(f, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
         try:
-            yield
+            yield True
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
 
